@@ -1,0 +1,128 @@
+"""The runner contract: one ForwardBatch in, logits out.
+
+The scheduler builds one `ForwardBatch` per step and never touches it again. Every runner
+(native paged, HF on the paged pool) reads it the same way:
+
+- the step's new tokens of all requests are laid out flat: request b owns rows
+  `qo_indptr[b]:qo_indptr[b + 1]` of `input_ids`, `positions` and `out_slots`;
+- request b attends over `kv_indices[kv_indptr[b]:kv_indptr[b + 1]]`, the KV-pool slots of
+  all its tokens in order (cached prefix first, then the new tokens, whose slots are
+  `out_slots` of its rows). Its length is `seq_lens[b]`; the new tokens are the last
+  `extend_lens[b]` of them (causal within the request);
+- `logits_indices` are the rows whose next-token logits the step needs (the last new token
+  of each request that samples this step; a request in the middle of a chunked prefill
+  has none).
+
+Slot 0 of the pool is a padding slot that no request owns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    out_slots: torch.Tensor  # [T] int64, where the new tokens' K/V go
+    qo_indptr: torch.Tensor  # [B + 1] int64 (on the runner's device)
+    kv_indptr: torch.Tensor  # [B + 1] int64
+    kv_indices: torch.Tensor  # [sum(seq_lens)] int64
+    logits_indices: torch.Tensor  # [S] int64
+    seq_lens: list[int]  # host copies for shape decisions
+    extend_lens: list[int]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def is_decode(self) -> bool:
+        """Every request adds exactly one token (the CUDA-graph case)."""
+        return all(n == 1 for n in self.extend_lens)
+
+    @property
+    def prefix_lens(self) -> list[int]:
+        return [s - e for s, e in zip(self.seq_lens, self.extend_lens)]
+
+
+def build_forward_batch(
+    token_ids: list[list[int]],
+    prefix_lens: list[int],
+    kv_slots: list[list[int]],
+    sample_mask: list[bool],
+    device: torch.device,
+) -> ForwardBatch:
+    """Pack per-request new tokens and slot lists into one ForwardBatch.
+
+    `token_ids[b]` are request b's new tokens, `prefix_lens[b]` how many tokens precede them
+    in its KV, `kv_slots[b]` the slots of all `prefix_lens[b] + len(token_ids[b])` tokens,
+    `sample_mask[b]` whether the step needs its next-token logits.
+    """
+    extend_lens = [len(t) for t in token_ids]
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    flat_ids: list[int] = []
+    positions: list[int] = []
+    out_slots: list[int] = []
+    kv_flat: list[int] = []
+    qo_indptr = [0]
+    kv_indptr = [0]
+    logits_indices: list[int] = []
+    for ids, prefix, slots, sample in zip(token_ids, prefix_lens, kv_slots, sample_mask):
+        flat_ids.extend(ids)
+        positions.extend(range(prefix, prefix + len(ids)))
+        out_slots.extend(slots[prefix:])
+        kv_flat.extend(slots)
+        qo_indptr.append(qo_indptr[-1] + len(ids))
+        kv_indptr.append(kv_indptr[-1] + len(slots))
+        if sample:
+            logits_indices.append(qo_indptr[-1] - 1)
+
+    def tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+    return ForwardBatch(
+        input_ids=tensor(flat_ids),
+        positions=tensor(positions),
+        out_slots=tensor(out_slots),
+        qo_indptr=tensor(qo_indptr),
+        kv_indptr=tensor(kv_indptr),
+        kv_indices=tensor(kv_flat),
+        logits_indices=tensor(logits_indices),
+        seq_lens=seq_lens,
+        extend_lens=extend_lens,
+    )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the engine needs to know of the loaded model."""
+
+    architecture: str
+    vocab_size: int
+    max_context_len: int
+    eos_token_ids: tuple[int, ...]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+class ModelRunner(Protocol):
+    """Owns the model weights and the KV pool; runs one ForwardBatch at a time."""
+
+    info: ModelInfo
+    device: torch.device
+    num_kv_slots: int  # usable slots, 1..num_kv_slots (slot 0 is padding)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Write the new tokens' K/V into their slots; return float32 logits
+        [len(batch.logits_indices), vocab_size] on the runner's device."""
+        ...

@@ -1,0 +1,35 @@
+"""The paged KV pool: one K and one V tensor per layer, indexed by slot (page size 1)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVPool:
+    """K/V storage for `num_slots` tokens; slot 0 is padding and never handed out."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_slots + 1, num_kv_heads, head_dim)
+        self.num_slots = num_slots
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_token(
+        num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * num_kv_heads * head_dim * itemsize
+
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v [T, num_kv_heads, head_dim] into `slots` [T] of `layer`."""
+        self.k[layer][slots] = k.to(self.k[layer].dtype)
+        self.v[layer][slots] = v.to(self.v[layer].dtype)

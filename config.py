@@ -1,0 +1,239 @@
+"""Every flag of mini-sglang: one typed table, read from the environment once, validated.
+
+`load_config()` reads the environment, resolves nothing device-specific and raises
+`ConfigError` naming the flag when a value is bad. `get_config()` caches the result for the
+process. Components take the frozen `Config` (or a `dataclasses.replace` copy) as an
+argument; nothing below this module reads `os.environ` for a flag. Every flag is documented
+in docs/CONFIGURATION.md (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A flag has a value that cannot be used; the message names the flag."""
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected 0/1/true/false, got {raw!r}")
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ValueError(f"expected one of {'|'.join(options)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if value < low:
+            raise ValueError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+    return value
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One environment flag: its name, the Config field it fills, its parser and default."""
+
+    env: str
+    attr: str
+    parse: Callable[[str], Any]
+    default: str
+    doc: str
+
+
+FLAGS: tuple[Flag, ...] = (
+    # Model
+    Flag("MODEL_NAME", "model_name", _text, "",
+         "Hugging Face hub id or local folder; empty = the embedded SmolLM2-135M-Instruct."),
+    Flag("MODEL_LOCAL_DIR", "model_local_dir", _text, "",
+         "Local Hugging Face format folder or .gguf file; wins over MODEL_NAME."),
+    Flag("MODEL_CACHE_DIR", "model_cache_dir", _text, "~/.cache/mini-sglang",
+         "Where converted models (GGUF to safetensors) are kept."),
+    Flag("LOAD_FORMAT", "load_format", _choice("auto", "dummy"), "auto",
+         "`dummy`: architecture from config.json, random weights (benchmarks)."),
+    Flag("TRUST_REMOTE_CODE", "trust_remote_code", _parse_bool, "0",
+         "Pass trust_remote_code=True to transformers loaders (operator opt-in)."),
+    Flag("DTYPE", "dtype", _choice("auto", "float32", "bfloat16", "float16"), "auto",
+         "Weights and KV dtype; auto = bfloat16 on CPU and CUDA, float16 on MPS."),
+    Flag("DEVICE", "device", _choice("auto", "cpu", "cuda", "mps"), "auto",
+         "Device; auto picks CUDA, then MPS, then CPU."),
+    Flag("BACKEND_IMPL", "backend_impl", _choice("auto", "sgl", "hf", "torch", "mlx"), "auto",
+         "Runner: sgl/torch = native paged runner, hf = transformers model on the same "
+         "paged cache, mlx = mlx-lm; auto = native when the architecture is supported."),
+    Flag("NUM_THREADS", "num_threads", _int_at_least(0), "0",
+         "torch intra-op threads on CPU; 0 = torch's default."),
+    Flag("SEED", "seed", _int_at_least(0), "0", "Seed of the engine's default generator."),
+    # KV cache and scheduling
+    Flag("KV_CACHE_TOKENS", "kv_cache_tokens", _int_at_least(0), "0",
+         "KV pool size in tokens; 0 = sized from KV_CACHE_MEM_FRACTION (CUDA) or "
+         "KV_CACHE_CPU_TOKENS."),
+    Flag("KV_CACHE_MEM_FRACTION", "kv_cache_mem_fraction", _fraction, "0.85",
+         "Fraction of free accelerator memory, after weights, for the KV pool."),
+    Flag("KV_CACHE_CPU_TOKENS", "kv_cache_cpu_tokens", _int_at_least(16), "65536",
+         "KV pool size in tokens on CPU/MPS when KV_CACHE_TOKENS is 0."),
+    Flag("MAX_RUNNING_REQUESTS", "max_running_requests", _int_at_least(1), "256",
+         "Most requests in the running batch at once."),
+    Flag("CHUNKED_PREFILL_SIZE", "chunked_prefill_size", _int_at_least(1), "2048",
+         "Token budget of one scheduler step (prefill chunks plus decode tokens)."),
+    Flag("MAX_NEW_TOKENS_DEFAULT", "max_new_tokens_default", _int_at_least(1), "256",
+         "max_tokens when a request does not say."),
+    Flag("PREFIX_CACHE", "prefix_cache", _parse_bool, "1",
+         "Radix prefix cache on (1) or off (0)."),
+    Flag("PREFIX_CACHE_SIZE", "prefix_cache_size", _int_at_least(0), "0",
+         "Most cached sequences (radix leaves); 0 = no limit but the pool."),
+    Flag("PREFIX_CACHE_MAX_TOKENS", "prefix_cache_max_tokens", _int_at_least(0), "0",
+         "Longest prefix of a sequence kept in the radix cache; 0 = whole sequence."),
+    Flag("PREFIX_CACHE_TOKEN_BUDGET", "prefix_cache_token_budget", _int_at_least(0), "0",
+         "Most unreferenced tokens the radix cache keeps; 0 = no limit but the pool."),
+    Flag("PREFILL_CACHE_SIZE", "prefill_cache_size", _int_at_least(0), "4",
+         "Exact-match prefill cache entries (last-position logits of whole prompts); 0 = off."),
+    Flag("PREFILL_CACHE_TOKEN_BUDGET", "prefill_cache_token_budget", _int_at_least(0), "32768",
+         "Most prompt tokens covered by the exact-match prefill cache."),
+    # Logging
+    Flag("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "info",
+         "Logging level (per-token lines only at debug)."),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """All flags, typed. Build with `load_config()`; copy with `dataclasses.replace`."""
+
+    model_name: str = ""
+    model_local_dir: str = ""
+    model_cache_dir: str = "~/.cache/mini-sglang"
+    load_format: str = "auto"
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    backend_impl: str = "auto"
+    num_threads: int = 0
+    seed: int = 0
+    kv_cache_tokens: int = 0
+    kv_cache_mem_fraction: float = 0.85
+    kv_cache_cpu_tokens: int = 65536
+    max_running_requests: int = 256
+    chunked_prefill_size: int = 2048
+    max_new_tokens_default: int = 256
+    prefix_cache: bool = True
+    prefix_cache_size: int = 0
+    prefix_cache_max_tokens: int = 0
+    prefix_cache_token_budget: int = 0
+    prefill_cache_size: int = 4
+    prefill_cache_token_budget: int = 32768
+    log_level: str = "info"
+
+    @property
+    def cache_dir(self) -> str:
+        return os.path.expanduser(self.model_cache_dir)
+
+    def resolved_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype, self.resolved_device())
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("DEVICE=cuda but no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("DEVICE=mps but MPS is not available")
+    return torch.device(name)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` → float16 on MPS, bfloat16 elsewhere (fastest on these CPUs and on CUDA)."""
+    if name == "auto":
+        return torch.float16 if device.type == "mps" else torch.bfloat16
+    return _DTYPES[name]
+
+
+def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+    """Parse every flag from `env` (default: os.environ); keyword overrides win."""
+    source = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for flag in FLAGS:
+        raw = source.get(flag.env, flag.default)
+        try:
+            values[flag.attr] = flag.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{flag.env}={raw!r}: {exc}") from None
+    values.update(overrides)
+    config = Config(**values)
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    if config.prefix_cache_max_tokens and config.prefix_cache_max_tokens < 1:
+        raise ConfigError("PREFIX_CACHE_MAX_TOKENS must be >= 1 or 0")
+    if config.backend_impl == "mlx" and config.device not in ("auto", "cpu", "mps"):
+        raise ConfigError("BACKEND_IMPL=mlx runs on CPU or MPS only")
+
+
+def flag_names() -> list[str]:
+    return [flag.env for flag in FLAGS]
+
+
+@lru_cache(maxsize=1)
+def get_config() -> Config:
+    """The process-wide configuration, read from the environment on first use."""
+    return load_config()
+
+
+def replace(config: Config, **changes: Any) -> Config:
+    """A copy of `config` with `changes` applied and validated."""
+    new = dataclasses.replace(config, **changes)
+    _validate(new)
+    return new

@@ -1,0 +1,81 @@
+"""Per-request sampling parameters, validated once when the request is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_TOP_LOGPROBS = 20
+
+
+class InvalidRequestError(ValueError):
+    """A request that cannot be served as given; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    """How to pick the next tokens of one request.
+
+    temperature 0 means greedy. top_k <= 0 and top_p == 1 and min_p == 0 disable those
+    filters. Penalties of 1.0 (repetition) and 0.0 (presence, frequency) are neutral.
+    `seed` makes the request's samples depend only on the seed and its own logits.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    n: int = 1
+    skip_special_tokens: bool = True
+
+    def validate(self, max_n: int = 16) -> None:
+        """Raise InvalidRequestError naming the first bad field."""
+        if self.max_new_tokens < 1:
+            raise InvalidRequestError("max_tokens must be at least 1", "max_tokens")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise InvalidRequestError("temperature must be in [0, 2]", "temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError("top_p must be in (0, 1]", "top_p")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError("min_p must be in [0, 1]", "min_p")
+        if self.repetition_penalty <= 0.0:
+            raise InvalidRequestError("repetition_penalty must be > 0", "repetition_penalty")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise InvalidRequestError("presence_penalty must be in [-2, 2]", "presence_penalty")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise InvalidRequestError("frequency_penalty must be in [-2, 2]", "frequency_penalty")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs"
+            )
+        if not 1 <= self.n <= max_n:
+            raise InvalidRequestError(f"n must be in [1, {max_n}]", "n")
+        if any(not s for s in self.stop):
+            raise InvalidRequestError("stop strings must not be empty", "stop")
+        if len(self.stop) > 16:
+            raise InvalidRequestError("at most 16 stop strings", "stop")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )

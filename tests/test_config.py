@@ -1,0 +1,51 @@
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from config import FLAGS, ConfigError, load_config, resolve_dtype
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "CONFIGURATION.md"
+
+
+def test_defaults_parse() -> None:
+    config = load_config({})
+    assert config.prefix_cache is True
+    assert config.chunked_prefill_size == 2048
+    assert config.load_format == "auto"
+
+
+def test_values_are_typed() -> None:
+    config = load_config({"PREFIX_CACHE": "0", "MAX_RUNNING_REQUESTS": "8", "DTYPE": "float32"})
+    assert config.prefix_cache is False
+    assert config.max_running_requests == 8
+    assert config.resolved_dtype() == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("MAX_RUNNING_REQUESTS", "0"),
+        ("DTYPE", "float64"),
+        ("PREFIX_CACHE", "maybe"),
+        ("KV_CACHE_MEM_FRACTION", "1.5"),
+        ("CHUNKED_PREFILL_SIZE", "lots"),
+        ("LOAD_FORMAT", "pickle"),
+    ],
+)
+def test_bad_value_names_the_flag(env: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=env):
+        load_config({env: value})
+
+
+def test_cpu_auto_dtype_is_bfloat16() -> None:
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+
+
+def test_every_flag_is_documented() -> None:
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", DOCS.read_text()))
+    missing = [flag.env for flag in FLAGS if flag.env not in documented]
+    assert not missing, f"undocumented flags: {missing}"
