@@ -128,7 +128,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("PREFILL_CACHE_SIZE", "prefill_cache_size", _int_at_least(0), "4",
          "Exact-match prefill cache entries (last-position logits of whole prompts); 0 = off."),
     Flag("PREFILL_CACHE_TOKEN_BUDGET", "prefill_cache_token_budget", _int_at_least(0), "32768",
-         "Most prompt tokens covered by the exact-match prefill cache."),
+         "Most prompt tokens covered by the exact-match prefill cache; 0 = entries only."),
     # Logging
     Flag("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "info",
          "Logging level (per-token lines only at debug)."),

@@ -1,0 +1,1 @@
+"""Transformers models behind the runner contract (HFRunner) and the plain generate baseline."""

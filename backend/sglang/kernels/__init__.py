@@ -1,0 +1,67 @@
+"""Kernel sets: the same free functions with the same signatures, one module per backend.
+
+A runner picks one set at construction (`load_kernel_set`) and its layers call the ops through
+it, so CPU/MPS (torch), CUDA (triton) and sgl_kernel/flashinfer implementations are
+interchangeable. Sets are imported lazily: a missing optional dependency only matters when
+that set is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol, cast
+
+import torch
+
+from backend.batch import ForwardBatch
+
+KERNEL_SETS: dict[str, str] = {
+    "torch": "backend.sglang.kernels.torch_ops",
+}
+
+
+class KernelSet(Protocol):
+    """The ops every kernel set provides (see torch_ops for the reference semantics)."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    def fused_add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def build_rope_cache(
+        self,
+        head_dim: int,
+        max_pos: int,
+        theta: float,
+        rope_scaling: dict[str, Any] | None,
+        device: torch.device,
+    ) -> torch.Tensor: ...
+
+    def apply_rotary(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def paged_attention(
+        self,
+        q: torch.Tensor,
+        k_pool_layer: torch.Tensor,
+        v_pool_layer: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+        num_kv_heads: int,
+    ) -> torch.Tensor: ...
+
+
+def default_kernel_set(device: torch.device) -> str:
+    """The kernel set to use on `device` when nothing is asked for explicitly."""
+    return "torch"
+
+
+def load_kernel_set(name: str) -> KernelSet:
+    """Import and return the kernel set registered as `name`."""
+    if name not in KERNEL_SETS:
+        raise ValueError(f"unknown kernel set {name!r}; known: {', '.join(sorted(KERNEL_SETS))}")
+    return cast(KernelSet, importlib.import_module(KERNEL_SETS[name]))

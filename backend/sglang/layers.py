@@ -1,0 +1,304 @@
+"""Building blocks shared by the native decoder-only models (Llama, Qwen2, Qwen3, Mistral).
+
+Modules hold parameters under Hugging Face's names, except that q/k/v projections are merged
+into `qkv_proj` and gate/up into `gate_up_proj` (one matmul each); `MergedLinear.shard_rows`
+says where each original projection lives. All math goes through a kernel set (`ops`) chosen
+by the runner. Models take `(input_ids, positions, batch, kv_pool)` explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from backend.batch import ForwardBatch
+from backend.kv_pool import KVPool
+from backend.sglang.kernels import KernelSet
+
+logger = logging.getLogger(__name__)
+
+
+class UnsupportedModelError(ValueError):
+    """The native runner cannot run this model (architecture or feature not implemented)."""
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The shape and options of one decoder-only model, read from a HF config."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    sliding_window: int | None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+
+    @classmethod
+    def from_hf(cls, hf_config: PretrainedConfig, **options: bool) -> DecoderConfig:
+        """Read the common fields; `options` set the architecture's bias/norm switches."""
+        activation = getattr(hf_config, "hidden_act", "silu")
+        if activation != "silu":
+            raise UnsupportedModelError(f"activation {activation!r} is not supported (silu only)")
+        num_heads = hf_config.num_attention_heads
+        theta, scaling = rope_settings(hf_config)
+        return cls(
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=hf_config.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            sliding_window=effective_sliding_window(hf_config),
+            **options,
+        )
+
+    @property
+    def max_context_len(self) -> int:
+        """Longest sequence the model serves: the sliding window caps it (full attention)."""
+        if self.sliding_window is not None:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+
+def rope_settings(hf_config: PretrainedConfig) -> tuple[float, dict[str, Any] | None]:
+    """`(theta, scaling)` from either `rope_parameters` (transformers 5) or the older
+    `rope_theta` + `rope_scaling` fields."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    scaling = getattr(hf_config, "rope_scaling", None) or params or None
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None) or 10000.0)
+    return float(theta), scaling
+
+
+def effective_sliding_window(hf_config: PretrainedConfig) -> int | None:
+    window = getattr(hf_config, "sliding_window", None)
+    if window is None or not getattr(hf_config, "use_sliding_window", True):
+        return None
+    return int(window)
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; given a residual, adds it first and returns the new residual too."""
+
+    def __init__(self, size: int, eps: float, ops: KernelSet, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class Linear(nn.Module):
+    """`y = x W^T (+ b)` with weights allocated uninitialised in the target dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.weight = _empty(out_features, in_features, dtype=dtype, device=device)
+        self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    """Token embedding table (also the LM head when embeddings are tied)."""
+
+    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.weight = _empty(num_embeddings, dim, dtype=dtype, device=device)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input stacked on the output dim (one matmul)."""
+
+    def __init__(self, in_features: int, shards: dict[str, int], bias: bool,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(in_features, sum(shards.values()), bias, dtype, device)
+        self.shard_rows: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, size in shards.items():
+            self.shard_rows[name] = (start, start + size)
+            start += size
+
+
+class Attention(nn.Module):
+    """qkv → (q/k norm) → rope → store K/V in the pool → paged attention → o_proj."""
+
+    def __init__(self, config: DecoderConfig, layer_id: int, ops: KernelSet,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.ops = ops
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
+            config.qkv_bias, dtype, device,
+        )
+        self.o_proj = Linear(self.q_size, config.hidden_size, config.o_bias, dtype, device)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops, dtype, device)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops, dtype, device)
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                batch: ForwardBatch, kv_pool: KVPool) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q, k = self.ops.apply_rotary(q, k, positions, cos_sin_cache)
+        kv_pool.store(self.layer_id, batch.out_slots, k, v)
+        out = self.ops.paged_attention(
+            q, kv_pool.k[self.layer_id], kv_pool.v[self.layer_id], batch, self.scale,
+            self.num_kv_heads,
+        )
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)) with gate and up merged."""
+
+    def __init__(self, config: DecoderConfig, ops: KernelSet, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.ops = ops
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(
+            config.hidden_size, {"gate": size, "up": size}, config.mlp_bias, dtype, device
+        )
+        self.down_proj = Linear(size, config.hidden_size, config.mlp_bias, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; carries the residual stream separately so norms can fuse the add."""
+
+    def __init__(self, config: DecoderConfig, layer_id: int, ops: KernelSet,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype, device)
+        self.self_attn = Attention(config, layer_id, ops, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype, device)
+        self.mlp = MLP(config, ops, dtype, device)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+                positions: torch.Tensor, cos_sin_cache: torch.Tensor, batch: ForwardBatch,
+                kv_pool: KVPool) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(hidden, positions, cos_sin_cache, batch, kv_pool)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    """Token embedding → decoder layers → (final norm applied by the LM wrapper)."""
+
+    def __init__(self, config: DecoderConfig, ops: KernelSet, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, ops, dtype, device) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype, device)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM over the paged KV pool; subclasses pick the architecture options."""
+
+    def __init__(self, hf_config: PretrainedConfig, ops: KernelSet, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.config = self.decoder_config(hf_config)
+        self.ops = ops
+        self.model = DecoderModel(self.config, ops, dtype, device)
+        self.lm_head: Linear | None = None
+        if not self.config.tie_word_embeddings:
+            self.lm_head = Linear(self.config.hidden_size, self.config.vocab_size, False, dtype,
+                                  device)
+        self.cos_sin_cache = ops.build_rope_cache(
+            self.config.head_dim, self.config.max_position_embeddings, self.config.rope_theta,
+            self.config.rope_scaling, device,
+        )
+
+    @classmethod
+    def decoder_config(cls, hf_config: PretrainedConfig) -> DecoderConfig:
+        """The architecture's reading of its HF config."""
+        return DecoderConfig.from_hf(hf_config)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        if self.lm_head is None:
+            return self.model.embed_tokens.weight
+        return self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
+                kv_pool: KVPool) -> torch.Tensor:
+        """float32 logits [len(batch.logits_indices), vocab] of the rows that sample."""
+        hidden = self.model.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for layer in self.model.layers:
+            hidden, residual = layer(hidden, residual, positions, self.cos_sin_cache, batch,
+                                     kv_pool)
+        assert residual is not None
+        rows = batch.logits_indices
+        hidden, _ = self.model.norm.add_and_norm(hidden.index_select(0, rows),
+                                                 residual.index_select(0, rows))
+        return F.linear(hidden, self.lm_head_weight()).float()

@@ -1,0 +1,122 @@
+"""NativeRunner: our own model code over the paged KV pool (the ModelRunner contract)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from transformers import PretrainedConfig
+
+from backend.batch import ForwardBatch, ModelInfo
+from backend.kv_pool import KVPool
+from backend.sglang.kernels import KernelSet, default_kernel_set, load_kernel_set
+from backend.sglang.layers import CausalLM, DecoderConfig, UnsupportedModelError
+from backend.sglang.models import MODEL_REGISTRY, get_model_class
+from backend.sglang.weights import init_dummy_weights, load_weights
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NativeRunner", "UnsupportedModelError"]
+
+
+def _architecture(hf_config: PretrainedConfig) -> str:
+    architectures = getattr(hf_config, "architectures", None) or []
+    if not architectures:
+        raise UnsupportedModelError("config.json names no architecture")
+    return str(architectures[0])
+
+
+def _model_class(hf_config: PretrainedConfig) -> type[CausalLM]:
+    architecture = _architecture(hf_config)
+    model_class = get_model_class(architecture)
+    if model_class is None:
+        raise UnsupportedModelError(
+            f"architecture {architecture} has no native implementation "
+            f"(native: {', '.join(sorted(MODEL_REGISTRY))}); use BACKEND_IMPL=hf"
+        )
+    return model_class
+
+
+def _as_ids(value: object) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    raise ValueError(f"eos_token_id must be an int or a list of ints, got {value!r}")
+
+
+def eos_token_ids(model_path: str, hf_config: PretrainedConfig) -> tuple[int, ...]:
+    """EOS ids of config.json and generation_config.json together, in order, deduplicated."""
+    ids = _as_ids(getattr(hf_config, "eos_token_id", None))
+    generation_path = os.path.join(model_path, "generation_config.json")
+    if os.path.exists(generation_path):
+        with open(generation_path) as f:
+            ids += _as_ids(json.load(f).get("eos_token_id"))
+    return tuple(dict.fromkeys(ids))
+
+
+class NativeRunner:
+    """Owns the native model and its KV pool; runs one ForwardBatch at a time."""
+
+    def __init__(
+        self,
+        model_path: str,
+        hf_config: PretrainedConfig,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        num_kv_slots: int,
+        load_format: str = "auto",
+        seed: int = 0,
+        kernel_set: str | None = None,
+    ) -> None:
+        model_class = _model_class(hf_config)
+        self.device = device
+        self.num_kv_slots = num_kv_slots
+        self.ops: KernelSet = load_kernel_set(kernel_set or default_kernel_set(device))
+        self.model = model_class(hf_config, self.ops, dtype, device)
+        self.model.eval()
+        if load_format == "dummy":
+            init_dummy_weights(self.model, seed)
+        elif load_format == "auto":
+            load_weights(self.model, model_path)
+        else:
+            raise ValueError(f"unknown load_format {load_format!r} (auto | dummy)")
+        config = self.model.config
+        self.kv_pool = KVPool(config.num_layers, num_kv_slots, config.num_kv_heads,
+                              config.head_dim, dtype, device)
+        self.info = ModelInfo(
+            architecture=_architecture(hf_config),
+            vocab_size=config.vocab_size,
+            max_context_len=_max_context_len(config),
+            eos_token_ids=eos_token_ids(model_path, hf_config),
+            num_layers=config.num_layers,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+        )
+
+    @staticmethod
+    def kv_bytes_per_token(hf_config: PretrainedConfig, dtype: torch.dtype) -> int:
+        """KV-pool bytes one token takes (all layers, K and V)."""
+        config = _model_class(hf_config).decoder_config(hf_config)
+        return KVPool.bytes_per_token(config.num_layers, config.num_kv_heads, config.head_dim,
+                                      dtype)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Store the new tokens' K/V; return float32 logits [len(logits_indices), vocab]."""
+        return self.model(batch.input_ids, batch.positions, batch, self.kv_pool)
+
+
+def _max_context_len(config: DecoderConfig) -> int:
+    if config.max_context_len < config.max_position_embeddings:
+        logger.warning(
+            "sliding window %d < max_position_embeddings %d: attention is full, so the "
+            "context is capped to the window",
+            config.sliding_window, config.max_position_embeddings,
+        )
+    return config.max_context_len

@@ -1,0 +1,130 @@
+"""Incremental detokenization and stop-string matching for streamed outputs.
+
+`IncrementalDetokenizer` turns one token at a time into text deltas. It decodes only a
+small window: the tokens already emitted since the previous read point (the prefix, which
+gives SentencePiece-style leading spaces their context) plus the new ones, and returns
+the part of that decode beyond the prefix's text. While the decoded tail ends with U+FFFD
+(a byte-level token carrying part of a multi-byte character) it holds the text back.
+
+`StopChecker` sits after it: it holds back the text that could still become a stop
+string and cuts the output right before the first stop string that appears.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+_REPLACEMENT_CHAR = "\ufffd"
+_PROMPT_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Streams the text of generated tokens; the deltas add up to the full decode.
+
+    Without `prompt_ids`, the concatenation of every `add` delta and `flush` equals
+    `tokenizer.decode(generated_ids, skip_special_tokens=...)` exactly. With `prompt_ids`,
+    the first tokens are decoded in the context of the prompt's last few tokens (as vLLM
+    does), so a tokenizer that strips the leading space of a sequence keeps the space of a
+    continuation; for byte-level BPE tokenizers both give the same text.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_ids: Sequence[int] | None = None,
+        skip_special_tokens: bool = True,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        context = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:]) if prompt_ids else []
+        self._ids: list[int] = context
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+        self._text = ""
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far (by `add` and `flush`)."""
+        return self._text
+
+    def add(self, token_id: int) -> str:
+        """Append one generated token; return the text it completes (may be "")."""
+        self._ids.append(token_id)
+        prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        window_text = self._decode(self._prefix_offset, len(self._ids))
+        if len(window_text) <= len(prefix_text) or window_text.endswith(_REPLACEMENT_CHAR):
+            return ""
+        return self._emit(window_text[len(prefix_text) :])
+
+    def flush(self) -> str:
+        """Text held back at the end of the sequence (an unfinished character, say)."""
+        prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        window_text = self._decode(self._prefix_offset, len(self._ids))
+        if len(window_text) <= len(prefix_text):
+            return ""
+        return self._emit(window_text[len(prefix_text) :])
+
+    def _emit(self, delta: str) -> str:
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        self._text += delta
+        return delta
+
+    def _decode(self, start: int, end: int) -> str:
+        if start >= end:
+            return ""
+        text: str = self._tokenizer.decode(
+            self._ids[start:end], skip_special_tokens=self._skip_special_tokens
+        )
+        return text
+
+
+class StopChecker:
+    """Cuts streamed text before the first stop string, which may span several deltas."""
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self._stops = [s for s in stop if s]
+        self._max_hold = max((len(s) for s in self._stops), default=1) - 1
+        self._pending = ""
+        self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def process(self, delta: str) -> tuple[str, bool]:
+        """Feed new text; return (text safe to emit now, whether a stop string matched).
+
+        Once stopped, later calls return ("", True).
+        """
+        if self._stopped:
+            return "", True
+        if not self._stops:
+            return delta, False
+        pending = self._pending + delta
+        cut = self._first_stop(pending)
+        if cut is not None:
+            self._pending = ""
+            self._stopped = True
+            return pending[:cut], True
+        hold = self._held_suffix_length(pending)
+        self._pending = pending[len(pending) - hold :]
+        return pending[: len(pending) - hold], False
+
+    def flush(self) -> str:
+        """Held-back text at the end of the stream; "" after a stop string matched."""
+        held, self._pending = self._pending, ""
+        return "" if self._stopped else held
+
+    def _first_stop(self, text: str) -> int | None:
+        positions = [index for s in self._stops if (index := text.find(s)) >= 0]
+        return min(positions) if positions else None
+
+    def _held_suffix_length(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        for length in range(min(len(text), self._max_hold), 0, -1):
+            suffix = text[len(text) - length :]
+            if any(s.startswith(suffix) for s in self._stops):
+                return length
+        return 0

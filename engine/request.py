@@ -1,0 +1,120 @@
+"""A request's own state, and the messages it sends back to its caller.
+
+Invariant table of a request `r` while it holds KV (running):
+
+| field           | meaning                                                                |
+|-----------------|------------------------------------------------------------------------|
+| r.token_ids     | prompt + generated tokens                                              |
+| r.slots         | KV slots of token_ids[:len(slots)]; len(r.slots) == r.num_computed      |
+| r.cached_len    | slots[:cached_len] belong to the radix cache (locked through r.node);  |
+|                 | slots[cached_len:] belong to the request                                |
+| r.num_computed  | tokens whose K/V are in the pool; the next step computes from here     |
+
+A waiting request holds no slots and no lock (num_computed == cached_len == 0).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.sampling_params import SamplingParams
+
+_arrival = itertools.count()
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class StreamDelta:
+    """One message of a request's stream: new text and tokens; the last one has finish_reason."""
+
+    rid: str
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    usage: Usage | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+Sink = Callable[[StreamDelta], None]
+
+
+@dataclass(eq=False)
+class Req:
+    """One sequence being generated (a request with n > 1 is n of these)."""
+
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Sink
+    index: int = 0
+    waits_for: Req | None = None  # n > 1: siblings wait until the first has sampled
+    token_ids: list[int] = field(default_factory=list, init=False)
+    slots: list[int] = field(default_factory=list)
+    cached_len: int = 0
+    node: Any = None
+    num_prompt_cached: int = -1  # cache hit at first admission (reported in usage)
+    finish_reason: str | None = None
+    aborted: bool = False
+    arrival: int = field(default_factory=lambda: next(_arrival))
+    state: Any = None  # sampler history, detokenizer, stop checker (owned by the engine)
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids) :]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_computed(self) -> int:
+        return len(self.slots)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose K/V the request still has to compute before it can sample."""
+        return self.seq_len - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=self.num_output,
+            cached_tokens=max(self.num_prompt_cached, 0),
+        )

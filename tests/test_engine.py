@@ -1,0 +1,252 @@
+"""The engine's greedy output equals HF transformers `generate`, token for token (float32).
+
+Alone, inside a busy batch of mixed lengths, after a prefix-cache hit, after preemption
+forced by a tiny KV pool, and with chunked prefill splitting the prompt; on tiny random
+Llama, Qwen2, Qwen3 and Mistral models and on the embedded SmolLM2.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from config import load_config
+from engine.engine import Engine
+from engine.sampling_params import InvalidRequestError, SamplingParams
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+NEW_TOKENS = 12
+
+
+def greedy(n: int = NEW_TOKENS, **kwargs: object) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, **kwargs)  # type: ignore[arg-type]
+
+
+def random_prompts(count: int, low: int, high: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [
+        [rng.randrange(100, 20000) for _ in range(rng.randint(low, high))] for _ in range(count)
+    ]
+
+
+class Reference:
+    """HF transformers greedy `generate` on the same folder, float32, EOS ignored."""
+
+    def __init__(self, path: str) -> None:
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def generate(
+        self, prompt: list[int], n: int = NEW_TOKENS, stop_at_eos: bool = False
+    ) -> list[int]:
+        gen = GenerationConfig(
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=self.model.generation_config.eos_token_id if stop_at_eos else [],
+            pad_token_id=0,
+        )
+        with torch.inference_mode():
+            out = self.model.generate(torch.tensor([prompt]), generation_config=gen)
+        return out[0, len(prompt) :].tolist()
+
+
+def make_engine(path: str, **flags: str) -> Engine:
+    env = {"MODEL_LOCAL_DIR": path, "DTYPE": "float32", "KV_CACHE_CPU_TOKENS": "8192"}
+    env.update(flags)
+    return Engine(load_config(env))
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_setup(
+    request: pytest.FixtureRequest, tiny_model_factory
+) -> Iterator[tuple[Engine, Reference]]:
+    path = tiny_model_factory(request.param)
+    engine = make_engine(path)
+    yield engine, Reference(path)
+    engine.shutdown()
+
+
+def test_alone(arch_setup: tuple[Engine, Reference]) -> None:
+    engine, ref = arch_setup
+    prompt = random_prompts(1, 20, 20, seed=1)[0]
+    [[out]] = engine.generate([prompt], greedy())
+    assert out.token_ids == ref.generate(prompt)
+    assert out.finish_reason == "length"
+    assert out.usage.prompt_tokens == 20 and out.usage.completion_tokens == NEW_TOKENS
+
+
+def test_busy_batch_of_16(arch_setup: tuple[Engine, Reference]) -> None:
+    engine, ref = arch_setup
+    prompts = random_prompts(16, 3, 60, seed=2)
+    lengths = [4 + i % 9 for i in range(16)]
+    outs = engine.generate(prompts, [greedy(n) for n in lengths])
+    for prompt, n, [out] in zip(prompts, lengths, outs):
+        assert out.token_ids == ref.generate(prompt, n)
+
+
+def test_prefix_cache_hit(arch_setup: tuple[Engine, Reference]) -> None:
+    engine, ref = arch_setup
+    shared = random_prompts(1, 48, 48, seed=3)[0]
+    first = shared + [7, 8, 9]
+    second = shared + [11, 12]
+    engine.generate([first], greedy())
+    [[out]] = engine.generate([second], greedy())
+    assert out.usage.cached_tokens >= len(shared)
+    assert out.token_ids == ref.generate(second)
+
+
+def test_preemption_with_tiny_pool(tiny_model_factory) -> None:
+    path = tiny_model_factory("qwen3")
+    engine = make_engine(path, KV_CACHE_CPU_TOKENS="160", PREFIX_CACHE="1")
+    try:
+        prompts = random_prompts(10, 20, 40, seed=4)
+        outs = engine.generate(prompts, greedy(24))
+        assert engine.scheduler.stats.num_preemptions > 0
+        ref = Reference(path)
+        for prompt, [out] in zip(prompts, outs):
+            assert out.token_ids == ref.generate(prompt, 24)
+        assert engine.snapshot()["kv_used_slots"] == 0
+    finally:
+        engine.shutdown()
+
+
+def test_preemption_without_prefix_cache(tiny_model_factory) -> None:
+    path = tiny_model_factory("llama")
+    engine = make_engine(path, KV_CACHE_CPU_TOKENS="160", PREFIX_CACHE="0")
+    try:
+        prompts = random_prompts(8, 20, 40, seed=5)
+        outs = engine.generate(prompts, greedy(24))
+        assert engine.scheduler.stats.num_preemptions > 0
+        ref = Reference(path)
+        for prompt, [out] in zip(prompts, outs):
+            assert out.token_ids == ref.generate(prompt, 24)
+        assert engine.scheduler.allocator.num_used == 0
+    finally:
+        engine.shutdown()
+
+
+def test_chunked_prefill(tiny_model_factory) -> None:
+    path = tiny_model_factory("mistral")
+    engine = make_engine(path, CHUNKED_PREFILL_SIZE="16")
+    try:
+        prompts = random_prompts(4, 50, 90, seed=6)
+        outs = engine.generate(prompts, greedy())
+        ref = Reference(path)
+        for prompt, [out] in zip(prompts, outs):
+            assert out.token_ids == ref.generate(prompt)
+        assert engine.stats.num_steps > 90 // 16
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def smollm2_engine(smollm2_dir: str) -> Iterator[tuple[Engine, Reference]]:
+    engine = make_engine(smollm2_dir)
+    yield engine, Reference(smollm2_dir)
+    engine.shutdown()
+
+
+def test_smollm2_chat_matches_hf(smollm2_engine: tuple[Engine, Reference]) -> None:
+    engine, ref = smollm2_engine
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = engine.tokenize(messages)
+    params = SamplingParams(max_new_tokens=24, temperature=0.0)
+    [[out]] = engine.generate([messages], params)
+    assert out.token_ids == ref.generate(prompt, 24, stop_at_eos=True)
+    assert "Paris" in out.text
+
+
+def test_smollm2_batch_prefix_and_chunks(smollm2_engine: tuple[Engine, Reference]) -> None:
+    engine, ref = smollm2_engine
+    questions = ["Name a color.", "Count to five.", "What is 2+2?", "Say hello in French."]
+    chats = [[{"role": "user", "content": q}] for q in questions]
+    prompts = [engine.tokenize(c) for c in chats]
+    outs = engine.generate(prompts, greedy(16))
+    for prompt, [out] in zip(prompts, outs):
+        assert out.token_ids == ref.generate(prompt, 16)
+        assert out.usage.cached_tokens > 0  # the shared system prompt of the template
+
+
+def test_n_sequences_share_the_prompt(tiny_model_factory) -> None:
+    engine = make_engine(tiny_model_factory("qwen3"))
+    try:
+        prompt = random_prompts(1, 40, 40, seed=7)[0]
+        [outs] = engine.generate(
+            [prompt], SamplingParams(max_new_tokens=8, n=2, temperature=1.0, seed=3)
+        )
+        assert [o.index for o in outs] == [0, 1]
+        assert outs[1].usage.cached_tokens >= len(prompt) - 1
+        assert outs[0].token_ids != outs[1].token_ids
+    finally:
+        engine.shutdown()
+
+
+def test_seed_reproducible_across_batches(arch_setup: tuple[Engine, Reference]) -> None:
+    engine, _ = arch_setup
+    prompt = random_prompts(1, 10, 10, seed=8)[0]
+    seeded = SamplingParams(
+        max_new_tokens=10, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True
+    )
+    [[alone]] = engine.generate([prompt], seeded)
+    others = random_prompts(5, 5, 30, seed=9)
+    noisy = [SamplingParams(max_new_tokens=6, temperature=0.8, ignore_eos=True) for _ in others]
+    outs = engine.generate(others + [prompt], noisy + [seeded])
+    assert outs[-1][0].token_ids == alone.token_ids
+
+
+def test_stop_string_is_not_returned(smollm2_engine: tuple[Engine, Reference]) -> None:
+    engine, _ = smollm2_engine
+    messages = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
+    [[full]] = engine.generate([messages], SamplingParams(max_new_tokens=40, temperature=0.0))
+    assert "5" in full.text
+    cut = full.text.index("5")
+    stop = full.text[cut - 1 : cut + 2]  # spans the token boundary around "5"
+    [[out]] = engine.generate(
+        [messages], SamplingParams(max_new_tokens=40, temperature=0.0, stop=[stop])
+    )
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[: full.text.index(stop)]
+
+
+def test_multibyte_stream_concatenates_exactly(smollm2_engine: tuple[Engine, Reference]) -> None:
+    engine, _ = smollm2_engine
+    prompt = "Translate to Chinese and add emoji: I love tea 🍵. 我爱喝茶"
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    deltas = list(engine.stream(prompt, params))
+    text = "".join(d.text for d in deltas)
+    assert all("\ufffd" not in d.text for d in deltas)
+    ids = [t for d in deltas for t in d.token_ids]
+    assert text == engine.tokenizer.decode(ids, skip_special_tokens=True)
+    assert deltas[-1].finished
+
+
+def test_abort_frees_slots(tiny_model_factory) -> None:
+    engine = make_engine(tiny_model_factory("llama"), PREFIX_CACHE="0")
+    try:
+        stream = engine.stream([5] * 30, greedy(400))
+        first = next(stream)
+        assert first.token_ids
+        stream.close()
+        engine.call(lambda: None)
+        engine.call(lambda: None)
+        snap = engine.snapshot()
+        assert snap["num_running"] == 0 and snap["kv_used_slots"] == 0
+        assert snap["num_aborted"] == 1
+    finally:
+        engine.shutdown()
+
+
+def test_context_errors(arch_setup: tuple[Engine, Reference]) -> None:
+    engine, _ = arch_setup
+    too_long = [5] * engine.max_context_len
+    with pytest.raises(InvalidRequestError, match="context"):
+        engine.submit(too_long, greedy(), sink=lambda d: None)
+    with pytest.raises(InvalidRequestError) as exc:
+        engine.submit([5] * 10, greedy(engine.max_context_len), sink=lambda d: None)
+    assert exc.value.param == "max_tokens"
