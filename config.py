@@ -59,10 +59,10 @@ def _fraction(raw: str) -> float:
     return value
 
 
-def _positive_float(raw: str) -> float:
+def _non_negative_float(raw: str) -> float:
     value = float(raw)
-    if value <= 0:
-        raise ValueError(f"must be > 0, got {value}")
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
     return value
 
 
@@ -129,6 +129,17 @@ FLAGS: tuple[Flag, ...] = (
          "Exact-match prefill cache entries (last-position logits of whole prompts); 0 = off."),
     Flag("PREFILL_CACHE_TOKEN_BUDGET", "prefill_cache_token_budget", _int_at_least(0), "32768",
          "Most prompt tokens covered by the exact-match prefill cache; 0 = entries only."),
+    # Server
+    Flag("API_KEY", "api_key", _text, "",
+         "When set, every endpoint but /health needs `Authorization: Bearer <key>` (else 401)."),
+    Flag("REQUEST_TIMEOUT_S", "request_timeout_s", _non_negative_float, "0",
+         "Longest a generation request may run; 0 = no limit. Past it the request is aborted "
+         "(streams get a final error chunk, others a 504)."),
+    Flag("MAX_REQUEST_BYTES", "max_request_bytes", _int_at_least(0), "8388608",
+         "Largest request body in bytes (413 beyond); 0 = no limit."),
+    Flag("MAX_N", "max_n", _int_at_least(1), "16", "Most choices (`n`) per request (at most 16)."),
+    Flag("MAX_PENDING_REQUESTS", "max_pending_requests", _int_at_least(0), "0",
+         "Most generation requests in flight in the server (429 beyond); 0 = no limit."),
     # Logging
     Flag("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "info",
          "Logging level (per-token lines only at debug)."),
@@ -161,6 +172,11 @@ class Config:
     prefix_cache_token_budget: int = 0
     prefill_cache_size: int = 4
     prefill_cache_token_budget: int = 32768
+    api_key: str = ""
+    request_timeout_s: float = 0.0
+    max_request_bytes: int = 8388608
+    max_n: int = 16
+    max_pending_requests: int = 0
     log_level: str = "info"
 
     @property
@@ -218,6 +234,8 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Confi
 def _validate(config: Config) -> None:
     if config.prefix_cache_max_tokens and config.prefix_cache_max_tokens < 1:
         raise ConfigError("PREFIX_CACHE_MAX_TOKENS must be >= 1 or 0")
+    if config.max_n > 16:
+        raise ConfigError("MAX_N must be <= 16")
     if config.backend_impl == "mlx" and config.device not in ("auto", "cpu", "mps"):
         raise ConfigError("BACKEND_IMPL=mlx runs on CPU or MPS only")
 

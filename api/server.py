@@ -1,0 +1,200 @@
+"""The HTTP surface: FastAPI app, engine lifecycle, routes. No model logic lives here.
+
+Start with `uvicorn api.server:app --host H --port P`. The engine is built and warmed up in a
+worker thread after the server starts listening; `GET /health` answers 503 until then.
+Endpoints: `/generate` (NDJSON), `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
+`/metrics` (Prometheus text, or JSON with `?format=json`), `/health`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from api import generate_api, openai_api
+from api.errors import APIError, install_error_handlers, validation_error
+from api.generate_api import HFMode
+from api.metrics import CONTENT_TYPE, ServerMetrics
+from api.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    ModelCard,
+    ModelList,
+)
+from api.serving import ServingContext
+from config import Config, get_config
+from engine.engine import MAX_N, Engine
+
+logger = logging.getLogger(__name__)
+
+Body = TypeVar("Body", bound=BaseModel)
+EngineFactory = Callable[[], Engine]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The server's own flags (read from Config attributes of the same names)."""
+
+    api_key: str = ""
+    request_timeout_s: float = 0.0
+    max_request_bytes: int = 8 * 1024 * 1024
+    max_n: int = MAX_N
+    max_pending_requests: int = 0
+
+
+def server_settings(config: Config | None = None) -> ServerSettings:
+    """ServerSettings from `config` (default: get_config())."""
+    config = config or get_config()
+    return ServerSettings(**{f.name: getattr(config, f.name) for f in fields(ServerSettings)})
+
+
+class ServerState:
+    """The engine's lifecycle as the server sees it: loading → ready | failed."""
+
+    def __init__(self, config: Config, settings: ServerSettings) -> None:
+        self.config = config
+        self.settings = settings
+        self.status = "loading"
+        self.error: str | None = None
+        self.engine: Engine | None = None
+        self.serving: ServingContext | None = None
+        self.metrics = ServerMetrics(self._snapshot)
+        self.hf = HFMode(config)
+
+    def _snapshot(self) -> dict[str, Any] | None:
+        return self.engine.snapshot() if self.engine is not None else None
+
+    async def load(self, factory: EngineFactory) -> None:
+        """Build the engine and warm it up, both off the event loop."""
+        try:
+            engine = await asyncio.to_thread(factory)
+            self.engine = engine
+            await asyncio.to_thread(engine.warmup)
+            settings = self.settings
+            self.serving = ServingContext.build(
+                engine,
+                self.metrics,
+                timeout_s=settings.request_timeout_s,
+                max_n=settings.max_n,
+                max_in_flight=settings.max_pending_requests,
+                max_new_tokens_default=engine.config.max_new_tokens_default,
+            )
+            self.status = "ready"
+            logger.info("model %s ready", engine.model_name)
+        except Exception as exc:
+            logger.exception("the engine failed to load")
+            self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.shutdown)
+
+    def ready(self) -> ServingContext:
+        if self.serving is None:
+            if self.status == "loading":
+                message = "the model is still loading"
+            else:
+                message = f"the model failed to load: {self.error}"
+            raise APIError(503, message, code="model_not_ready")
+        return self.serving
+
+
+def create_app(
+    engine_factory: EngineFactory | None = None,
+    *,
+    config: Config | None = None,
+    settings: ServerSettings | None = None,
+) -> FastAPI:
+    """The FastAPI app; the engine comes from `engine_factory` (default: Engine(config))."""
+    config = config or get_config()
+    state = ServerState(config, settings or server_settings(config))
+    factory = engine_factory or (lambda: Engine(config))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(state.load(factory))
+        try:
+            yield
+        finally:
+            if not loading.done():
+                loading.cancel()
+            await state.shutdown()
+
+    app = FastAPI(title="mini-sglang", lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=state.settings.max_request_bytes)
+    app.add_middleware(APIKeyMiddleware, api_key=state.settings.api_key)
+    _add_routes(app, state)
+    return app
+
+
+async def parse_body(request: Request, model: type[Body]) -> Body:
+    """The JSON body validated as `model` (any content type; errors as OpenAI 400s)."""
+    raw = await request.body()
+    if not raw.strip():
+        raise APIError(400, "the request body is empty; send a JSON object")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from None
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.status == "ready":
+            return JSONResponse({"status": "ok"})
+        body: dict[str, Any] = {"status": state.status}
+        if state.error:
+            body["error"] = state.error
+        return JSONResponse(body, status_code=503)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        serving = state.ready()
+        card = ModelCard(id=serving.model_name, max_model_len=serving.engine.max_context_len)
+        return Response(ModelList(data=[card]).model_dump_json(), media_type="application/json")
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> Response:
+        serving = state.ready()
+        serving.check_model(model)
+        card = ModelCard(id=serving.model_name, max_model_len=serving.engine.max_context_len)
+        return Response(card.model_dump_json(), media_type="application/json")
+
+    @app.get("/metrics")
+    async def metrics(format: str = "prometheus") -> Response:
+        if format == "json":
+            return JSONResponse(state.metrics.json_view())
+        if format not in ("prometheus", "text"):
+            raise APIError(400, "format must be 'prometheus' or 'json'", param="format")
+        return Response(state.metrics.prometheus_text(), media_type=CONTENT_TYPE)
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        body = await parse_body(request, GenerateRequest)
+        return await generate_api.generate(body, request, state.ready(), state.hf)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await parse_body(request, ChatCompletionRequest)
+        return await openai_api.chat_completions(body, request, state.ready())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await parse_body(request, CompletionRequest)
+        return await openai_api.completions(body, request, state.ready())
+
+
+app = create_app()

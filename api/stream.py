@@ -1,0 +1,261 @@
+"""One HTTP request's generation: its engine requests, their merged deltas, abort and timeout.
+
+A `GenerationStream` submits one engine request per prompt (each with n sequences) and yields
+their deltas in arrival order, tagged with the response's choice index
+(`prompt_index * n + delta.index`). It owns the abort: `close()` aborts every engine request
+still running and is called when the response ends for any reason (finished, client gone,
+timeout, error). It also records the request's latencies in the server's metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import jinja2
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from api.errors import APIError
+from api.metrics import ServerMetrics
+from api.protocol import UsageInfo
+from engine.engine import Engine, Prompt
+from engine.request import StreamDelta, TokenLogprob, Usage
+from engine.sampling_params import InvalidRequestError, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+DISCONNECT_POLL_S = 0.5
+
+ParamsFor = Callable[[list[int]], SamplingParams]
+IsDisconnected = Callable[[], Awaitable[bool]]
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its non-streaming answer was ready."""
+
+
+@dataclass
+class ChoiceResult:
+    """Everything one output sequence produced (non-streaming answers)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Sequence:
+    """Bookkeeping of one output sequence: its prompt, last token time, final usage."""
+
+    prompt: int
+    last_token_at: float | None = None
+    usage: Usage | None = None
+
+
+class GenerationStream:
+    """The engine requests behind one HTTP response, as one stream of (choice, delta)."""
+
+    def __init__(
+        self, engine: Engine, metrics: ServerMetrics, timeout_s: float, arrival: float
+    ) -> None:
+        self._engine = engine
+        self._metrics = metrics
+        self._arrival = arrival
+        self._deadline = arrival + timeout_s if timeout_s > 0 else None
+        self._queue: asyncio.Queue[StreamDelta] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()
+        self._rids: list[str] = []
+        self._base: dict[str, int] = {}
+        self._sequences: dict[int, _Sequence] = {}
+        self._remaining = 0
+        self._closed = False
+        self._first_token_seen = False
+        self._next_poll = arrival + DISCONNECT_POLL_S
+        metrics.in_flight += 1
+
+    # ------------------------------------------------------------ submission
+    async def start(self, prompts: Sequence[Prompt], params_for: ParamsFor, rid: str) -> None:
+        """Tokenize and submit every prompt (in a worker thread); raises on a bad request."""
+        work = self._loop.run_in_executor(None, self._submit_all, list(prompts), params_for, rid)
+        work.add_done_callback(_retrieve_exception)
+        try:
+            await asyncio.shield(work)
+        except BaseException:
+            self.close()
+            raise
+
+    def _submit_all(self, prompts: list[Prompt], params_for: ParamsFor, rid: str) -> None:
+        for number, prompt in enumerate(prompts):
+            ids = _tokenize(self._engine, prompt)
+            params = params_for(ids)
+            sub_rid = rid if len(prompts) == 1 else f"{rid}-{number}"
+            with self._lock:
+                if self._closed:
+                    return
+                self._base[sub_rid] = number * params.n
+                for index in range(params.n):
+                    self._sequences[number * params.n + index] = _Sequence(prompt=number)
+                self._remaining += params.n
+                self._engine.submit(ids, params, self._sink, rid=sub_rid)
+                self._rids.append(sub_rid)
+
+    def _sink(self, delta: StreamDelta) -> None:
+        """Called on the engine's thread."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
+
+    # -------------------------------------------------------------- deltas
+    async def deltas(
+        self, is_disconnected: IsDisconnected | None = None
+    ) -> AsyncIterator[tuple[int, StreamDelta]]:
+        """(choice index, delta) until every sequence finished; raises APIError on failure."""
+        while self._remaining:
+            delta = await self._next(is_disconnected)
+            if delta.error is not None:
+                self._fail("engine_error")
+                raise APIError(500, delta.error, type="server_error")
+            index = self._base[delta.rid] + delta.index
+            self._observe(index, delta)
+            if delta.finished:
+                self._remaining -= 1
+                if not self._remaining:
+                    self._complete(delta.finish_reason or "stop")
+            yield index, delta
+
+    async def collect(self, is_disconnected: IsDisconnected | None = None) -> list[ChoiceResult]:
+        """Every sequence's whole output, in choice order."""
+        results: dict[int, ChoiceResult] = {}
+        try:
+            async for index, delta in self.deltas(is_disconnected):
+                result = results.setdefault(index, ChoiceResult(index))
+                result.text += delta.text
+                result.token_ids.extend(delta.token_ids)
+                result.logprobs.extend(delta.logprobs or [])
+                result.finish_reason = delta.finish_reason or result.finish_reason
+        finally:
+            self.close()
+        return [results[i] for i in sorted(results)]
+
+    async def _next(self, is_disconnected: IsDisconnected | None) -> StreamDelta:
+        while True:
+            now = time.monotonic()
+            if self._deadline is not None and now >= self._deadline:
+                self._fail("timeout")
+                raise APIError(
+                    504,
+                    "the request ran past the server's time limit and was aborted",
+                    code="request_timeout",
+                )
+            if is_disconnected is not None and now >= self._next_poll:
+                self._next_poll = now + DISCONNECT_POLL_S
+                if await is_disconnected():
+                    self._fail("disconnect")
+                    raise ClientDisconnected
+            wait = self._wait_budget(now, polling=is_disconnected is not None)
+            try:
+                if wait is None:
+                    return await self._queue.get()
+                return await asyncio.wait_for(self._queue.get(), wait)
+            except asyncio.TimeoutError:
+                pass
+
+    def _wait_budget(self, now: float, polling: bool) -> float | None:
+        """Seconds until the next deadline or disconnect check; None: wait as long as needed."""
+        times = [t for t in (self._deadline, self._next_poll if polling else None) if t is not None]
+        return max(min(times) - now, 0.0) if times else None
+
+    # ------------------------------------------------------------- metrics
+    def _observe(self, index: int, delta: StreamDelta) -> None:
+        sequence = self._sequences[index]
+        if delta.usage is not None:
+            sequence.usage = delta.usage
+        if not delta.token_ids:
+            return
+        now = time.monotonic()
+        if not self._first_token_seen:
+            self._first_token_seen = True
+            self._metrics.ttft.observe(now - self._arrival)
+        if sequence.last_token_at is not None:
+            self._metrics.itl.observe(now - sequence.last_token_at)
+        sequence.last_token_at = now
+
+    def _complete(self, finish_reason: str) -> None:
+        self._metrics.e2e.observe(time.monotonic() - self._arrival)
+        self._metrics.finished.labels(finish_reason).inc()
+        self.close()
+
+    def _fail(self, reason: str) -> None:
+        self._metrics.failed.labels(reason).inc()
+        self.close()
+
+    def usage(self) -> UsageInfo:
+        """Usage of the whole response: each prompt counted once, every sequence's tokens."""
+        prompt = completion = cached = 0
+        first_of_prompt: set[int] = set()
+        for sequence in self._sequences.values():
+            usage = sequence.usage
+            if usage is None:
+                continue
+            completion += usage.completion_tokens
+            if sequence.prompt not in first_of_prompt:
+                first_of_prompt.add(sequence.prompt)
+                prompt += usage.prompt_tokens
+                cached += usage.cached_tokens
+        return UsageInfo.of(prompt, completion, cached)
+
+    # --------------------------------------------------------------- close
+    def close(self) -> None:
+        """Abort whatever still runs; idempotent, safe from any exit path."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            rids = list(self._rids)
+        self._metrics.in_flight -= 1
+        if self._remaining:
+            for rid in rids:
+                self._engine.abort(rid)
+
+
+def _retrieve_exception(future: asyncio.Future[None]) -> None:
+    """A submission whose caller was cancelled still ends; its error must not go unread."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _tokenize(engine: Engine, prompt: Prompt) -> list[int]:
+    try:
+        return engine.tokenize(prompt)
+    except jinja2.TemplateError as exc:
+        message = f"the chat template rejected the messages: {exc}"
+        raise InvalidRequestError(message, "messages") from exc
+
+
+class GenerationResponse(StreamingResponse):
+    """A streaming response that closes its GenerationStream however the response ends.
+
+    Starlette cancels the body iterator when the client disconnects; closing the stream here
+    as well covers a cancellation that lands while a chunk is being sent.
+    """
+
+    def __init__(self, content: AsyncIterator[str], stream: GenerationStream, media_type: str):
+        super().__init__(content, media_type=media_type, headers=NO_BUFFERING)
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stream.close()
+
+
+NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
