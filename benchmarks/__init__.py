@@ -1,0 +1,1 @@
+"""Benchmark workloads (request generators) and report writers used by bench_suite.py."""

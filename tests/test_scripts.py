@@ -1,0 +1,183 @@
+"""The root scripts run end to end as a user runs them: subprocesses on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def script_env(tiny_model_factory: Callable[[str], str]) -> dict[str, str]:
+    """The environment of a script run on the tiny Qwen3 (float32, small KV pool, offline)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAME", "LOAD_FORMAT")}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        MODEL_LOCAL_DIR=tiny_model_factory("qwen3"),
+        DTYPE="float32",
+        DEVICE="cpu",
+        KV_CACHE_CPU_TOKENS="4096",
+        LOG_LEVEL="info",
+    )
+    return env
+
+
+def run_script(
+    env: dict[str, str], *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def summary_value(stdout: str, label: str) -> str:
+    match = re.search(rf"^{re.escape(label)}:\s+(.+)$", stdout, re.MULTILINE)
+    assert match, f"no {label!r} line in:\n{stdout}"
+    return match.group(1).strip()
+
+
+def test_smoke_test_streams_and_summarises(
+    script_env: dict[str, str], smollm2_tokenizer: Any
+) -> None:
+    prompt = "Hello mini-sglang"
+    result = run_script(script_env, "smoke_test.py", "--raw", "--max-new-tokens", "6", prompt)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "--- summary ---" in out
+    assert int(summary_value(out, "prompt tokens")) == len(smollm2_tokenizer.encode(prompt))
+    generated = int(summary_value(out, "generated tokens"))
+    assert 1 <= generated <= 6
+    reason = summary_value(out, "finish reason")
+    assert reason == "length" if generated == 6 else reason == "stop"
+    assert summary_value(out, "time to first tok").endswith(" ms")
+    assert summary_value(out, "decode speed").endswith(" tok/s")
+
+
+def test_smoke_test_rejects_bad_options_before_loading(script_env: dict[str, str]) -> None:
+    result = run_script(script_env, "smoke_test.py", "--max-new-tokens", "0", "hi")
+    assert result.returncode != 0
+    assert "max_tokens must be at least 1" in result.stderr
+
+
+def test_bench_cpu_writes_summary_json_and_png(script_env: dict[str, str], tmp_path: Path) -> None:
+    streams, new_tokens = 2, 8
+    result = run_script(
+        script_env, "bench_suite.py", "cpu", "--num-prompts", str(streams),
+        "--max-output", str(new_tokens), "--results-dir", str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [line for line in result.stdout.splitlines() if line.startswith("SUMMARY cpu:")]
+    assert len(summaries) == 1, result.stdout
+    assert "tok/s" in summaries[0] and "vs HF" in summaries[0]
+    json_files = list(tmp_path.glob("cpu-*.json"))
+    png_files = list(tmp_path.glob("cpu-*.png"))
+    assert len(json_files) == 1 and len(png_files) == 1
+    assert json_files[0].stem == png_files[0].stem
+    assert png_files[0].read_bytes()[:8] == PNG_MAGIC
+    data = json.loads(json_files[0].read_text())
+    assert data["workload"] == "cpu"
+    assert data["meta"]["dtype"] == "float32"
+    engine = data["metrics"]["engine"]
+    assert engine["single"]["output_tokens"] == new_tokens
+    assert engine["multi"]["output_tokens"] == streams * new_tokens
+    assert engine["multi"]["output_tok_s"] > 0
+    assert data["metrics"]["baseline"]["multi"]["output_tok_s"] > 0
+
+
+def greedy_chat_answer(env: dict[str, str], text: str, max_new_tokens: int) -> str:
+    """The in-process engine's greedy answer to one user message."""
+    from config import load_config
+    from engine.engine import Engine
+    from engine.sampling_params import SamplingParams
+
+    engine = Engine(load_config(env))
+    try:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+        [[output]] = engine.generate([[{"role": "user", "content": text}]], params)
+    finally:
+        engine.shutdown()
+    return output.text
+
+
+def test_cli_demo_answers_a_prompt_from_stdin(script_env: dict[str, str]) -> None:
+    result = run_script(
+        script_env, "cli_demo.py", "--max-new-tokens", "4", "--temperature", "0",
+        stdin="Hello there\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == greedy_chat_answer(script_env, "Hello there", 4) + "\n"
+
+
+def test_cli_demo_multi_turn_reuses_the_history(script_env: dict[str, str]) -> None:
+    result = run_script(
+        script_env, "cli_demo.py", "--multi-turn", "--verbose", "--max-new-tokens", "4",
+        "--temperature", "0", stdin="Hello there\nAnd again\n/exit\nnever sent\n",
+    )
+    assert result.returncode == 0, result.stderr
+    turns = [
+        (int(m[1]), int(m[2]))
+        for m in re.finditer(r"prompt (\d+) tokens \((\d+) cached\)", result.stderr)
+    ]
+    assert len(turns) == 2, result.stderr
+    (first_prompt, first_cached), (second_prompt, second_cached) = turns
+    assert first_cached == 0
+    assert second_prompt > first_prompt
+    assert second_cached >= first_prompt
+
+
+def test_workload_generators_are_seeded_and_shaped() -> None:
+    from benchmarks.workloads import arrival_offsets, random_requests, shared_prefix_requests
+
+    first = random_requests(50, input_range=(3, 9), output_range=(2, 4), vocab_size=100, seed=7)
+    again = random_requests(50, input_range=(3, 9), output_range=(2, 4), vocab_size=100, seed=7)
+    other = random_requests(50, input_range=(3, 9), output_range=(2, 4), vocab_size=100, seed=8)
+    assert first == again and first != other
+    assert all(3 <= r.input_len <= 9 and 2 <= r.max_new_tokens <= 4 for r in first)
+    assert all(0 <= t < 100 for r in first for t in r.prompt_ids)
+    assert {r.input_len for r in first} == set(range(3, 10))
+
+    groups = shared_prefix_requests(num_groups=3, prompts_per_group=4, system_len=10,
+                                    question_len=5, output_len=2, vocab_size=1000, seed=0)
+    assert len(groups) == 12 and all(r.input_len == 15 for r in groups)
+    prefixes = [tuple(r.prompt_ids[:10]) for r in groups]
+    assert [len(set(prefixes[g * 4 : g * 4 + 4])) for g in range(3)] == [1, 1, 1]
+    assert len(set(prefixes)) == 3
+
+    assert arrival_offsets(4, float("inf")) == [0.0] * 4
+    paced = arrival_offsets(2000, 10.0, seed=1)
+    assert paced == sorted(paced) and 150 < paced[-1] < 250
+
+
+def test_report_percentiles_and_files(tmp_path: Path) -> None:
+    from benchmarks.report import BenchResult, PlotPanel, percentile, write_result
+
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0], 100) == 3.0
+    result = BenchResult(
+        workload="unit", summary="s", metrics={"missing": float("nan")},
+        table_headers=["a", "b"], table_rows=[["x", 1.5]],
+        panels=[PlotPanel("t", "tok/s", {"ours": {"c": 2.0}, "theirs": {"c": float("nan")}})],
+    )
+    files = write_result(result, tmp_path / "out")
+    assert json.loads(files.json_path.read_text())["metrics"] == {"missing": None}
+    assert files.png_path is not None and files.png_path.read_bytes()[:8] == PNG_MAGIC
+    assert result.table().splitlines()[2].split() == ["x", "1.5"]
