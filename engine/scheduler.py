@@ -30,6 +30,8 @@ from engine.request import Req
 
 logger = logging.getLogger(__name__)
 
+IN_BATCH_PREFIX_MIN = 32  # shared tokens that make a request wait for another's prefill
+
 
 @dataclass
 class StepPlan:
@@ -148,6 +150,7 @@ class Scheduler:
         scheduled: list[tuple[Req, int]],
         hits: list[tuple[Req, torch.Tensor]],
     ) -> None:
+        prefilling = [r.token_ids for r in self.running if r.cached_len < len(r.prompt_ids)]
         for req in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_running_requests:
                 return
@@ -155,6 +158,8 @@ class Scheduler:
             if first is not None and not (first.num_output > 0 or first.finished):
                 continue  # n > 1: share the first sequence's prompt KV once it is cached
             match = self.radix.match_prefix(req.token_ids)
+            if self._shares_inflight_prefix(req, len(match.slots), prefilling):
+                continue  # wait until that prompt is cached, then reuse it
             logits = None
             if len(match.slots) == req.seq_len and req.num_output == 0:
                 logits = self.prefill_cache.get(req.token_ids)
@@ -182,6 +187,20 @@ class Scheduler:
                 req.num_prompt_cached = min(usable, len(req.prompt_ids))
             self.waiting.remove(req)
             self.running.append(req)
+            prefilling.append(req.token_ids)
+
+    def _shares_inflight_prefix(
+        self, req: Req, matched: int, prefilling: list[list[int]]
+    ) -> bool:
+        """Whether a prompt being prefilled shares IN_BATCH_PREFIX_MIN more tokens with `req`
+        than the radix cache holds: computing them twice would waste the step."""
+        if not self.radix.enabled:
+            return False
+        end = matched + IN_BATCH_PREFIX_MIN
+        if end >= len(req.prompt_ids):
+            return False
+        head = req.token_ids[:end]
+        return any(len(ids) > end and ids[:end] == head for ids in prefilling)
 
     # ------------------------------------------------------------- KV slots
     def _alloc(self, n: int) -> list[int] | None:

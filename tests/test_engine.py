@@ -250,3 +250,13 @@ def test_context_errors(arch_setup: tuple[Engine, Reference]) -> None:
     with pytest.raises(InvalidRequestError) as exc:
         engine.submit([5] * 10, greedy(engine.max_context_len), sink=lambda d: None)
     assert exc.value.param == "max_tokens"
+
+
+def test_concurrent_requests_share_a_prefix(arch_setup: tuple[Engine, Reference]) -> None:
+    engine, ref = arch_setup
+    shared = random_prompts(1, 80, 80, seed=10)[0]
+    prompts = [shared + tail for tail in random_prompts(4, 3, 6, seed=11)]
+    outs = engine.generate(prompts, greedy())
+    assert sorted(out.usage.cached_tokens for [out] in outs)[1:] >= [len(shared)] * 3
+    for prompt, [out] in zip(prompts, outs):
+        assert out.token_ids == ref.generate(prompt)
