@@ -94,7 +94,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("TRUST_REMOTE_CODE", "trust_remote_code", _parse_bool, "0",
          "Pass trust_remote_code=True to transformers loaders (operator opt-in)."),
     Flag("DTYPE", "dtype", _choice("auto", "float32", "bfloat16", "float16"), "auto",
-         "Weights and KV dtype; auto = bfloat16 on CPU and CUDA, float16 on MPS."),
+         "Weights and KV dtype; auto = bfloat16 on CUDA and on CPUs with native bfloat16 "
+         "(AVX512-BF16/AMX), float16 on MPS, float32 otherwise."),
     Flag("DEVICE", "device", _choice("auto", "cpu", "cuda", "mps"), "auto",
          "Device; auto picks CUDA, then MPS, then CPU."),
     Flag("BACKEND_IMPL", "backend_impl", _choice("auto", "sgl", "hf", "torch", "mlx"), "auto",
@@ -208,11 +209,26 @@ def resolve_device(name: str) -> torch.device:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` → float16 on MPS, bfloat16 elsewhere (fastest on these CPUs and on CUDA)."""
-    if name == "auto":
-        return torch.float16 if device.type == "mps" else torch.bfloat16
-    return _DTYPES[name]
+    """`auto` → bfloat16 on CUDA and on CPUs with native bfloat16, float16 on MPS, else
+    float32 (without native support bfloat16 matmuls run at half the float32 speed)."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "mps":
+        return torch.float16
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        return torch.float32
+    return torch.bfloat16
 
 
 def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Config:

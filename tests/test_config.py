@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import FLAGS, ConfigError, load_config, resolve_dtype
+from config import FLAGS, ConfigError, cpu_has_native_bf16, load_config, resolve_dtype
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "CONFIGURATION.md"
@@ -41,8 +41,10 @@ def test_bad_value_names_the_flag(env: str, value: str) -> None:
         load_config({env: value})
 
 
-def test_cpu_auto_dtype_is_bfloat16() -> None:
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+def test_cpu_auto_dtype_follows_native_bf16_support() -> None:
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
 
 
 def test_every_flag_is_documented() -> None:

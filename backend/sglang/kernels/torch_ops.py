@@ -233,7 +233,7 @@ def paged_attention(
     """Causal attention of the batch's new tokens q [T, Hq, D] over their requests' KV.
 
     K/V of the new tokens must already be stored at `batch.out_slots`. Decode requests are
-    attended together in one padded call; requests adding several tokens one at a time.
+    attended together in one padded call; requests adding several tokens, one by one.
     Returns [T, Hq, D].
     """
     plan = _plan_for(batch)
