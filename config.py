@@ -260,6 +260,17 @@ def flag_names() -> list[str]:
     return [flag.env for flag in FLAGS]
 
 
+def configure_logging(config: Config) -> None:
+    """Send our loggers to stderr at LOG_LEVEL (once; a host that set up logging keeps it)."""
+    import logging
+
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("engine", "backend", "api", "config", "benchmarks"):
+        logging.getLogger(name).setLevel(config.log_level.upper())
+
+
 @lru_cache(maxsize=1)
 def get_config() -> Config:
     """The process-wide configuration, read from the environment on first use."""

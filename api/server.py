@@ -32,7 +32,7 @@ from api.protocol import (
     ModelList,
 )
 from api.serving import ServingContext
-from config import Config, get_config
+from config import Config, configure_logging, get_config
 from engine.engine import MAX_N, Engine
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        configure_logging(state.config)
         loading = asyncio.create_task(state.load(factory))
         try:
             yield

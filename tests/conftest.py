@@ -20,12 +20,19 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gpt_neox")
 _USER_CACHE = Path("~/.cache/mini-sglang").expanduser()
 
 
 def _tiny_config(arch: str, vocab_size: int) -> Any:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common: dict[str, Any] = dict(
         vocab_size=vocab_size,
@@ -48,6 +55,11 @@ def _tiny_config(arch: str, vocab_size: int) -> Any:
         return Qwen3Config(head_dim=16, **common)
     if arch == "mistral":
         return MistralConfig(sliding_window=None, **common)
+    if arch == "phi3":  # no native implementation: served by the transformers runner
+        return Phi3Config(**common)
+    if arch == "gpt_neox":
+        del common["num_key_value_heads"], common["pad_token_id"], common["tie_word_embeddings"]
+        return GPTNeoXConfig(**common)
     raise ValueError(f"no tiny config for {arch!r}; known: {', '.join(TINY_ARCHS)}")
 
 

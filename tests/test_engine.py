@@ -248,3 +248,56 @@ def test_concurrent_requests_share_a_prefix(arch_setup: tuple[Engine, Reference]
     assert sorted(out.usage.cached_tokens for [out] in outs)[1:] >= [len(shared)] * 3
     for prompt, [out] in zip(prompts, outs):
         assert out.token_ids == ref.generate(prompt)
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gpt_neox"])
+def test_other_architectures_fall_back_to_transformers(tiny_model_factory, arch: str) -> None:
+    path = tiny_model_factory(arch)
+    engine = make_engine(path, KV_CACHE_CPU_TOKENS="160")
+    try:
+        assert type(engine.runner).__name__ == "HFRunner"
+        prompts = random_prompts(8, 10, 40, seed=12)
+        outs = engine.generate(prompts, greedy(20))
+        assert engine.scheduler.stats.num_preemptions > 0
+        ref = Reference(path)
+        for prompt, [out] in zip(prompts, outs):
+            assert out.token_ids == ref.generate(prompt, 20)
+    finally:
+        engine.shutdown()
+
+
+def test_prefill_cache_serves_an_identical_prompt(tiny_model_factory) -> None:
+    path = tiny_model_factory("qwen2")
+    engine = make_engine(path)
+    try:
+        prompt = random_prompts(1, 30, 30, seed=13)[0]
+        [[first]] = engine.generate([prompt], greedy())
+        forward_tokens = engine.stats.forward_tokens
+        [[second]] = engine.generate([prompt], greedy())
+        assert engine.scheduler.stats.num_prefill_cache_hits == 1
+        assert second.usage.cached_tokens == len(prompt)
+        assert engine.stats.forward_tokens - forward_tokens == NEW_TOKENS - 1
+        assert second.token_ids == first.token_ids == Reference(path).generate(prompt)
+    finally:
+        engine.shutdown()
+
+
+def test_multi_turn_chat_reuses_its_history(smollm2_engine: tuple[Engine, Reference]) -> None:
+    engine, _ = smollm2_engine
+    chat = [{"role": "user", "content": "Give me a fun fact about owls."}]
+    [[answer]] = engine.generate([chat], SamplingParams(max_new_tokens=30, temperature=0.0))
+    chat += [
+        {"role": "assistant", "content": answer.text},
+        {"role": "user", "content": "And one about cats?"},
+    ]
+    [[follow_up]] = engine.generate([chat], SamplingParams(max_new_tokens=8, temperature=0.0))
+    first_turn = engine.tokenize(chat[:1]) + answer.token_ids
+    second_prompt = engine.tokenize(chat)
+    shared = next(
+        (i for i, (a, b) in enumerate(zip(first_turn, second_prompt)) if a != b),
+        min(len(first_turn), len(second_prompt)),
+    )
+    # everything the two turns share token for token comes from the cache (re-tokenizing
+    # the answer's text may split a word differently from how it was generated)
+    assert shared > len(engine.tokenize(chat[:1]))
+    assert follow_up.usage.cached_tokens == shared
