@@ -19,6 +19,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # Triton picks interpreter or compiler at first import (transformers imports it early):
+    # on CPU, interpret, so the Triton kernel tests run against the torch reference.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gpt_neox")
 _USER_CACHE = Path("~/.cache/mini-sglang").expanduser()

@@ -9,6 +9,7 @@ that set is asked for.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any, Protocol, cast
 
 import torch
@@ -17,6 +18,7 @@ from backend.batch import ForwardBatch
 
 KERNEL_SETS: dict[str, str] = {
     "torch": "backend.sglang.kernels.torch_ops",
+    "triton": "backend.sglang.kernels.triton_ops",
 }
 
 
@@ -56,7 +58,10 @@ class KernelSet(Protocol):
 
 
 def default_kernel_set(device: torch.device) -> str:
-    """The kernel set to use on `device` when nothing is asked for explicitly."""
+    """The kernel set to use on `device` when nothing is asked for explicitly: "triton" on
+    CUDA when triton is installed, else "torch"."""
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
     return "torch"
 
 

@@ -1,0 +1,179 @@
+"""Decode attention over the paged KV pool: one query token per request, split-K.
+
+Program (request b, KV head h, split s) attends the query heads that share KV head h (padded
+to a tensor-core tile) over the s-th slice of request b's slots and writes a partial output
+and its log-sum-exp; a second kernel merges the slices. Sequence lengths are read on the
+device from `kv_indptr`, so the grid depends only on the batch size and the split count and
+any split count is correct (a slice past the end of a short request is simply empty).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from backend.sglang.kernels.triton.common import (
+    LOG2E,
+    MIN_DOT_TILE,
+    dot_precision,
+    mma,
+    upcast_dots,
+)
+
+_MIN_SPLIT_TOKENS = 256
+_MAX_SPLITS = 32
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_pool_ptr, v_pool_ptr, kv_indptr_ptr, kv_indices_ptr, out_ptr, lse_ptr,
+    stride_qt, stride_qh, stride_k_slot, stride_k_head, stride_v_slot, stride_v_head,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    scale_log2, group_size, head_dim, num_splits,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    request = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_start = tl.load(kv_indptr_ptr + request)
+    seq_len = tl.load(kv_indptr_ptr + request + 1) - kv_start
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, seq_len)
+
+    head_offs = tl.arange(0, BLOCK_H)
+    heads = kv_head * group_size + head_offs
+    head_mask = head_offs < group_size
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < head_dim
+    q_ptrs = q_ptr + request * stride_qt + heads[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptrs, mask=head_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_mask = n < hi
+        slots = tl.load(kv_indices_ptr + kv_start + n, mask=n_mask, other=0)
+        k_ptrs = k_pool_ptr + slots[None, :] * stride_k_slot + kv_head * stride_k_head + d[:, None]
+        k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        scores = mma(q, k, DOT_PRECISION, UPCAST_DOTS) * scale_log2
+        scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_ptrs = v_pool_ptr + slots[:, None] * stride_v_slot + kv_head * stride_v_head + d[None, :]
+        v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOTS)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    o_ptrs = out_ptr + request * stride_ob + heads[:, None] * stride_oh + split * stride_os
+    o_mask = head_mask[:, None] & d_mask[None, :]
+    tl.store(o_ptrs + d[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    if WRITE_LSE:
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + request * stride_lb + heads * stride_lh + split, lse, mask=head_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial_ptr, lse_ptr, out_ptr,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ot, stride_oh,
+    num_splits, head_dim,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    request = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    s_mask = s < num_splits
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < head_dim
+    lse = tl.load(lse_ptr + request * stride_lb + head * stride_lh + s, mask=s_mask,
+                  other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    weights = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
+    p_ptrs = partial_ptr + request * stride_pb + head * stride_ph + s[:, None] * stride_ps
+    partial = tl.load(p_ptrs + d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    total = tl.sum(weights, axis=0)
+    out = tl.sum(partial * weights[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+    o_ptrs = out_ptr + request * stride_ot + head * stride_oh + d
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@functools.lru_cache(maxsize=8)
+def _multiprocessor_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def choose_num_splits(
+    batch_size: int, num_kv_heads: int, max_seq_len: int, device: torch.device
+) -> int:
+    """Enough slices to give every multiprocessor about two programs, none of them tiny."""
+    programs = batch_size * num_kv_heads
+    wanted = triton.cdiv(2 * _multiprocessor_count(device), max(programs, 1))
+    by_length = triton.cdiv(max_seq_len, _MIN_SPLIT_TOKENS)
+    return max(1, min(wanted, by_length, _MAX_SPLITS))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_pool_layer: torch.Tensor,
+    v_pool_layer: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Attention of q [B, Hq, D] (request b's one token is row b) over its slots; [B, Hq, D]."""
+    batch_size, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_pool_layer.shape[1]
+    group_size = num_q_heads // num_kv_heads
+    out = torch.empty((batch_size, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if batch_size == 0:
+        return out
+    block_d = max(MIN_DOT_TILE, triton.next_power_of_2(head_dim))
+    common = dict(
+        BLOCK_H=max(MIN_DOT_TILE, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
+        BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOTS=upcast_dots(),
+    )
+    grid = (batch_size, num_kv_heads, num_splits)
+    strides = (
+        q.stride(0), q.stride(1), k_pool_layer.stride(0), k_pool_layer.stride(1),
+        v_pool_layer.stride(0), v_pool_layer.stride(1),
+    )
+    if num_splits == 1:
+        _decode_split_kernel[grid](
+            q, k_pool_layer, v_pool_layer, kv_indptr, kv_indices, out, out,
+            *strides, out.stride(0), out.stride(1), 0, 0, 0,
+            scale * LOG2E, group_size, head_dim, 1, WRITE_LSE=False, **common,
+        )
+        return out
+    partial = torch.empty(
+        (batch_size, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
+    )
+    lse = torch.empty((batch_size, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[grid](
+        q, k_pool_layer, v_pool_layer, kv_indptr, kv_indices, partial, lse,
+        *strides, partial.stride(0), partial.stride(1), partial.stride(2),
+        lse.stride(0), lse.stride(1),
+        scale * LOG2E, group_size, head_dim, num_splits, WRITE_LSE=True, **common,
+    )
+    _merge_splits_kernel[(batch_size, num_q_heads)](
+        partial, lse, out,
+        partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
+        num_splits, head_dim,
+        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+    )
+    return out

@@ -1,0 +1,84 @@
+"""The triton kernel set: the torch_ops interface with Triton kernels (CUDA; any device under
+TRITON_INTERPRET=1). Matmuls stay in torch; the rotary table is torch_ops' own.
+
+Supported shapes: any head_dim up to 256 (non-powers of two are masked; rotary needs it even),
+any number of query heads that is a multiple of the KV heads, KV pools of one dtype equal to
+q's. Every op returns new tensors and leaves its inputs untouched, as torch_ops does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from backend.batch import ForwardBatch
+from backend.sglang.kernels.torch_ops import build_rope_cache
+from backend.sglang.kernels.triton.decode_attention import choose_num_splits, decode_attention
+from backend.sglang.kernels.triton.elementwise import apply_rotary, silu_and_mul, store_kv
+from backend.sglang.kernels.triton.extend_attention import extend_attention
+from backend.sglang.kernels.triton.norm import fused_add_rms_norm, rms_norm
+
+__all__ = [
+    "apply_rotary",
+    "build_rope_cache",
+    "fused_add_rms_norm",
+    "paged_attention",
+    "rms_norm",
+    "silu_and_mul",
+    "store_kv",
+]
+
+MAX_HEAD_DIM = 256
+
+
+def _check_shapes(
+    q: torch.Tensor, k_pool_layer: torch.Tensor, v_pool_layer: torch.Tensor, num_kv_heads: int
+) -> None:
+    num_q_heads, head_dim = q.shape[1:]
+    pool_row = (num_kv_heads, head_dim)
+    if k_pool_layer.shape[1:] != pool_row or v_pool_layer.shape != k_pool_layer.shape:
+        raise ValueError(
+            f"KV pools {tuple(k_pool_layer.shape)} do not hold {num_kv_heads} heads of {head_dim}"
+        )
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads}")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} exceeds the supported {MAX_HEAD_DIM}")
+    if k_pool_layer.dtype != q.dtype or v_pool_layer.dtype != q.dtype:
+        raise ValueError(f"KV pool dtype {k_pool_layer.dtype} differs from q's {q.dtype}")
+    if k_pool_layer.stride(-1) != 1 or v_pool_layer.stride(-1) != 1:
+        raise ValueError("KV pool rows must be contiguous in head_dim")
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_pool_layer: torch.Tensor,
+    v_pool_layer: torch.Tensor,
+    batch: ForwardBatch,
+    scale: float,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """Causal attention of the batch's new tokens q [T, Hq, D] over their requests' KV.
+
+    K/V of the new tokens must already be stored at `batch.out_slots`. All-decode batches use
+    the split-K decode kernel; anything else (prefill, extend, mixed) the extend kernel.
+    Grid sizes come from the batch's host lists; nothing here waits on the device.
+    Returns [T, Hq, D].
+    """
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    _check_shapes(q, k_pool_layer, v_pool_layer, num_kv_heads)
+    if batch.batch_size == 0:
+        return torch.empty_like(q)
+    block_n = 64 if q.shape[-1] <= 128 else 32
+    if batch.is_decode:
+        num_splits = choose_num_splits(
+            batch.batch_size, num_kv_heads, max(batch.seq_lens), q.device
+        )
+        return decode_attention(
+            q, k_pool_layer, v_pool_layer, batch.kv_indptr, batch.kv_indices, scale,
+            num_splits, block_n=block_n,
+        )
+    return extend_attention(
+        q, k_pool_layer, v_pool_layer, batch.qo_indptr, batch.kv_indptr, batch.kv_indices,
+        scale, max(batch.extend_lens), block_n=block_n,
+    )

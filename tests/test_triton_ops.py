@@ -1,0 +1,263 @@
+"""The triton kernel set against the torch reference, under the Triton CPU interpreter."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+# Triton picks interpreter or compiler when it is first imported (its own jitted helpers such
+# as `tl.sum` are built then), so the switch must come before anything imports it.
+_IMPORTED_FOR_CUDA = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("triton")
+if _IMPORTED_FOR_CUDA:
+    pytest.skip(
+        "triton was imported before TRITON_INTERPRET=1 was set (transformers' modeling code "
+        "imports it); set it in tests/conftest.py or run this file on its own",
+        allow_module_level=True,
+    )
+
+from transformers import Qwen3Config  # noqa: E402
+
+from backend.batch import ForwardBatch, build_forward_batch  # noqa: E402
+from backend.kv_pool import KVPool  # noqa: E402
+from backend.sglang.kernels import load_kernel_set, torch_ops  # noqa: E402
+from backend.sglang.kernels.triton.decode_attention import decode_attention  # noqa: E402
+from backend.sglang.kernels.triton.extend_attention import extend_attention  # noqa: E402
+from backend.sglang.runner import NativeRunner  # noqa: E402
+
+CPU = torch.device("cpu")
+EPS = 1e-6
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}  # atol = rtol
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def ops() -> ModuleType:
+    return load_kernel_set("triton")  # type: ignore[return-value]
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.shape == expected.shape
+    assert actual.dtype == expected.dtype
+    tolerance = TOLERANCE[expected.dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+def _randn(*shape: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator).to(dtype)
+
+
+def test_registered_as_default_only_on_cuda() -> None:
+    from backend.sglang.kernels import default_kernel_set
+
+    assert default_kernel_set(CPU) == "torch"
+    assert default_kernel_set(torch.device("cuda")) == "triton"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [64, 80])
+def test_rms_norm_rows(ops: ModuleType, dtype: torch.dtype, dim: int) -> None:
+    x = _randn(5, dim, dtype=dtype) * 3
+    weight = _randn(dim, dtype=dtype, seed=1)
+    _close(ops.rms_norm(x, weight, EPS), torch_ops.rms_norm(x, weight, EPS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_per_head_of_a_fused_qkv_view(ops: ModuleType, dtype: torch.dtype) -> None:
+    num_tokens, heads, head_dim = 3, 4, 16
+    qkv = _randn(num_tokens, heads * head_dim + 32, dtype=dtype)
+    q = qkv[:, : heads * head_dim].view(num_tokens, heads, head_dim)
+    assert not q.is_contiguous()
+    weight = _randn(head_dim, dtype=dtype, seed=1)
+    _close(ops.rms_norm(q, weight, EPS), torch_ops.rms_norm(q, weight, EPS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [64, 96])
+def test_fused_add_rms_norm(ops: ModuleType, dtype: torch.dtype, dim: int) -> None:
+    x = _randn(4, dim, dtype=dtype)
+    residual = _randn(4, dim, dtype=dtype, seed=2)
+    weight = _randn(dim, dtype=dtype, seed=3)
+    x_before, residual_before = x.clone(), residual.clone()
+    out, new_residual = ops.fused_add_rms_norm(x, residual, weight, EPS)
+    ref_out, ref_residual = torch_ops.fused_add_rms_norm(x, residual, weight, EPS)
+    _close(out, ref_out)
+    _close(new_residual, ref_residual)
+    assert torch.equal(x, x_before) and torch.equal(residual, residual_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_apply_rotary(ops: ModuleType, dtype: torch.dtype, head_dim: int) -> None:
+    num_tokens, q_heads, kv_heads = 5, 4, 2
+    scaling = {"rope_type": "linear", "factor": 2.0} if head_dim == 80 else None
+    cache = ops.build_rope_cache(head_dim, 64, 10000.0, scaling, CPU)
+    qkv = _randn(num_tokens, (q_heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    q, k, _ = qkv.split((q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
+    q = q.view(num_tokens, q_heads, head_dim)
+    k = k.view(num_tokens, kv_heads, head_dim)
+    positions = torch.tensor([0, 7, 3, 63, 12])
+    q_out, k_out = ops.apply_rotary(q, k, positions, cache)
+    q_ref, k_ref = torch_ops.apply_rotary(q, k, positions, cache)
+    _close(q_out, q_ref)
+    _close(k_out, k_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(ops: ModuleType, dtype: torch.dtype) -> None:
+    x = _randn(2, 3, 2 * 48, dtype=dtype) * 4
+    _close(ops.silu_and_mul(x), torch_ops.silu_and_mul(x))
+
+
+@pytest.mark.parametrize(("kv_dtype", "pool_dtype"), [
+    (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+])
+def test_store_kv_matches_pool_store(
+    ops: ModuleType, kv_dtype: torch.dtype, pool_dtype: torch.dtype
+) -> None:
+    pool = KVPool(1, 12, 2, 80, pool_dtype, CPU)
+    reference = KVPool(1, 12, 2, 80, pool_dtype, CPU)
+    kv = _randn(4, 2 * 2 * 80, dtype=kv_dtype)
+    k = kv[:, : 2 * 80].view(4, 2, 80)
+    v = kv[:, 2 * 80 :].view(4, 2, 80)
+    slots = torch.tensor([9, 2, 11, 5])
+    ops.store_kv(pool.k[0], pool.v[0], slots, k, v)
+    reference.store(0, slots, k, v)
+    if kv_dtype == pool_dtype:
+        assert torch.equal(pool.k[0], reference.k[0])
+        assert torch.equal(pool.v[0], reference.v[0])
+    else:  # the interpreter rounds float32 -> bfloat16 toward zero, CUDA to nearest
+        _close(pool.k[0], reference.k[0])
+        _close(pool.v[0], reference.v[0])
+    assert pool.k[0][[0, 1, 3]].abs().sum() == 0
+
+
+def _batch(
+    prefix_lens: list[int], extend_lens: list[int], num_slots: int, seed: int = 0
+) -> ForwardBatch:
+    """A batch whose requests own disjoint, shuffled slots of a pool of `num_slots`."""
+    rng = random.Random(seed)
+    free = list(range(1, num_slots + 1))
+    rng.shuffle(free)
+    kv_slots = []
+    for prefix, extend in zip(prefix_lens, extend_lens):
+        kv_slots.append(free[: prefix + extend])
+        del free[: prefix + extend]
+    token_ids = [[1] * n for n in extend_lens]
+    return build_forward_batch(token_ids, prefix_lens, kv_slots, [True] * len(prefix_lens), CPU)
+
+
+def _pools(num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    k = _randn(num_slots + 1, kv_heads, head_dim, dtype=dtype, seed=5)
+    v = _randn(num_slots + 1, kv_heads, head_dim, dtype=dtype, seed=6)
+    return k, v
+
+
+def _check_attention(
+    ops: ModuleType, prefix_lens: list[int], extend_lens: list[int], q_heads: int,
+    kv_heads: int, head_dim: int, dtype: torch.dtype,
+) -> None:
+    num_slots = sum(prefix_lens) + sum(extend_lens) + 7
+    batch = _batch(prefix_lens, extend_lens, num_slots)
+    k_pool, v_pool = _pools(num_slots, kv_heads, head_dim, dtype)
+    q = _randn(batch.num_tokens, q_heads, head_dim, dtype=dtype, seed=7)
+    scale = head_dim**-0.5
+    out = ops.paged_attention(q, k_pool, v_pool, batch, scale, kv_heads)
+    _close(out, torch_ops.paged_attention(q, k_pool, v_pool, batch, scale, kv_heads))
+
+
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "head_dim", "dtype"),
+    [(2, 2, 64, torch.float32), (4, 2, 128, torch.float32), (4, 1, 80, torch.bfloat16),
+     (2, 2, 64, torch.bfloat16)],
+)
+def test_decode_attention_ragged_shuffled_slots(
+    ops: ModuleType, q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> None:
+    _check_attention(ops, [0, 70, 9], [1, 1, 1], q_heads, kv_heads, head_dim, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_attention_splits_agree(num_splits: int) -> None:
+    prefix_lens, kv_heads, q_heads, head_dim = [40, 3, 17], 2, 4, 64
+    batch = _batch(prefix_lens, [1, 1, 1], 80, seed=num_splits)
+    k_pool, v_pool = _pools(80, kv_heads, head_dim, torch.float32)
+    q = _randn(3, q_heads, head_dim, dtype=torch.float32, seed=8)
+    out = decode_attention(
+        q, k_pool, v_pool, batch.kv_indptr, batch.kv_indices, 0.125, num_splits, block_n=16
+    )
+    expected = torch_ops.paged_attention(q, k_pool, v_pool, batch, 0.125, kv_heads)
+    _close(out, expected)
+
+
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "head_dim", "dtype"),
+    [(2, 2, 64, torch.float32), (4, 2, 128, torch.bfloat16), (3, 1, 80, torch.float32)],
+)
+def test_extend_attention_over_prefixes(
+    ops: ModuleType, q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> None:
+    _check_attention(ops, [0, 13, 4], [6, 3, 9], q_heads, kv_heads, head_dim, dtype)
+
+
+def test_extend_attention_small_blocks_cross_the_diagonal() -> None:
+    prefix_lens, extend_lens, kv_heads, q_heads, head_dim = [0, 21], [37, 20], 1, 2, 64
+    batch = _batch(prefix_lens, extend_lens, 90, seed=3)
+    # the second request is a chunk in the middle of a prefill: it samples nothing
+    batch = build_forward_batch(
+        [[1] * n for n in extend_lens], prefix_lens,
+        [batch.kv_indices[:37].tolist(), batch.kv_indices[37:].tolist()], [True, False], CPU,
+    )
+    k_pool, v_pool = _pools(90, kv_heads, head_dim, torch.float32)
+    q = _randn(batch.num_tokens, q_heads, head_dim, dtype=torch.float32, seed=9)
+    out = extend_attention(
+        q, k_pool, v_pool, batch.qo_indptr, batch.kv_indptr, batch.kv_indices, 0.125,
+        max(extend_lens), block_m=16, block_n=16,
+    )
+    _close(out, torch_ops.paged_attention(q, k_pool, v_pool, batch, 0.125, kv_heads))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mixed_decode_and_extend_batch(ops: ModuleType, dtype: torch.dtype) -> None:
+    _check_attention(ops, [20, 0, 5, 11], [1, 7, 1, 4], 4, 2, 64, dtype)
+
+
+def test_native_runner_with_triton_kernels_matches_torch(tmp_path: Path) -> None:
+    """A tiny Qwen3 (q/k norm, GQA) through prefill, a mixed step and a decode step."""
+    config = Qwen3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=128, eos_token_id=2, architectures=["Qwen3ForCausalLM"],
+    )
+    config.save_pretrained(tmp_path)
+    runners = {
+        name: NativeRunner(str(tmp_path), config, dtype=torch.float32, device=CPU,
+                           num_kv_slots=40, load_format="dummy", seed=0, kernel_set=name)
+        for name in ("torch", "triton")
+    }
+    slots = {"a": [31, 4, 17, 8, 22, 1, 39, 12, 5, 27, 33], "b": [9, 14, 2, 36, 20, 11, 25, 6, 30]}
+    steps = [  # (new tokens, prefix length) per request
+        {"a": ([5, 9, 3, 7, 1, 8, 2, 6, 4], 0), "b": ([11, 12, 13, 14, 15], 0)},
+        {"a": ([40], 9), "b": ([16, 17, 18], 5)},
+        {"a": ([41], 10), "b": ([19], 8)},
+    ]
+    for step in steps:
+        batch = build_forward_batch(
+            [tokens for tokens, _ in step.values()],
+            [prefix for _, prefix in step.values()],
+            [slots[name][: prefix + len(tokens)] for name, (tokens, prefix) in step.items()],
+            [True] * len(step), CPU,
+        )
+        logits = {name: runner.forward(batch) for name, runner in runners.items()}
+        torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-4, rtol=1e-4)
