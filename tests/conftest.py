@@ -69,9 +69,15 @@ def _tiny_config(arch: str, vocab_size: int) -> Any:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer() -> Any:
-    """The embedded SmolLM2 tokenizer (ChatML template, eos <|im_end|>), read from the GGUF."""
+    """The embedded SmolLM2 tokenizer (ChatML template, eos <|im_end|>), read from the GGUF
+    (or from the folder MINISGL_TEST_TOKENIZER names, where the GGUF package is absent)."""
     from backend.loader import embedded_tokenizer
 
+    folder = os.environ.get("MINISGL_TEST_TOKENIZER")
+    if folder:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
     return embedded_tokenizer()
 
 

@@ -22,6 +22,7 @@ from engine.sampling_params import InvalidRequestError, SamplingParams
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+DEVICE = os.environ.get("MINISGL_TEST_DEVICE", "cpu")  # "cuda" on a GPU machine
 NEW_TOKENS = 12
 
 
@@ -41,6 +42,7 @@ class Reference:
 
     def __init__(self, path: str) -> None:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.model.to(DEVICE)
 
     def generate(
         self, prompt: list[int], n: int = NEW_TOKENS, stop_at_eos: bool = False
@@ -52,12 +54,17 @@ class Reference:
             pad_token_id=0,
         )
         with torch.inference_mode():
-            out = self.model.generate(torch.tensor([prompt]), generation_config=gen)
+            out = self.model.generate(torch.tensor([prompt], device=DEVICE), generation_config=gen)
         return out[0, len(prompt) :].tolist()
 
 
 def make_engine(path: str, **flags: str) -> Engine:
-    env = {"MODEL_LOCAL_DIR": path, "DTYPE": "float32", "KV_CACHE_CPU_TOKENS": "8192"}
+    env = {
+        "MODEL_LOCAL_DIR": path,
+        "DTYPE": "float32",
+        "DEVICE": DEVICE,
+        "KV_CACHE_TOKENS": "8192",
+    }
     env.update(flags)
     return Engine(load_config(env))
 
@@ -104,7 +111,7 @@ def test_prefix_cache_hit(arch_setup: tuple[Engine, Reference]) -> None:
 @pytest.mark.parametrize(("arch", "prefix_cache"), [("qwen3", "1"), ("llama", "0")])
 def test_preemption_with_tiny_pool(tiny_model_factory, arch: str, prefix_cache: str) -> None:
     path = tiny_model_factory(arch)
-    engine = make_engine(path, KV_CACHE_CPU_TOKENS="160", PREFIX_CACHE=prefix_cache)
+    engine = make_engine(path, KV_CACHE_TOKENS="160", PREFIX_CACHE=prefix_cache)
     try:
         prompts = random_prompts(10, 20, 40, seed=4)
         outs = engine.generate(prompts, greedy(24))
@@ -253,7 +260,7 @@ def test_concurrent_requests_share_a_prefix(arch_setup: tuple[Engine, Reference]
 @pytest.mark.parametrize("arch", ["phi3", "gpt_neox"])
 def test_other_architectures_fall_back_to_transformers(tiny_model_factory, arch: str) -> None:
     path = tiny_model_factory(arch)
-    engine = make_engine(path, KV_CACHE_CPU_TOKENS="160")
+    engine = make_engine(path, KV_CACHE_TOKENS="160")
     try:
         assert type(engine.runner).__name__ == "HFRunner"
         prompts = random_prompts(8, 10, 40, seed=12)
