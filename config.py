@@ -101,6 +101,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("BACKEND_IMPL", "backend_impl", _choice("auto", "sgl", "hf", "torch", "mlx"), "auto",
          "Runner: sgl/torch = native paged runner, hf = transformers model on the same "
          "paged cache, mlx = mlx-lm; auto = native when the architecture is supported."),
+    Flag("WEIGHT_QUANT", "weight_quant", _choice("auto", "none", "int8", "int4"), "auto",
+         "Weight-only quantization of the native runner's matmuls (CPU): int8 per output "
+         "channel, int4 in groups of 32 (LM head int8); auto = int4 on CPU unless DTYPE is "
+         "float32, none on CUDA/MPS."),
     Flag("NUM_THREADS", "num_threads", _int_at_least(0), "0",
          "torch intra-op threads on CPU; 0 = torch's default."),
     Flag("SEED", "seed", _int_at_least(0), "0", "Seed of the engine's default generator."),
@@ -159,6 +163,7 @@ class Config:
     dtype: str = "auto"
     device: str = "auto"
     backend_impl: str = "auto"
+    weight_quant: str = "auto"
     num_threads: int = 0
     seed: int = 0
     kv_cache_tokens: int = 0

@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 def kv_cache_tokens(config: Config, device: torch.device) -> int:
     """Slots of the KV pool: KV_CACHE_TOKENS, else KV_CACHE_CPU_TOKENS off CUDA.
 
-    On CUDA without KV_CACHE_TOKENS the runner sizes the pool from free memory (returns 0).
+    On CUDA without KV_CACHE_TOKENS the runner sizes the pool from the memory left free
+    after its weights (KV_CACHE_MEM_FRACTION); this returns 0 for that case.
     """
     if config.kv_cache_tokens > 0:
         return config.kv_cache_tokens
@@ -34,6 +35,7 @@ def create_runner(config: Config, source: ModelSource) -> ModelRunner:
     if impl == "mlx":
         raise ConfigError("BACKEND_IMPL=mlx is not available in this build")
     if impl in ("auto", "sgl", "torch"):
+        from backend.sglang.quant import resolve_weight_quant
         from backend.sglang.runner import NativeRunner, UnsupportedModelError
 
         try:
@@ -45,6 +47,8 @@ def create_runner(config: Config, source: ModelSource) -> ModelRunner:
                 num_kv_slots=slots,
                 load_format=config.load_format,
                 seed=config.seed,
+                weight_quant=resolve_weight_quant(config.weight_quant, config.dtype, device),
+                kv_mem_fraction=config.kv_cache_mem_fraction,
             )
         except UnsupportedModelError as exc:
             if impl != "auto":
@@ -60,4 +64,5 @@ def create_runner(config: Config, source: ModelSource) -> ModelRunner:
         load_format=config.load_format,
         trust_remote_code=config.trust_remote_code,
         seed=config.seed,
+        kv_mem_fraction=config.kv_cache_mem_fraction,
     )

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class KVPool:
@@ -33,3 +37,16 @@ class KVPool:
         """Write k, v [T, num_kv_heads, head_dim] into `slots` [T] of `layer`."""
         self.k[layer][slots] = k.to(self.k[layer].dtype)
         self.v[layer][slots] = v.to(self.v[layer].dtype)
+
+
+def slots_for_free_memory(bytes_per_token: int, fraction: float, device: torch.device) -> int:
+    """KV slots that fit in `fraction` of the device memory free now (after the weights)."""
+    if device.type != "cuda":
+        raise ValueError(f"sizing the KV pool from free memory needs CUDA, not {device.type}")
+    free, total = torch.cuda.mem_get_info(device)
+    slots = int(free * fraction) // bytes_per_token
+    logger.info(
+        "KV pool: %d tokens (%.1f GiB of %.1f GiB free, %d bytes per token)",
+        slots, slots * bytes_per_token / 2**30, free / 2**30, bytes_per_token,
+    )
+    return slots

@@ -80,25 +80,35 @@ class Engine:
         runner: ModelRunner | None = None,
     ) -> None:
         self.config = config or get_config()
-        if self.config.num_threads > 0:
-            torch.set_num_threads(self.config.num_threads)
         self.source = source or resolve_model(self.config)
         self.tokenizer = load_tokenizer(self.source, self.config.trust_remote_code)
+        self.model_name = self.source.name
+        self.stats = EngineStats()
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._reqs: dict[str, list[Req]] = {}
+        self._stopped = threading.Event()
+        started: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._run, args=(runner, started), name="minisgl-scheduler", daemon=True
+        )
+        self._thread.start()
+        error = started.get()
+        if error is not None:
+            raise error
+
+    def _start(self, runner: ModelRunner | None) -> None:
+        """Build the runner and the step machinery on the loop thread: all torch work stays
+        on one thread (a second OpenMP thread team on a small CPU slows every op ~2x)."""
+        if self.config.num_threads > 0:
+            torch.set_num_threads(self.config.num_threads)
         self.runner = runner or create_runner(self.config, self.source)
         self.info = self.runner.info
         self.eos_ids = frozenset(eos_token_ids(self.source, self.tokenizer)) | frozenset(
             self.info.eos_token_ids
         )
-        self.model_name = self.source.name
         self.max_context_len = self.info.max_context_len
         self.scheduler = Scheduler(self.config, self.runner.num_kv_slots, self.runner.device)
         self.sampler = Sampler(self.info.vocab_size, self.runner.device, seed=self.config.seed)
-        self.stats = EngineStats()
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._reqs: dict[str, list[Req]] = {}
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="minisgl-scheduler", daemon=True)
-        self._thread.start()
 
     # ------------------------------------------------------------- public API
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -297,6 +307,17 @@ class Engine:
         )
 
     # ------------------------------------------------------------- loop thread
+    def _run(
+        self, runner: ModelRunner | None, started: queue.SimpleQueue[BaseException | None]
+    ) -> None:
+        try:
+            self._start(runner)
+        except BaseException as exc:
+            started.put(exc)
+            return
+        started.put(None)
+        self._loop()
+
     def _loop(self) -> None:
         while not self._stopped.is_set():
             self._drain(block=not self.scheduler.has_work)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from backend.batch import ForwardBatch, ModelInfo, build_forward_batch
-from backend.kv_pool import KVPool
+from backend.kv_pool import KVPool, slots_for_free_memory
 from backend.loader import ModelSource, eos_token_ids
 from backend.sglang.kernels import torch_ops
 
@@ -143,15 +143,21 @@ class HFRunner:
         load_format: str = "auto",
         trust_remote_code: bool = False,
         seed: int = 0,
+        kv_mem_fraction: float = 0.85,
     ) -> None:
         _register_attention()
         self.device = torch.device(device)
-        self.num_kv_slots = num_kv_slots
         self.model = _load_model(source, dtype, self.device, load_format, trust_remote_code, seed)
         self._accepts_logits_to_keep = (
             "logits_to_keep" in inspect.signature(self.model.forward).parameters
         )
         self.info = _model_info(source, self.model)
+        if num_kv_slots <= 0:
+            per_token = KVPool.bytes_per_token(
+                self.info.num_layers, self.info.num_kv_heads, self.info.head_dim, dtype
+            )
+            num_kv_slots = slots_for_free_memory(per_token, kv_mem_fraction, self.device)
+        self.num_kv_slots = num_kv_slots
         self.pool = KVPool(
             self.info.num_layers,
             num_kv_slots,

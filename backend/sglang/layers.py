@@ -20,6 +20,7 @@ from transformers import PretrainedConfig
 from backend.batch import ForwardBatch
 from backend.kv_pool import KVPool
 from backend.sglang.kernels import KernelSet
+from backend.sglang.quant import QuantizedWeight, quantize_weight
 
 logger = logging.getLogger(__name__)
 
@@ -124,16 +125,30 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """`y = x W^T (+ b)` with weights allocated uninitialised in the target dtype."""
+    """`y = x W^T (+ b)` with weights allocated uninitialised in the target dtype.
+
+    After `quantize`, the float weight is dropped (an empty parameter stays under its name)
+    and the packed weight computes instead.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  device: torch.device) -> None:
         super().__init__()
         self.weight = _empty(out_features, in_features, dtype=dtype, device=device)
         self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
+        self.quantized: QuantizedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return self.quantized.linear(x, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def quantize(self, method: str) -> None:
+        """Pack the loaded weight (`int8` | `int4`); call once, after the weights are in."""
+        if self.quantized is not None:
+            raise RuntimeError("this linear layer is already quantized")
+        self.quantized = quantize_weight(self.weight.detach(), method)
+        self.weight = _empty(0, dtype=self.weight.dtype, device=self.weight.device)
 
 
 class Embedding(nn.Module):
@@ -271,6 +286,7 @@ class CausalLM(nn.Module):
         self.ops = ops
         self.model = DecoderModel(self.config, ops, dtype, device)
         self.lm_head: Linear | None = None
+        self.tied_head: QuantizedWeight | None = None  # quantized copy of the tied embedding
         if not self.config.tie_word_embeddings:
             self.lm_head = Linear(self.config.hidden_size, self.config.vocab_size, False, dtype,
                                   device)
@@ -284,10 +300,24 @@ class CausalLM(nn.Module):
         """The architecture's reading of its HF config."""
         return DecoderConfig.from_hf(hf_config)
 
-    def lm_head_weight(self) -> torch.Tensor:
-        if self.lm_head is None:
-            return self.model.embed_tokens.weight
-        return self.lm_head.weight
+    def decoder_linears(self) -> list[Linear]:
+        """The matmul layers of the decoder blocks (the LM head not included)."""
+        return [m for m in self.model.modules() if isinstance(m, Linear)]
+
+    def quantize_head(self, method: str) -> None:
+        """Pack the LM head; a tied one gets a packed copy (the lookup table stays float)."""
+        if self.lm_head is not None:
+            self.lm_head.quantize(method)
+        else:
+            self.tied_head = quantize_weight(self.model.embed_tokens.weight.detach(), method)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 next-token logits of normed hidden rows."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        if self.tied_head is not None:
+            return self.tied_head.linear(hidden).float()
+        return F.linear(hidden, self.model.embed_tokens.weight).float()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
                 kv_pool: KVPool) -> torch.Tensor:
@@ -301,4 +331,4 @@ class CausalLM(nn.Module):
         rows = batch.logits_indices
         hidden, _ = self.model.norm.add_and_norm(hidden.index_select(0, rows),
                                                  residual.index_select(0, rows))
-        return F.linear(hidden, self.lm_head_weight()).float()
+        return self.logits(hidden)

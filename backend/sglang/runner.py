@@ -7,13 +7,15 @@ import logging
 import os
 
 import torch
+from tqdm import tqdm
 from transformers import PretrainedConfig
 
 from backend.batch import ForwardBatch, ModelInfo
-from backend.kv_pool import KVPool
+from backend.kv_pool import KVPool, slots_for_free_memory
 from backend.sglang.kernels import KernelSet, default_kernel_set, load_kernel_set
 from backend.sglang.layers import CausalLM, DecoderConfig, UnsupportedModelError
 from backend.sglang.models import MODEL_REGISTRY, get_model_class
+from backend.sglang.quant import WEIGHT_QUANT_CHOICES, head_quant_method
 from backend.sglang.weights import init_dummy_weights, load_weights
 
 logger = logging.getLogger(__name__)
@@ -73,22 +75,42 @@ class NativeRunner:
         load_format: str = "auto",
         seed: int = 0,
         kernel_set: str | None = None,
+        weight_quant: str = "none",
+        kv_mem_fraction: float = 0.85,
     ) -> None:
+        """`weight_quant` (`none` | `int8` | `int4`, already resolved; see
+        backend.sglang.quant) packs every matmul weight once, after loading.
+        `num_kv_slots` 0 sizes the pool from `kv_mem_fraction` of the free device memory
+        left after the weights."""
+        if weight_quant not in WEIGHT_QUANT_CHOICES:
+            raise ValueError(f"unknown weight_quant {weight_quant!r}; known: "
+                             f"{', '.join(WEIGHT_QUANT_CHOICES)}")
         model_class = _model_class(hf_config)
         self.device = device
-        self.num_kv_slots = num_kv_slots
+        if load_format not in ("auto", "dummy"):
+            raise ValueError(f"unknown load_format {load_format!r} (auto | dummy)")
         self.ops: KernelSet = load_kernel_set(kernel_set or default_kernel_set(device))
+        self.weight_quant = weight_quant
+
         self.model = model_class(hf_config, self.ops, dtype, device)
         self.model.eval()
         if load_format == "dummy":
             init_dummy_weights(self.model, seed)
-        elif load_format == "auto":
-            load_weights(self.model, model_path)
         else:
-            raise ValueError(f"unknown load_format {load_format!r} (auto | dummy)")
+            load_weights(self.model, model_path)
+        if weight_quant != "none":
+            quantize_model(self.model, weight_quant)
+        shape = self.model.config
+        if num_kv_slots <= 0:
+            per_token = KVPool.bytes_per_token(
+                shape.num_layers, shape.num_kv_heads, shape.head_dim, dtype
+            )
+            num_kv_slots = slots_for_free_memory(per_token, kv_mem_fraction, device)
+        self.num_kv_slots = num_kv_slots
+        self.kv_pool = KVPool(
+            shape.num_layers, num_kv_slots, shape.num_kv_heads, shape.head_dim, dtype, device
+        )
         config = self.model.config
-        self.kv_pool = KVPool(config.num_layers, num_kv_slots, config.num_kv_heads,
-                              config.head_dim, dtype, device)
         self.info = ModelInfo(
             architecture=_architecture(hf_config),
             vocab_size=config.vocab_size,
@@ -110,6 +132,20 @@ class NativeRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Store the new tokens' K/V; return float32 logits [len(logits_indices), vocab]."""
         return self.model(batch.input_ids, batch.positions, batch, self.kv_pool)
+
+
+def quantize_model(model: CausalLM, method: str) -> None:
+    """Pack every decoder matmul weight with `method` and the LM head with its head method
+    (int8 under int4: as fast there, and the vocabulary projection is the most sensitive)."""
+    layers = model.decoder_linears()
+    head_method = head_quant_method(method)
+    with torch.no_grad():
+        for layer in tqdm(layers, desc=f"Quantizing weights ({method})", unit="matrix",
+                          leave=False):
+            layer.quantize(method)
+        model.quantize_head(head_method)
+    logger.info("weights quantized: %d matrices %s, LM head %s", len(layers), method,
+                head_method)
 
 
 def _max_context_len(config: DecoderConfig) -> int:

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One call on a CUDA machine (see docs/BENCHMARKS.md): Triton kernels against torch at real
+# shapes, the engine's float32 greedy equivalence with HF on the GPU, then the GPU workloads.
+# Expects the carried folder .gpu/ (tokenizer/, qwen3-dummy/ = config.json + tokenizer, whl/).
+# Usage: benchmarks/gpu_check.sh [kernels] [equivalence] [latency] [offline] [shared_prefix]
+set -uo pipefail
+OUT=${OUT:-/tmp/minisgl-gpu}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if [ -d .gpu/whl ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl && \
+    export PYTHONPATH=/tmp/site
+fi
+steps=${*:-kernels equivalence latency offline shared_prefix}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+model=.gpu/qwen3-dummy
+for step in $steps; do
+  echo "=== $step ==="
+  case $step in
+    kernels)
+      python3 benchmarks/kernel_check.py 2>&1 | tee "$OUT/kernels-bf16.txt"
+      python3 benchmarks/kernel_check.py --dtype float32 2>&1 | tee "$OUT/kernels-fp32.txt" ;;
+    equivalence)
+      MINISGL_TEST_DEVICE=cuda MINISGL_TEST_TOKENIZER=.gpu/tokenizer python3 -m pytest -q \
+        -p no:cacheprovider tests/test_engine.py \
+        -k "not smollm2 and not multi_turn and not stop_string and not multibyte" 2>&1 \
+        | tee "$OUT/equivalence.txt" ;;
+    latency|offline|shared_prefix)
+      python3 bench_suite.py "$step" --model "$model" --load-format dummy \
+        --results-dir "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$step.txt" ;;
+  esac
+done
