@@ -108,6 +108,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag("NUM_THREADS", "num_threads", _int_at_least(0), "0",
          "torch intra-op threads on CPU; 0 = torch's default."),
     Flag("SEED", "seed", _int_at_least(0), "0", "Seed of the engine's default generator."),
+    Flag("CUDA_GRAPH", "cuda_graph", _parse_bool, "1",
+         "Replay decode steps of the native runner from CUDA graphs (CUDA, triton kernels); "
+         "captured at start-up."),
+    Flag("CUDA_GRAPH_MAX_BS", "cuda_graph_max_bs", _int_at_least(1), "256",
+         "Largest decode batch run from a CUDA graph (buckets 1, 2, 4, 8, then every 16); "
+         "larger batches run eagerly."),
     # KV cache and scheduling
     Flag("KV_CACHE_TOKENS", "kv_cache_tokens", _int_at_least(0), "0",
          "KV pool size in tokens; 0 = sized from KV_CACHE_MEM_FRACTION (CUDA) or "
@@ -166,6 +172,8 @@ class Config:
     weight_quant: str = "auto"
     num_threads: int = 0
     seed: int = 0
+    cuda_graph: bool = True
+    cuda_graph_max_bs: int = 256
     kv_cache_tokens: int = 0
     kv_cache_mem_fraction: float = 0.85
     kv_cache_cpu_tokens: int = 65536

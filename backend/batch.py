@@ -124,5 +124,6 @@ class ModelRunner(Protocol):
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Write the new tokens' K/V into their slots; return float32 logits
-        [len(batch.logits_indices), vocab_size] on the runner's device."""
+        [len(batch.logits_indices), vocab_size] on the runner's device. The logits may be a
+        view of a static buffer (CUDA graphs): valid until the next `forward`."""
         ...

@@ -49,6 +49,8 @@ def create_runner(config: Config, source: ModelSource) -> ModelRunner:
                 seed=config.seed,
                 weight_quant=resolve_weight_quant(config.weight_quant, config.dtype, device),
                 kv_mem_fraction=config.kv_cache_mem_fraction,
+                cuda_graph=config.cuda_graph,
+                cuda_graph_max_bs=min(config.cuda_graph_max_bs, config.max_running_requests),
             )
         except UnsupportedModelError as exc:
             if impl != "auto":

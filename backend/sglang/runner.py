@@ -12,6 +12,7 @@ from transformers import PretrainedConfig
 
 from backend.batch import ForwardBatch, ModelInfo
 from backend.kv_pool import KVPool, slots_for_free_memory
+from backend.sglang.cuda_graph import CudaGraphRunner, capture_decode_graphs
 from backend.sglang.kernels import KernelSet, default_kernel_set, load_kernel_set
 from backend.sglang.layers import CausalLM, DecoderConfig, UnsupportedModelError
 from backend.sglang.models import MODEL_REGISTRY, get_model_class
@@ -77,11 +78,14 @@ class NativeRunner:
         kernel_set: str | None = None,
         weight_quant: str = "none",
         kv_mem_fraction: float = 0.85,
+        cuda_graph: bool = False,
+        cuda_graph_max_bs: int = 256,
     ) -> None:
         """`weight_quant` (`none` | `int8` | `int4`, already resolved; see
         backend.sglang.quant) packs every matmul weight once, after loading.
         `num_kv_slots` 0 sizes the pool from `kv_mem_fraction` of the free device memory
-        left after the weights."""
+        left after the weights. On CUDA, `cuda_graph` captures decode graphs for batches of
+        up to `cuda_graph_max_bs` requests (backend.sglang.cuda_graph)."""
         if weight_quant not in WEIGHT_QUANT_CHOICES:
             raise ValueError(f"unknown weight_quant {weight_quant!r}; known: "
                              f"{', '.join(WEIGHT_QUANT_CHOICES)}")
@@ -120,6 +124,9 @@ class NativeRunner:
             num_kv_heads=config.num_kv_heads,
             head_dim=config.head_dim,
         )
+        self.cuda_graphs: CudaGraphRunner | None = None
+        if cuda_graph and device.type == "cuda":
+            self.cuda_graphs = capture_decode_graphs(self, cuda_graph_max_bs)
 
     @staticmethod
     def kv_bytes_per_token(hf_config: PretrainedConfig, dtype: torch.dtype) -> int:
@@ -131,6 +138,8 @@ class NativeRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Store the new tokens' K/V; return float32 logits [len(logits_indices), vocab]."""
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
+            return self.cuda_graphs.run(batch)
         return self.model(batch.input_ids, batch.positions, batch, self.kv_pool)
 
 
