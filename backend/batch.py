@@ -19,9 +19,12 @@ Slot 0 of the pool is a padding slot that no request owns.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from backend.slot_table import SlotTable
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,76 @@ def build_forward_batch(
         seq_lens=seq_lens,
         extend_lens=extend_lens,
     )
+
+
+def build_forward_batch_from_table(
+    token_ids: list[list[int]],
+    prefix_lens: list[int],
+    out_slots: list[list[int]],
+    rows: list[int],
+    sample_mask: list[bool],
+    table: SlotTable,
+) -> ForwardBatch:
+    """Pack a step whose KV slots live in a device-resident `SlotTable`.
+
+    As `build_forward_batch`, except that request b's slots are read on the device from
+    `table` row `rows[b]` and the host passes only the slots of its new tokens,
+    `out_slots[b]`: host work follows the number of new tokens, not the context lengths.
+    The table's staged writes travel in the same host→device copy as the step's inputs and
+    are applied before the KV index list is gathered.
+    """
+    extend_lens = [len(t) for t in token_ids]
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    flat_ids: list[int] = []
+    positions: list[int] = []
+    flat_out_slots: list[int] = []
+    qo_indptr = [0]
+    kv_indptr = [0]
+    logits_indices: list[int] = []
+    for ids, prefix, slots, seq_len, sample in zip(
+        token_ids, prefix_lens, out_slots, seq_lens, sample_mask
+    ):
+        flat_ids.extend(ids)
+        positions.extend(range(prefix, seq_len))
+        flat_out_slots.extend(slots)
+        qo_indptr.append(qo_indptr[-1] + len(ids))
+        kv_indptr.append(kv_indptr[-1] + seq_len)
+        if sample:
+            logits_indices.append(qo_indptr[-1] - 1)
+    if len(flat_out_slots) != len(flat_ids):
+        raise ValueError("out_slots must hold one slot per new token")
+    write_index, write_slots = table.take_writes()
+    parts = [flat_ids, positions, flat_out_slots, qo_indptr, kv_indptr, logits_indices, rows,
+             write_index, write_slots]
+    (input_ids, positions_t, out_slots_t, qo_indptr_t, kv_indptr_t, logits_t, rows_t,
+     write_index_t, write_slots_t) = _to_device_at_once(parts, table.device)
+    table.apply_writes(write_index_t, write_slots_t)
+    return ForwardBatch(
+        input_ids=input_ids,
+        positions=positions_t,
+        out_slots=out_slots_t,
+        qo_indptr=qo_indptr_t,
+        kv_indptr=kv_indptr_t,
+        kv_indices=table.gather(rows, seq_lens, rows_t, kv_indptr_t),
+        logits_indices=logits_t,
+        seq_lens=seq_lens,
+        extend_lens=extend_lens,
+    )
+
+
+def _to_device_at_once(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """int64 device tensors of `parts` through one host→device copy (pinned on CUDA); each
+    starts 16-byte aligned, as a tensor of its own would."""
+    packed: list[int] = []
+    bounds: list[tuple[int, int]] = []
+    for values in parts:
+        start = len(packed)
+        packed.extend(values)
+        bounds.append((start, len(packed)))
+        packed.extend([0] * (len(values) % 2))
+    host = torch.tensor(packed, dtype=torch.int64, pin_memory=device.type == "cuda")
+    on_device = host.to(device, non_blocking=True)
+    return [on_device[start:end] for start, end in bounds]
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,12 @@ class Engine:
             self.info.eos_token_ids
         )
         self.max_context_len = self.info.max_context_len
-        self.scheduler = Scheduler(self.config, self.runner.num_kv_slots, self.runner.device)
+        self.scheduler = Scheduler(
+            self.config,
+            self.runner.num_kv_slots,
+            self.runner.device,
+            max_context_len=self.max_context_len,
+        )
         self.sampler = Sampler(self.info.vocab_size, self.runner.device, seed=self.config.seed)
 
     # ------------------------------------------------------------- public API

@@ -9,8 +9,10 @@ Invariant table of a request `r` while it holds KV (running):
 | r.cached_len    | slots[:cached_len] belong to the radix cache (locked through r.node);  |
 |                 | slots[cached_len:] belong to the request                                |
 | r.num_computed  | tokens whose K/V are in the pool; the next step computes from here     |
+| r.row           | its row of the scheduler's SlotTable, which mirrors r.slots on the     |
+|                 | device once the next step's staged writes are applied                  |
 
-A waiting request holds no slots and no lock (num_computed == cached_len == 0).
+A waiting request holds no slots, no lock and no row (num_computed == cached_len == row == 0).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class Req:
     slots: list[int] = field(default_factory=list)
     cached_len: int = 0
     node: Any = None
+    row: int = 0  # SlotTable row while running; 0 (the padding row) while waiting
     num_prompt_cached: int = -1  # cache hit at first admission (reported in usage)
     finish_reason: str | None = None
     aborted: bool = False

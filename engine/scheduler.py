@@ -9,6 +9,10 @@ tokens toward its known tokens (prompt + generated) within a token budget:
 3. waiting requests are admitted while slots, budget and MAX_RUNNING_REQUESTS allow: their
    prompt is matched in the radix cache and only the rest is computed.
 
+The scheduler mirrors every running request's slots into a device-resident `SlotTable`
+(one row each, assigned at admission and freed at release): a step stages only the slots
+that changed, and the runner's KV index list is gathered on the device from it.
+
 When slots run out, the radix cache evicts unreferenced prefixes; when that is not enough,
 the newest running requests are preempted: their computed tokens go into the radix cache
 (so a resume usually recomputes nothing), their slots are released, and they wait again
@@ -23,8 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backend.batch import ForwardBatch, build_forward_batch
+from backend.batch import ForwardBatch, build_forward_batch_from_table
 from backend.cache import PrefillCache, RadixCache, SlotAllocator
+from backend.slot_table import SlotTable
 from config import Config
 from engine.request import Req
 
@@ -55,10 +60,20 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: Config, num_slots: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: Config,
+        num_slots: int,
+        device: torch.device,
+        max_context_len: int | None = None,
+    ) -> None:
+        """`num_slots` usable KV slots; `max_context_len` (the model's) caps the slot table's
+        width, which the pool size caps too."""
         self.config = config
         self.device = device
         self.allocator = SlotAllocator(num_slots)
+        width = num_slots if max_context_len is None else min(num_slots, max_context_len)
+        self.table = SlotTable(config.max_running_requests, width, device)
         self.radix = RadixCache(
             self.allocator,
             enabled=config.prefix_cache,
@@ -128,12 +143,13 @@ class Scheduler:
         starts = [r.num_computed - n for r, n in scheduled]
         batch = None
         if scheduled:
-            batch = build_forward_batch(
+            batch = build_forward_batch_from_table(
                 token_ids=[r.token_ids[s : s + n] for (r, n), s in zip(scheduled, starts)],
                 prefix_lens=starts,
-                kv_slots=[r.slots for r in reqs],
+                out_slots=[r.slots[s : s + n] for (r, n), s in zip(scheduled, starts)],
+                rows=[r.row for r in reqs],
                 sample_mask=[r.num_pending == 0 for r in reqs],
-                device=self.device,
+                table=self.table,
             )
         sample_reqs = [r for r in reqs if r.num_pending == 0] + [r for r, _ in hits]
         return StepPlan(
@@ -174,6 +190,8 @@ class Scheduler:
             req.slots = list(match.slots[:usable])
             req.cached_len = usable
             req.node = match.node
+            req.row = self.table.assign()
+            self.table.write(req.row, 0, req.slots)
             if logits is not None:
                 self.stats.num_prefill_cache_hits += 1
                 hits.append((req, logits.to(self.device)))
@@ -214,6 +232,7 @@ class Scheduler:
         slots = self._alloc(n)
         if slots is None:
             return False
+        self.table.write(req.row, len(req.slots), slots)
         req.slots.extend(slots)
         return True
 
@@ -265,6 +284,7 @@ class Scheduler:
         self.radix.lock(match.node)
         self.radix.unlock(req.node)
         req.slots[: result.num_cached] = match.slots
+        self.table.write(req.row, req.cached_len, match.slots[req.cached_len :])
         req.cached_len = result.num_cached
         req.node = match.node
 
@@ -277,6 +297,8 @@ class Scheduler:
         self.allocator.free(own_duplicates + beyond)
         if req.node is not None:
             self.radix.unlock(req.node)
+        self.table.free(req.row)
+        req.row = 0
         req.slots = []
         req.cached_len = 0
         req.node = None

@@ -1,0 +1,163 @@
+"""The request→slot table: every running request's KV slots, resident on the runner's device.
+
+Row r of `table` ([num_rows + 1, width] int32) holds the slots of one running request in
+token order; row 0 is a padding row that no request owns. The scheduler keeps it in step
+with each request's host slot list (`Req.slots`) by staging only what changes: the slots of
+a step's new tokens, a prefix matched or swapped in by the radix cache. A step's staged
+writes reach the device in the same host→device copy as its other inputs, and its flat
+`kv_indices` are then gathered on the device from (rows, kv_indptr), so the host's work per
+step follows the number of new tokens rather than the length of the contexts.
+
+Staged writes to one row never overlap before they are applied (an overlapping write applies
+the staged ones first), so their order on the device does not matter. Freeing a row drops its
+staged writes; a row's entries past its request's length are stale and never read.
+
+The table grows its width on demand, doubling, up to `max_width` (no request holds more
+slots than the KV pool or the model's context): memory follows the longest request seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PADDING_ROW = 0
+INITIAL_WIDTH = 512
+
+
+class SlotTable:
+    """Device-resident KV slots of up to `num_rows` requests, one row each (rows 1..num_rows)."""
+
+    def __init__(self, num_rows: int, max_width: int, device: torch.device) -> None:
+        if num_rows < 1 or max_width < 1:
+            raise ValueError(f"need num_rows >= 1 and max_width >= 1, got {num_rows}, {max_width}")
+        self.device = device
+        self.max_width = max_width
+        self.table = torch.zeros(
+            num_rows + 1, min(INITIAL_WIDTH, max_width), dtype=torch.int32, device=device
+        )
+        self._free_rows = list(range(num_rows, PADDING_ROW, -1))
+        self._in_use: set[int] = set()
+        self._pending: dict[int, list[tuple[int, list[int]]]] = {}
+        self._use_triton = device.type == "cuda"
+
+    # ------------------------------------------------------------------- rows
+    @property
+    def num_rows(self) -> int:
+        return int(self.table.shape[0]) - 1
+
+    @property
+    def width(self) -> int:
+        return int(self.table.shape[1])
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free_rows)
+
+    @property
+    def rows_in_use(self) -> frozenset[int]:
+        return frozenset(self._in_use)
+
+    def assign(self) -> int:
+        """A free row for a newly admitted request."""
+        if not self._free_rows:
+            raise RuntimeError(f"all {self.num_rows} slot-table rows are in use")
+        row = self._free_rows.pop()
+        self._in_use.add(row)
+        return row
+
+    def free(self, row: int) -> None:
+        """Give a row back (request released or preempted); its staged writes are dropped."""
+        if row not in self._in_use:
+            raise ValueError(f"slot-table row {row} is not in use")
+        self._in_use.remove(row)
+        self._pending.pop(row, None)
+        self._free_rows.append(row)
+
+    # ----------------------------------------------------------------- writes
+    def write(self, row: int, start: int, slots: Sequence[int]) -> None:
+        """Stage `table[row, start:start + len(slots)] = slots` (applied by the next step)."""
+        if row not in self._in_use:
+            raise ValueError(f"slot-table row {row} is not in use")
+        if not slots:
+            return
+        end = start + len(slots)
+        if end > self.width:
+            self._grow(end)
+        chunks = self._pending.setdefault(row, [])
+        if any(s < end and start < s + len(c) for s, c in chunks):
+            self.flush()
+            chunks = self._pending.setdefault(row, [])
+        chunks.append((start, list(slots)))
+
+    @property
+    def num_pending(self) -> int:
+        """Staged slot writes not yet applied."""
+        return sum(len(c) for chunks in self._pending.values() for _, c in chunks)
+
+    def take_writes(self) -> tuple[list[int], list[int]]:
+        """The staged writes as (flat index into `table.view(-1)`, slot) lists; clears them.
+        The caller applies them with `apply_writes` before the width can change."""
+        flat: list[int] = []
+        values: list[int] = []
+        width = self.width
+        for row, chunks in self._pending.items():
+            for start, slots in chunks:
+                base = row * width + start
+                flat.extend(range(base, base + len(slots)))
+                values.extend(slots)
+        self._pending.clear()
+        return flat, values
+
+    def apply_writes(self, flat: torch.Tensor, values: torch.Tensor) -> None:
+        """Apply writes from `take_writes`, given as int64 tensors on the table's device."""
+        if flat.numel():
+            self.table.view(-1).index_copy_(0, flat, values.to(torch.int32))
+
+    def flush(self) -> None:
+        """Apply the staged writes now, with their own host→device copy."""
+        flat, values = self.take_writes()
+        if not flat:
+            return
+        packed = torch.tensor(flat + values, dtype=torch.int64, pin_memory=self._pin)
+        on_device = packed.to(self.device, non_blocking=True)
+        self.apply_writes(on_device[: len(flat)], on_device[len(flat) :])
+
+    @property
+    def _pin(self) -> bool:
+        return self.device.type == "cuda"
+
+    def _grow(self, needed: int) -> None:
+        if needed > self.max_width:
+            raise ValueError(f"a request needs {needed} slots; the table holds {self.max_width}")
+        width = min(self.max_width, max(needed, 2 * self.width))
+        grown = torch.zeros(self.table.shape[0], width, dtype=self.table.dtype, device=self.device)
+        grown[:, : self.width] = self.table
+        logger.debug("slot table grown to %d columns", width)
+        self.table = grown
+
+    # ------------------------------------------------------------------ reads
+    def gather(
+        self, rows: list[int], seq_lens: list[int], rows_t: torch.Tensor, kv_indptr: torch.Tensor
+    ) -> torch.Tensor:
+        """Flat int64 KV indices: the first `seq_lens[b]` slots of row `rows[b]` for each b,
+        back to back. `rows_t` and `kv_indptr` are the same on the table's device (the CUDA
+        kernel reads them there). Staged writes must have been applied."""
+        if not self._use_triton:
+            return gather_rows(self.table, rows, seq_lens)
+        from backend.sglang.kernels.triton.kv_indices import gather_kv_indices
+
+        out = torch.empty(sum(seq_lens), dtype=torch.int64, device=self.device)
+        gather_kv_indices(self.table, rows_t, kv_indptr, out)
+        return out
+
+
+def gather_rows(table: torch.Tensor, rows: list[int], seq_lens: list[int]) -> torch.Tensor:
+    """`SlotTable.gather` without the CUDA kernel: one concatenation of row prefixes."""
+    if not rows:
+        return torch.empty(0, dtype=torch.int64, device=table.device)
+    return torch.cat([table[row, :n] for row, n in zip(rows, seq_lens)]).to(torch.int64)
