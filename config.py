@@ -103,8 +103,8 @@ FLAGS: tuple[Flag, ...] = (
          "paged cache, mlx = mlx-lm; auto = native when the architecture is supported."),
     Flag("WEIGHT_QUANT", "weight_quant", _choice("auto", "none", "int8", "int4"), "auto",
          "Weight-only quantization of the native runner's matmuls (CPU): int8 per output "
-         "channel, int4 in groups of 32 (LM head int8); auto = int4 on CPU unless DTYPE is "
-         "float32, none on CUDA/MPS."),
+         "channel, int4 in groups of 32 (LM head int8); auto = int8 on CPU unless DTYPE is "
+         "float32 (int4 is faster but less accurate), none on CUDA/MPS."),
     Flag("NUM_THREADS", "num_threads", _int_at_least(0), "0",
          "torch intra-op threads on CPU; 0 = torch's default."),
     Flag("SEED", "seed", _int_at_least(0), "0", "Seed of the engine's default generator."),

@@ -356,6 +356,43 @@ def test_rope_matches_hf(scaling: dict | None) -> None:
     torch.testing.assert_close(k_out, k_ref[0].transpose(0, 1), atol=1e-6, rtol=0)
 
 
+def test_rope_tables_follow_the_positions_tensor() -> None:
+    """The per-step tables are reused for the same positions tensor, rebuilt for another."""
+    head_dim = 16
+    cache = torch_ops.build_rope_cache(head_dim, 64, 10000.0, None, CPU)
+    q = torch.randn(3, 2, head_dim)
+    k = torch.randn(3, 1, head_dim)
+    first, second = torch.tensor([0, 5, 9]), torch.tensor([1, 30, 63])
+    q1, k1 = torch_ops.apply_rotary(q, k, first, cache)
+    q1_again, _ = torch_ops.apply_rotary(q, k, first, cache)
+    q2, k2 = torch_ops.apply_rotary(q, k, second, cache)
+    for positions, q_out, k_out in ((first, q1, k1), (second, q2, k2)):
+        cos, sin = cache[positions].unsqueeze(1).chunk(2, dim=-1)
+        for x, out in ((q, q_out), (k, k_out)):
+            x1, x2 = x.chunk(2, dim=-1)
+            expected = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+            torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(q1_again, q1, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("consecutive", [True, False])
+def test_single_decode_attention_over_consecutive_or_scattered_slots(consecutive: bool) -> None:
+    """One decode request reads its KV as a view when its slots are consecutive; either way
+    the result is dense attention over its keys."""
+    torch.manual_seed(3)
+    num_heads, num_kv_heads, head_dim, length = 6, 2, 8, 11
+    pool = KVPool(1, 32, num_kv_heads, head_dim, torch.float32, CPU)
+    slots = list(range(7, 7 + length)) if consecutive else random.Random(2).sample(
+        range(1, 33), length)
+    k = torch.randn(length, num_kv_heads, head_dim)
+    v = torch.randn(length, num_kv_heads, head_dim)
+    pool.store(0, torch.tensor(slots), k, v)
+    batch = build_forward_batch([[0]], [length - 1], [slots], [True], CPU)
+    q = torch.randn(1, num_heads, head_dim)
+    out = torch_ops.paged_attention(q, pool.k[0], pool.v[0], batch, 0.25, num_kv_heads)
+    torch.testing.assert_close(out, _dense_causal_attention(q, k, v, 0.25), atol=1e-5, rtol=0)
+
+
 def test_unknown_rope_type_is_not_implemented() -> None:
     with pytest.raises(NotImplementedError, match="yarn"):
         torch_ops.build_rope_cache(16, 8, 10000.0, {"rope_type": "yarn", "factor": 2.0}, CPU)

@@ -13,7 +13,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from backend.batch import build_forward_batch
 from backend.sglang.layers import Linear
-from backend.sglang.quant import int4_fits, quantize_weight, resolve_weight_quant
+from backend.sglang.quant import (
+    KERNEL_DTYPE,
+    int4_fits,
+    quantize_head_weight,
+    quantize_weight,
+    resolve_weight_quant,
+)
 from backend.sglang.runner import NativeRunner
 from config import ConfigError, load_config
 
@@ -58,6 +64,22 @@ def test_int4_recovers_a_weight_already_on_a_4bit_grid() -> None:
     assert (dequantized - weight).abs().max() < 0.01 * 0.1
 
 
+def test_head_weight_multiplies_with_int8_activations() -> None:
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(200, 64, generator=generator) * 0.05
+    x = torch.randn(3, 64, generator=generator) * torch.linspace(0.1, 4.0, 64)
+    head = quantize_head_weight(weight, "int8")
+    assert head.method == "int8" and head.int8_activations
+    out = head.matmul(x)
+    assert out.dtype == torch.float32 and out.shape == (3, 200)
+    row_steps = x.abs().amax(dim=-1, keepdim=True) / 127
+    x_rounded = torch.round(x / row_steps) * row_steps
+    torch.testing.assert_close(out, x_rounded @ head.dequantize().t(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, x @ weight.t(), atol=0.05, rtol=0.02)
+    with pytest.raises(ValueError, match="int8"):
+        quantize_head_weight(weight, "int4")
+
+
 def test_linear_quantize_drops_the_float_weight() -> None:
     layer = Linear(64, 32, bias=False, dtype=torch.float32, device=CPU)
     torch.nn.init.normal_(layer.weight, std=0.05)
@@ -65,7 +87,9 @@ def test_linear_quantize_drops_the_float_weight() -> None:
     before = layer(x)
     layer.quantize("int8")
     assert layer.weight.numel() == 0
-    torch.testing.assert_close(layer(x), before, atol=0.02, rtol=0.02)
+    out = layer(x)
+    assert out.dtype == KERNEL_DTYPE
+    torch.testing.assert_close(out.float(), before, atol=0.02, rtol=0.02)
     with pytest.raises(RuntimeError):
         layer.quantize("int8")
 
@@ -104,7 +128,8 @@ def test_quantized_tiny_model_is_close_to_float32(
     exact = NativeRunner(folder, config, dtype=torch.float32, device=CPU, num_kv_slots=64)
     packed = NativeRunner(folder, config, dtype=torch.float32, device=CPU, num_kv_slots=64,
                           weight_quant=method)
-    assert packed.model.tied_head is not None and packed.model.tied_head.method == "int8"
+    head = packed.model.tied_head
+    assert head is not None and head.method == "int8" and head.int8_activations
     assert all(layer.quantized is not None for layer in packed.model.decoder_linears())
     prompt = [5, 17, 99, 3, 42, 7, 200, 11]
     exact_logits = _greedy_run(exact, prompt, steps=4)
@@ -117,8 +142,8 @@ def test_quantized_tiny_model_is_close_to_float32(
 
 
 @pytest.mark.parametrize(("flag", "dtype_flag", "device", "expected"), [
-    ("auto", "auto", "cpu", "int4"),
-    ("auto", "bfloat16", "cpu", "int4"),
+    ("auto", "auto", "cpu", "int8"),
+    ("auto", "bfloat16", "cpu", "int8"),
     ("auto", "float32", "cpu", "none"),
     ("auto", "auto", "cuda", "none"),
     ("auto", "auto", "mps", "none"),

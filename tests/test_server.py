@@ -72,8 +72,8 @@ class LiveServer:
             time.sleep(0.02)
         return self
 
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + 60
+    def wait_ready(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
         while httpx.get(self.url + "/health").status_code != 200:
             assert time.monotonic() < deadline, "the engine did not become ready"
             time.sleep(0.05)
@@ -694,3 +694,35 @@ def test_too_many_requests_in_flight_is_429(guarded: tuple[LiveServer, httpx.Res
             busy = session.post("/generate", json=body)
     assert busy.status_code == 429
     assert busy.json()["error"]["type"] == "rate_limit_error"
+
+
+# ------------------------------------------------------- the embedded default
+
+
+def test_embedded_default_model_through_the_openai_client(model_cache_dir: str) -> None:
+    """With no model flag the server serves the embedded SmolLM2 (its own defaults: int4
+    weights on this CPU); streamed and whole greedy chats agree with the server's engine."""
+    config = load_config({"MODEL_CACHE_DIR": model_cache_dir})
+    live = LiveServer(create_app(config=config)).start()
+    try:
+        live.wait_ready(timeout_s=600)  # converts and quantizes the model on first use
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        [model] = client.models.list().data
+        assert model.id == "SmolLM2-135M-Instruct"
+        messages: Any = [{"role": "user", "content": "What is the capital of France?"}]
+        whole = client.chat.completions.create(
+            model=model.id, messages=messages, max_tokens=24, temperature=0
+        )
+        chunks = list(
+            client.chat.completions.create(
+                model=model.id, messages=messages, max_tokens=24, temperature=0, stream=True
+            )
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        text = whole.choices[0].message.content or ""
+        assert streamed == text
+        assert "Paris" in text
+        [[local]] = live.engine.generate([messages], greedy(24))
+        assert local.text == text
+    finally:
+        live.stop()

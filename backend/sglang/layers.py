@@ -4,6 +4,11 @@ Modules hold parameters under Hugging Face's names, except that q/k/v projection
 into `qkv_proj` and gate/up into `gate_up_proj` (one matmul each); `MergedLinear.shard_rows`
 says where each original projection lives. All math goes through a kernel set (`ops`) chosen
 by the runner. Models take `(input_ids, positions, batch, kv_pool)` explicitly.
+
+The per-token hot path calls submodules' `forward` directly: at decode a step is hundreds of
+tiny ops, and `nn.Module.__call__` adds measurable time to each call. With quantized weights,
+matmuls return bfloat16 (`quant.KERNEL_DTYPE`); the residual stream, norms and attention keep
+the model's dtype, so each layer casts four times, not twice per matmul.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from transformers import PretrainedConfig
 from backend.batch import ForwardBatch
 from backend.kv_pool import KVPool
 from backend.sglang.kernels import KernelSet
-from backend.sglang.quant import QuantizedWeight, quantize_weight
+from backend.sglang.quant import QuantizedWeight, quantize_head_weight, quantize_weight
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +133,8 @@ class Linear(nn.Module):
     """`y = x W^T (+ b)` with weights allocated uninitialised in the target dtype.
 
     After `quantize`, the float weight is dropped (an empty parameter stays under its name)
-    and the packed weight computes instead.
+    and the packed weight computes instead: it takes any float input and returns
+    `quant.KERNEL_DTYPE`.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
@@ -140,14 +146,17 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
-            return self.quantized.linear(x, self.bias)
+            out = self.quantized.matmul(x)
+            return out if self.bias is None else out.add_(self.bias)
         return F.linear(x, self.weight, self.bias)
 
-    def quantize(self, method: str) -> None:
-        """Pack the loaded weight (`int8` | `int4`); call once, after the weights are in."""
+    def quantize(self, method: str, head: bool = False) -> None:
+        """Pack the loaded weight (`int8` | `int4`); call once, after the weights are in.
+        `head`: the LM head's packing (`quant.quantize_head_weight`)."""
         if self.quantized is not None:
             raise RuntimeError("this linear layer is already quantized")
-        self.quantized = quantize_weight(self.weight.detach(), method)
+        pack = quantize_head_weight if head else quantize_weight
+        self.quantized = pack(self.weight.detach(), method)
         self.weight = _empty(0, dtype=self.weight.dtype, device=self.weight.device)
 
 
@@ -184,6 +193,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.ops = ops
+        self.dtype = dtype
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -204,21 +214,21 @@ class Attention(nn.Module):
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                 batch: ForwardBatch, kv_pool: KVPool) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)
+        qkv = self.qkv_proj.forward(hidden).to(self.dtype)
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
+            q = self.q_norm.forward(q)
+            k = self.k_norm.forward(k)
         q, k = self.ops.apply_rotary(q, k, positions, cos_sin_cache)
         kv_pool.store(self.layer_id, batch.out_slots, k, v)
         out = self.ops.paged_attention(
             q, kv_pool.k[self.layer_id], kv_pool.v[self.layer_id], batch, self.scale,
             self.num_kv_heads,
         )
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return self.o_proj.forward(out.reshape(num_tokens, self.q_size))
 
 
 class MLP(nn.Module):
@@ -235,7 +245,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(size, config.hidden_size, config.mlp_bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj.forward(self.ops.silu_and_mul(self.gate_up_proj.forward(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -255,12 +265,12 @@ class DecoderLayer(nn.Module):
                 kv_pool: KVPool) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = hidden
-            hidden = self.input_layernorm(hidden)
+            hidden = self.input_layernorm.forward(hidden)
         else:
             hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
-        hidden = self.self_attn(hidden, positions, cos_sin_cache, batch, kv_pool)
+        hidden = self.self_attn.forward(hidden, positions, cos_sin_cache, batch, kv_pool)
         hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp.forward(hidden), residual
 
 
 class DecoderModel(nn.Module):
@@ -307,28 +317,35 @@ class CausalLM(nn.Module):
     def quantize_head(self, method: str) -> None:
         """Pack the LM head; a tied one gets a packed copy (the lookup table stays float)."""
         if self.lm_head is not None:
-            self.lm_head.quantize(method)
+            self.lm_head.quantize(method, head=True)
         else:
-            self.tied_head = quantize_weight(self.model.embed_tokens.weight.detach(), method)
+            self.tied_head = quantize_head_weight(self.model.embed_tokens.weight.detach(), method)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 next-token logits of normed hidden rows."""
         if self.lm_head is not None:
-            return self.lm_head(hidden).float()
+            return self.lm_head.forward(hidden).float()
         if self.tied_head is not None:
-            return self.tied_head.linear(hidden).float()
+            return self.tied_head.matmul(hidden).float()
         return F.linear(hidden, self.model.embed_tokens.weight).float()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
                 kv_pool: KVPool) -> torch.Tensor:
         """float32 logits [len(batch.logits_indices), vocab] of the rows that sample."""
-        hidden = self.model.embed_tokens(input_ids)
+        hidden = self.model.embed_tokens.forward(input_ids)
         residual: torch.Tensor | None = None
         for layer in self.model.layers:
-            hidden, residual = layer(hidden, residual, positions, self.cos_sin_cache, batch,
-                                     kv_pool)
+            hidden, residual = layer.forward(hidden, residual, positions, self.cos_sin_cache,
+                                             batch, kv_pool)
         assert residual is not None
-        rows = batch.logits_indices
-        hidden, _ = self.model.norm.add_and_norm(hidden.index_select(0, rows),
-                                                 residual.index_select(0, rows))
+        if not samples_every_row(batch):
+            rows = batch.logits_indices
+            hidden, residual = hidden.index_select(0, rows), residual.index_select(0, rows)
+        hidden, _ = self.model.norm.add_and_norm(hidden, residual)
         return self.logits(hidden)
+
+
+def samples_every_row(batch: ForwardBatch) -> bool:
+    """Whether `logits_indices` are all rows in order (a decode step where every request
+    samples), so no rows need selecting."""
+    return batch.is_decode and batch.logits_indices.shape[0] == batch.num_tokens

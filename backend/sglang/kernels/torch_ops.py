@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +20,17 @@ import torch.nn.functional as F
 from backend.batch import ForwardBatch
 
 _ROPE_TYPE_KEYS = ("rope_type", "type")
+_T = TypeVar("_T")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMS-normalise the last dim in float32, cast back, then scale by `weight`."""
+    """RMS-normalise the last dim in float32, cast back, then scale by `weight`; the result
+    has x's dtype (float32 weights over bfloat16 activations scale in float32 first)."""
     shape = (x.shape[-1],)
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, shape, weight, eps)
+    if weight.dtype != x.dtype:
+        return F.rms_norm(x.float(), shape, weight.float(), eps).to(x.dtype)
     return weight * F.rms_norm(x.float(), shape, None, eps).to(x.dtype)
 
 
@@ -99,18 +104,55 @@ def build_rope_cache(
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
 
+class _StepMemo:
+    """One value derived from a few live objects, kept while they stay the same objects:
+    tables built once per forward step and shared by every layer."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple[tuple[weakref.ref[Any], ...], tuple[Any, ...]] | None = None
+        self._value: Any = None
+
+    def get(self, objects: tuple[Any, ...], extra: tuple[Any, ...],
+            build: Callable[[], _T]) -> _T:
+        with self._lock:
+            if self._key is not None and self._key[1] == extra and all(
+                ref() is obj for ref, obj in zip(self._key[0], objects, strict=True)
+            ):
+                return self._value  # type: ignore[no-any-return]
+        value = build()
+        with self._lock:
+            self._key = (tuple(weakref.ref(obj) for obj in objects), extra)
+            self._value = value
+        return value
+
+
+_rotary_memo = _StepMemo()
+
+
+def _rotary_tables(
+    positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(cos, signed_sin)` [T, 1, D] of the positions: `cos` of each angle twice, and
+    `[-sin, sin]`, so that rotate_half(x) * sin == swap_halves(x) * signed_sin."""
+    cos, sin = cos_sin_cache.index_select(0, positions).to(dtype).unsqueeze(1).chunk(2, dim=-1)
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style (rotate-half) rotary embedding of q [T, Hq, D] and k [T, Hkv, D]."""
-    cos_sin = cos_sin_cache.index_select(0, positions).to(q.dtype).unsqueeze(1)
-    cos, sin = cos_sin.chunk(2, dim=-1)
+    """Neox-style (rotate-half) rotary embedding of q [T, Hq, D] and k [T, Hkv, D].
+
+    The position tables are gathered once per `positions` tensor (once per step)."""
+    cos, signed_sin = _rotary_memo.get(
+        (positions, cos_sin_cache), (q.dtype,),
+        lambda: _rotary_tables(positions, cos_sin_cache, q.dtype),
+    )
     qk = torch.cat((q, k), dim=1)
-    x1, x2 = qk.chunk(2, dim=-1)
-    rotated = torch.empty_like(qk)
-    out1, out2 = rotated.chunk(2, dim=-1)
-    torch.sub(x1 * cos, x2 * sin, out=out1)
-    torch.add(x2 * cos, x1 * sin, out=out2)
+    first, second = qk.chunk(2, dim=-1)
+    swapped = torch.cat((second, first), dim=-1)
+    rotated = torch.addcmul(qk * cos, swapped, signed_sin)
     q_rotated, k_rotated = rotated.split((q.shape[1], k.shape[1]), dim=1)
     return q_rotated, k_rotated
 
@@ -132,6 +174,7 @@ class _AttentionPlan:
     decode_rows: torch.Tensor | None  # rows of q that are decode requests; None: all rows
     decode_slots: torch.Tensor | None  # [Bd, Lmax] KV slots of decode requests
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] bool; None: no padding
+    decode_run: tuple[int, int] | None  # one decode request on slots [start, end): a view
     extends: tuple[_ExtendSpan, ...]
 
 
@@ -166,10 +209,21 @@ def _build_plan(batch: ForwardBatch) -> _AttentionPlan:
         q_start += extend_len
         kv_start += seq_len
     if not decode_reqs:
-        return _AttentionPlan(None, None, None, tuple(extends))
+        return _AttentionPlan(None, None, None, None, tuple(extends))
     slots, mask = _decode_slots(batch, decode_reqs)
     rows = None if not extends else _decode_rows(batch, decode_reqs)
-    return _AttentionPlan(rows, slots, mask, tuple(extends))
+    run = _slot_run(slots) if not extends and batch.batch_size == 1 else None
+    return _AttentionPlan(rows, slots, mask, run, tuple(extends))
+
+
+def _slot_run(slots: torch.Tensor) -> tuple[int, int] | None:
+    """`(start, end)` when the one request's slots [1, L] are consecutive, else None."""
+    start = int(slots[0, 0])
+    end = start + slots.shape[1]
+    if int(slots[0, -1]) != end - 1:
+        return None
+    consecutive = torch.arange(start, end, dtype=slots.dtype, device=slots.device)
+    return (start, end) if torch.equal(slots[0], consecutive) else None
 
 
 def _prefix_causal_mask(extend_len: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
@@ -264,9 +318,15 @@ def _decode_attention(
     assert plan.decode_slots is not None
     batch_size, max_len = plan.decode_slots.shape
     num_kv_heads, head_dim = k_pool_layer.shape[1:]
-    flat_slots = plan.decode_slots.reshape(-1)
-    k = k_pool_layer.index_select(0, flat_slots).view(batch_size, max_len, num_kv_heads, head_dim)
-    v = v_pool_layer.index_select(0, flat_slots).view(batch_size, max_len, num_kv_heads, head_dim)
+    if plan.decode_run is not None:
+        start, end = plan.decode_run
+        k = k_pool_layer[start:end].unsqueeze(0)
+        v = v_pool_layer[start:end].unsqueeze(0)
+    else:
+        flat_slots = plan.decode_slots.reshape(-1)
+        shape = (batch_size, max_len, num_kv_heads, head_dim)
+        k = k_pool_layer.index_select(0, flat_slots).view(shape)
+        v = v_pool_layer.index_select(0, flat_slots).view(shape)
     grouped_q = q.view(batch_size, num_kv_heads, -1, head_dim)
     out = F.scaled_dot_product_attention(
         grouped_q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.decode_mask, scale=scale
