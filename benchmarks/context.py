@@ -12,6 +12,7 @@ import gc
 import platform
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -96,23 +97,32 @@ def with_engine(ctx: BenchContext, fn: Callable[[Engine], T], config: Config | N
 def with_baseline(
     ctx: BenchContext, dtype: torch.dtype, fn: Callable[[HFBaseline], T]
 ) -> T | None:
-    """Run `fn` on the HF baseline (warmed up) unless --skip-baseline; then free it."""
+    """Run `fn` on the HF baseline (warmed up) unless --skip-baseline; then free it.
+
+    The baseline runs on a thread of its own that then exits: a thread that ran torch ops
+    keeps an OpenMP worker team, and a second team on a small CPU slows the engine's loop
+    thread about 2x, which would skew every figure measured after the baseline."""
     if ctx.args.skip_baseline:
         return None
-    baseline = HFBaseline(
-        ctx.source,
-        dtype=dtype,
-        device=ctx.device,
-        load_format=ctx.config.load_format,
-        trust_remote_code=ctx.config.trust_remote_code,
-        seed=ctx.config.seed,
-    )
-    try:
-        baseline.generate_batch([[1, 2, 3, 4]], 2)
-        return fn(baseline)
-    finally:
-        del baseline
-        release_memory(ctx.device)
+
+    def run() -> T:
+        baseline = HFBaseline(
+            ctx.source,
+            dtype=dtype,
+            device=ctx.device,
+            load_format=ctx.config.load_format,
+            trust_remote_code=ctx.config.trust_remote_code,
+            seed=ctx.config.seed,
+        )
+        try:
+            baseline.generate_batch([[1, 2, 3, 4]], 2)
+            return fn(baseline)
+        finally:
+            del baseline
+            release_memory(ctx.device)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-baseline") as pool:
+        return pool.submit(run).result()
 
 
 def baseline_subset(ctx: BenchContext, requests: list[BenchRequest]) -> list[BenchRequest]:
