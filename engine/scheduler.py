@@ -113,7 +113,7 @@ class Scheduler:
         decoding = [r for r in self.running if r.num_pending == 1]
         prefilling = sorted((r for r in self.running if r.num_pending > 1), key=lambda r: r.arrival)
         for req in decoding:
-            if id(req) in done or req not in self.running:
+            if req.node is None:  # preempted earlier in this step
                 continue
             if self._grow(req, 1, done):
                 scheduled.append((req, 1))
@@ -122,7 +122,7 @@ class Scheduler:
         for req in prefilling:
             if budget <= 0:
                 break
-            if req not in self.running:
+            if req.node is None:  # preempted earlier in this step
                 continue
             n = min(req.num_pending, budget)
             if self._grow(req, n, done):

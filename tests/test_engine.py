@@ -162,6 +162,7 @@ def test_smollm2_batch_prefix_and_chunks(smollm2_engine: tuple[Engine, Reference
     questions = ["Name a color.", "Count to five.", "What is 2+2?", "Say hello in French."]
     chats = [[{"role": "user", "content": q}] for q in questions]
     prompts = [engine.tokenize(c) for c in chats]
+    engine.generate([[{"role": "user", "content": "Hi"}]], greedy(1))  # caches the template head
     outs = engine.generate(prompts, greedy(16))
     for prompt, [out] in zip(prompts, outs):
         assert out.token_ids == ref.generate(prompt, 16)
