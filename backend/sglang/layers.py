@@ -223,7 +223,7 @@ class Attention(nn.Module):
             q = self.q_norm.forward(q)
             k = self.k_norm.forward(k)
         q, k = self.ops.apply_rotary(q, k, positions, cos_sin_cache)
-        kv_pool.store(self.layer_id, batch.out_slots, k, v)
+        self.ops.store_kv(kv_pool.k[self.layer_id], kv_pool.v[self.layer_id], batch.out_slots, k, v)
         out = self.ops.paged_attention(
             q, kv_pool.k[self.layer_id], kv_pool.v[self.layer_id], batch, self.scale,
             self.num_kv_heads,

@@ -46,6 +46,15 @@ class KernelSet(Protocol):
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...
 
+    def store_kv(
+        self,
+        k_pool_layer: torch.Tensor,
+        v_pool_layer: torch.Tensor,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None: ...
+
     def paged_attention(
         self,
         q: torch.Tensor,

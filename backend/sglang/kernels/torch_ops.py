@@ -276,6 +276,18 @@ def _attend(
     return out.transpose(1, 2)
 
 
+def store_kv(
+    k_pool_layer: torch.Tensor,
+    v_pool_layer: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
+    """Write k, v [T, Hkv, D] into the pool rows `slots` [T] (cast to the pool's dtype)."""
+    k_pool_layer[slots] = k.to(k_pool_layer.dtype)
+    v_pool_layer[slots] = v.to(v_pool_layer.dtype)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_pool_layer: torch.Tensor,
