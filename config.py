@@ -269,10 +269,6 @@ def _validate(config: Config) -> None:
         raise ConfigError("BACKEND_IMPL=mlx runs on CPU or MPS only")
 
 
-def flag_names() -> list[str]:
-    return [flag.env for flag in FLAGS]
-
-
 def configure_logging(config: Config) -> None:
     """Send our loggers to stderr at LOG_LEVEL (once; a host that set up logging keeps it)."""
     import logging

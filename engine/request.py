@@ -83,7 +83,6 @@ class Req:
     row: int = 0  # SlotTable row while running; 0 (the padding row) while waiting
     num_prompt_cached: int = -1  # cache hit at first admission (reported in usage)
     finish_reason: str | None = None
-    aborted: bool = False
     arrival: int = field(default_factory=lambda: next(_arrival))
     state: Any = None  # sampler history, detokenizer, stop checker (owned by the engine)
 

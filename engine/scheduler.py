@@ -305,11 +305,6 @@ class Scheduler:
 
     # ------------------------------------------------------------------ stats
     @property
-    def num_used_slots(self) -> int:
-        """Slots held by requests or the cache."""
-        return self.allocator.num_used
-
-    @property
     def num_request_slots(self) -> int:
         """Slots referenced by running requests (cache-only tokens excluded)."""
         return self.allocator.num_used - self.radix.evictable_size

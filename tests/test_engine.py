@@ -7,6 +7,7 @@ Llama, Qwen2, Qwen3 and Mistral models and on the embedded SmolLM2.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 from collections.abc import Iterator
@@ -309,3 +310,22 @@ def test_multi_turn_chat_reuses_its_history(smollm2_engine: tuple[Engine, Refere
     # the answer's text may split a word differently from how it was generated)
     assert shared > len(engine.tokenize(chat[:1]))
     assert follow_up.usage.cached_tokens == shared
+
+
+def test_asyncio_stream_and_insert_prefix(tiny_model_factory) -> None:
+    path = tiny_model_factory("qwen3")
+    engine = make_engine(path)
+    try:
+        prefix = random_prompts(1, 64, 64, seed=14)[0]
+        assert engine.insert_prefix(prefix) == len(prefix)
+        prompt = prefix + [21, 22, 23]
+
+        async def collect() -> list:
+            return [delta async for delta in engine.astream(prompt, greedy())]
+
+        deltas = asyncio.run(collect())
+        assert deltas[-1].finish_reason == "length"
+        assert deltas[-1].usage is not None and deltas[-1].usage.cached_tokens >= len(prefix)
+        assert [t for d in deltas for t in d.token_ids] == Reference(path).generate(prompt)
+    finally:
+        engine.shutdown()

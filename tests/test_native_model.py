@@ -288,11 +288,6 @@ def test_mistral_sliding_window_caps_context(tmp_path: Path, caplog) -> None:
     assert "sliding window" in caplog.text
 
 
-def test_kv_bytes_per_token() -> None:
-    config = Qwen3Config(**COMMON, head_dim=32, architectures=["Qwen3ForCausalLM"])
-    assert NativeRunner.kv_bytes_per_token(config, torch.bfloat16) == 2 * 2 * 2 * 32 * 2
-
-
 def test_missing_checkpoint_tensor_is_an_error(tiny_model, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 

@@ -128,13 +128,6 @@ class NativeRunner:
         if cuda_graph and device.type == "cuda":
             self.cuda_graphs = capture_decode_graphs(self, cuda_graph_max_bs)
 
-    @staticmethod
-    def kv_bytes_per_token(hf_config: PretrainedConfig, dtype: torch.dtype) -> int:
-        """KV-pool bytes one token takes (all layers, K and V)."""
-        config = _model_class(hf_config).decoder_config(hf_config)
-        return KVPool.bytes_per_token(config.num_layers, config.num_kv_heads, config.head_dim,
-                                      dtype)
-
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Store the new tokens' K/V; return float32 logits [len(logits_indices), vocab]."""
