@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine (see docs/BENCHMARKS.md): Triton kernels against torch at real
 # shapes, the engine's float32 greedy equivalence with HF on the GPU, then the GPU workloads.
-# Expects the carried folder .gpu/ (tokenizer/, qwen3-dummy/ = config.json + tokenizer, whl/).
+# Expects the carried folder .gpu/ (git-ignored through .git/info/exclude), made here with:
+#   mkdir -p .gpu/tokenizer .gpu/qwen3-dummy .gpu/whl
+#   cp ~/.cache/mini-sglang/smollm2-135m-instruct/{tokenizer.json,tokenizer_config.json,chat_template.jinja} .gpu/tokenizer/
+#   cp .gpu/tokenizer/* model_configs/qwen3-0.6b/config.json .gpu/qwen3-dummy/
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .gpu/whl pytest pluggy iniconfig pytest-timeout
 # Usage: benchmarks/gpu_check.sh [kernels] [equivalence] [latency] [offline] [shared_prefix]
 set -uo pipefail
 OUT=${OUT:-/tmp/minisgl-gpu}
