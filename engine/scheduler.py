@@ -264,17 +264,13 @@ class Scheduler:
             prompt_len = len(req.prompt_ids)
             if start < prompt_len <= req.num_computed:
                 if req.num_computed == prompt_len and logits is not None and id(req) in rows:
-                    self._remember_logits(req.prompt_ids, logits[rows[id(req)]])
+                    self.prefill_cache.put(req.prompt_ids, logits[rows[id(req)]])
                 if not req.finished:
                     self._cache_prefix(req, prompt_len)
         for req in plan.sample_reqs:
             if req.finished and req in self.running:
                 self.running.remove(req)
                 self._release(req)
-
-    def _remember_logits(self, prompt_ids: list[int], row: torch.Tensor) -> None:
-        if self.prefill_cache.max_entries > 0 and self.config.prefix_cache:
-            self.prefill_cache.put(prompt_ids, row)
 
     def _cache_prefix(self, req: Req, length: int) -> None:
         """Hand the first `length` computed tokens to the radix cache and lock them there."""
