@@ -105,6 +105,10 @@ FLAGS: tuple[Flag, ...] = (
          "Weight-only quantization of the native runner's matmuls (CPU): int8 per output "
          "channel, int4 in groups of 32 (LM head int8); auto = int8 on CPU unless DTYPE is "
          "float32 (int4 is faster but less accurate), none on CUDA/MPS."),
+    Flag("CPU_KERNEL", "cpu_kernel", _choice("auto", "c", "torch"), "auto",
+         "CPU forward of the native runner with int8 weights: c = the whole decoder stack in "
+         "one compiled C call per step (built once per host into MODEL_CACHE_DIR/kernels "
+         "with the system C compiler), torch = torch ops; auto = c when it builds, else torch."),
     Flag("NUM_THREADS", "num_threads", _int_at_least(0), "0",
          "torch intra-op threads on CPU; 0 = torch's default."),
     Flag("SEED", "seed", _int_at_least(0), "0", "Seed of the engine's default generator."),
@@ -170,6 +174,7 @@ class Config:
     device: str = "auto"
     backend_impl: str = "auto"
     weight_quant: str = "auto"
+    cpu_kernel: str = "auto"
     num_threads: int = 0
     seed: int = 0
     cuda_graph: bool = True

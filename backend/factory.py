@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -51,6 +52,9 @@ def create_runner(config: Config, source: ModelSource) -> ModelRunner:
                 kv_mem_fraction=config.kv_cache_mem_fraction,
                 cuda_graph=config.cuda_graph,
                 cuda_graph_max_bs=min(config.cuda_graph_max_bs, config.max_running_requests),
+                cpu_kernel=config.cpu_kernel,
+                kernel_cache_dir=os.path.join(os.path.expanduser(config.model_cache_dir),
+                                              "kernels"),
             )
         except UnsupportedModelError as exc:
             if impl != "auto":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 
 import torch
 from tqdm import tqdm
@@ -12,12 +13,14 @@ from transformers import PretrainedConfig
 
 from backend.batch import ForwardBatch, ModelInfo
 from backend.kv_pool import KVPool, slots_for_free_memory
+from backend.sglang.cpu_decoder import CPU_KERNEL_CHOICES, CpuDecoder, CpuKernelUnavailable
 from backend.sglang.cuda_graph import CudaGraphRunner, capture_decode_graphs
 from backend.sglang.kernels import KernelSet, default_kernel_set, load_kernel_set
 from backend.sglang.layers import CausalLM, DecoderConfig, UnsupportedModelError
 from backend.sglang.models import MODEL_REGISTRY, get_model_class
 from backend.sglang.quant import WEIGHT_QUANT_CHOICES, head_quant_method
 from backend.sglang.weights import init_dummy_weights, load_weights
+from config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +83,8 @@ class NativeRunner:
         kv_mem_fraction: float = 0.85,
         cuda_graph: bool = False,
         cuda_graph_max_bs: int = 256,
+        cpu_kernel: str = "torch",
+        kernel_cache_dir: str = "",
     ) -> None:
         """`weight_quant` (`none` | `int8` | `int4`, already resolved; see
         backend.sglang.quant) packs every matmul weight once, after loading.
@@ -127,12 +132,18 @@ class NativeRunner:
         self.cuda_graphs: CudaGraphRunner | None = None
         if cuda_graph and device.type == "cuda":
             self.cuda_graphs = capture_decode_graphs(self, cuda_graph_max_bs)
+        self.cpu_decoder: CpuDecoder | None = None
+        if device.type == "cpu" and cpu_kernel != "torch":
+            self.cpu_decoder = _compiled_decoder(self.model, self.kv_pool, cpu_kernel,
+                                                 kernel_cache_dir)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Store the new tokens' K/V; return float32 logits [len(logits_indices), vocab]."""
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
             return self.cuda_graphs.run(batch)
+        if self.cpu_decoder is not None:
+            return self.cpu_decoder.forward(batch)
         return self.model(batch.input_ids, batch.positions, batch, self.kv_pool)
 
 
@@ -148,6 +159,23 @@ def quantize_model(model: CausalLM, method: str) -> None:
         model.quantize_head(head_method)
     logger.info("weights quantized: %d matrices %s, LM head %s", len(layers), method,
                 head_method)
+
+
+def _compiled_decoder(model: CausalLM, kv_pool: KVPool, cpu_kernel: str,
+                      cache_dir: str) -> CpuDecoder | None:
+    """The compiled CPU decoder for `model`; None (logged) under `auto` when it cannot run."""
+    if cpu_kernel not in CPU_KERNEL_CHOICES:
+        raise ValueError(f"unknown cpu_kernel {cpu_kernel!r}; known: "
+                         f"{', '.join(CPU_KERNEL_CHOICES)}")
+    try:
+        decoder = CpuDecoder(model, kv_pool, cache_dir or tempfile.gettempdir())
+    except CpuKernelUnavailable as exc:
+        if cpu_kernel == "c":
+            raise ConfigError(f"CPU_KERNEL=c: {exc}") from exc
+        logger.info("compiled CPU decoder not used (%s); running torch ops", exc)
+        return None
+    logger.info("CPU forward: compiled decoder (one C call per step)")
+    return decoder
 
 
 def _max_context_len(config: DecoderConfig) -> int:
