@@ -75,7 +75,7 @@ class _Step(ctypes.Structure):
                 *((name, ctypes.c_void_p) for name in (
                     "input_ids", "positions", "out_slots", "qo_indptr", "kv_indptr",
                     "kv_indices", "out_rows", "residual", "normed", "qkv", "act",
-                    "token_request", "out"))]
+                    "token_request", "xq", "xq_scale", "out"))]
 
 
 def find_compiler() -> str | None:
@@ -202,6 +202,9 @@ class CpuDecoder:
             capacity = max(num_tokens, 2 * self._capacity)
             self._buffers = {name: torch.empty(capacity, width) for name, width in widths.items()}
             self._buffers["token_request"] = torch.empty(capacity, dtype=torch.int64)
+            widest_input = max(config.hidden_size, q_size, config.intermediate_size)
+            self._buffers["xq"] = torch.empty(capacity, widest_input, dtype=torch.int16)
+            self._buffers["xq_scale"] = torch.empty(capacity)
             self._capacity = capacity
         return self._buffers
 

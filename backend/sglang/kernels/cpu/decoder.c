@@ -110,6 +110,44 @@ static inline vf vscale2(vf p, vf n) {
 }
 #endif
 
+/* Integer matmuls: activations quantized per row to int16, int8 weights widened to int16,
+ * pairs of products summed into int32 lanes (vpdpwssd with AVX512-VNNI, else vpmaddwd). */
+#if defined(__AVX512BW__)
+#define I16_STEP 32
+typedef __m512i vacc;
+static inline vacc izero(void) { return _mm512_setzero_si512(); }
+static inline vacc load_w16(const int8_t *p) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
+}
+static inline vacc load_x16(const int16_t *p) { return _mm512_loadu_si512((const void *)p); }
+#if defined(__AVX512VNNI__)
+static inline vacc dot16(vacc acc, vacc x, vacc w) { return _mm512_dpwssd_epi32(acc, x, w); }
+#else
+static inline vacc dot16(vacc acc, vacc x, vacc w) {
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(x, w));
+}
+#endif
+static inline int32_t ihsum(vacc v) { return _mm512_reduce_add_epi32(v); }
+#elif defined(__AVX2__)
+#define I16_STEP 16
+typedef __m256i vacc;
+static inline vacc izero(void) { return _mm256_setzero_si256(); }
+static inline vacc load_w16(const int8_t *p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+}
+static inline vacc load_x16(const int16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline vacc dot16(vacc acc, vacc x, vacc w) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w));
+}
+static inline int32_t ihsum(vacc v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+}
+#else
+#define I16_STEP 0 /* float32 matmuls only */
+#endif
+
 /* exp(x) for x <= 0 (softmax weights): 2^(x log2 e) as 2^n times a degree-6 polynomial of
  * the fraction in [-1/2, 1/2]; relative error ~1e-7, exp(-87) and below flush to ~0. */
 static inline vf vexp(vf x) {
@@ -180,6 +218,8 @@ typedef struct {
     float *qkv;                   /* [T, q_size + 2 kv_size] */
     float *act;                   /* [T, intermediate] */
     int64_t *token_request;       /* [T] */
+    int16_t *xq;                  /* [T, max in_features]: int16 activations */
+    float *xq_scale;              /* [T] */
     float *out;                   /* [num_out, hidden] */
 } Step;
 
@@ -205,6 +245,60 @@ static inline __attribute__((always_inline)) void tile(
         for (int c = 0; c < C; c++) res[r * C + c] = hsum(acc[r][c]);
 }
 
+#if I16_STEP
+/* The integer tile: res[r * C + c] = dot(xq row r, w row c) over n_in (a multiple of
+ * I16_STEP), exact in int32. */
+static inline __attribute__((always_inline)) void tile16(
+    int R, int C, const int16_t *xq, int64_t ldx, const int8_t *w, int64_t n_in, int32_t *res) {
+    vacc acc[4][8];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = izero();
+    for (int64_t k = 0; k < n_in; k += I16_STEP) {
+        vacc wv[8];
+        for (int c = 0; c < C; c++) {
+            if (k % PREFETCH_BYTES == 0) __builtin_prefetch(w + (2 * C + c) * n_in + k, 0, 3);
+            wv[c] = load_w16(w + c * n_in + k);
+        }
+        for (int r = 0; r < R; r++) {
+            const vacc xv = load_x16(xq + r * ldx + k);
+            for (int c = 0; c < C; c++) acc[r][c] = dot16(acc[r][c], xv, wv[c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) res[r * C + c] = ihsum(acc[r][c]);
+}
+#endif
+
+/* A matmul's input rows: float32, and their int16 copy (NULL when the float path runs). */
+typedef struct {
+    const float *x;
+    const int16_t *xq;
+    const float *xq_scale;
+    int64_t rows;
+} Input;
+
+/* Quantize x [rows, n_in] to int16 per row (symmetric) when the integer path can take it.
+ * The level count keeps any sum of n_in products with int8 weights inside int32. */
+static Input prepare_input(const float *x, int64_t rows, int64_t n_in, const Step *s) {
+    Input in = {x, NULL, NULL, rows};
+    if (I16_STEP == 0 || n_in % (I16_STEP ? I16_STEP : 1) != 0) return in;
+    const float limit = floorf(2147483647.0f / (127.0f * (float)n_in));
+    const float levels = limit < 32767.0f ? limit : 32767.0f;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < rows; t++) {
+        const float *row = x + t * n_in;
+        float top = 0.0f;
+        for (int64_t k = 0; k < n_in; k++) top = fabsf(row[k]) > top ? fabsf(row[k]) : top;
+        const float scale = top > 0.0f ? top / levels : 1.0f, inv = 1.0f / scale;
+        int16_t *out = s->xq + t * n_in;
+        for (int64_t k = 0; k < n_in; k++) out[k] = (int16_t)lrintf(row[k] * inv);
+        s->xq_scale[t] = scale;
+    }
+    in.xq = s->xq;
+    in.xq_scale = s->xq_scale;
+    return in;
+}
+
 static float dot_scalar(const float *x, const int8_t *w, int64_t n) {
     float s = 0.0f;
     for (int64_t k = 0; k < n; k++) s += x[k] * (float)w[k];
@@ -214,12 +308,32 @@ static float dot_scalar(const float *x, const int8_t *w, int64_t n) {
 enum { STORE, ADD };
 
 /* Columns [c0, c0 + C) of y = x W^T for all T rows into raw[t * 8 + c] (unscaled). */
-static void column_block(const float *x, int64_t T, const QLinear *lin, int64_t c0, int C,
+static void column_block(const Input *in, const QLinear *lin, int64_t c0, int C,
                          float *raw) {
-    const int64_t K = lin->n_in, vec_k = K - K % LANES;
+    const int64_t K = lin->n_in, vec_k = K - K % LANES, T = in->rows;
+    const float *x = in->x;
     const int8_t *w = lin->weight + c0 * K;
     int64_t t = 0;
     float res[32];
+#if I16_STEP
+    if (in->xq != NULL && C == 8) {
+        int32_t ires[32];
+        for (; t + 4 <= T; t += 4) {
+            tile16(4, 4, in->xq + t * K, K, w, K, ires);
+            tile16(4, 4, in->xq + t * K, K, w + 4 * K, K, ires + 16);
+            for (int r = 0; r < 4; r++)
+                for (int c = 0; c < 4; c++) {
+                    raw[(t + r) * 8 + c] = (float)ires[r * 4 + c] * in->xq_scale[t + r];
+                    raw[(t + r) * 8 + 4 + c] = (float)ires[16 + r * 4 + c] * in->xq_scale[t + r];
+                }
+        }
+        for (; t < T; t++) {
+            tile16(1, 8, in->xq + t * K, K, w, K, ires);
+            for (int c = 0; c < 8; c++) raw[t * 8 + c] = (float)ires[c] * in->xq_scale[t];
+        }
+        return;
+    }
+#endif
     if (vec_k == K && C == 8) {
         for (; t + 4 <= T; t += 4) {
             tile(4, 4, x + t * K, K, w, K, res);
@@ -250,15 +364,14 @@ static inline float scaled(const QLinear *lin, int64_t n, float raw) {
 }
 
 /* y[t, n] (=|+=) x[t] . W[n] for all T rows; the caller's team shares the columns. */
-static void linear(const float *x, int64_t T, const QLinear *lin, float *y, int64_t ldy,
-                   int mode) {
-    const int64_t blocks = (lin->n_out + 7) / 8;
+static void linear(const Input *in, const QLinear *lin, float *y, int64_t ldy, int mode) {
+    const int64_t blocks = (lin->n_out + 7) / 8, T = in->rows;
     float *raw = malloc(sizeof(float) * 8 * (size_t)T);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t c0 = b * 8;
         const int C = (int)(lin->n_out - c0 < 8 ? lin->n_out - c0 : 8);
-        column_block(x, T, lin, c0, C, raw);
+        column_block(in, lin, c0, C, raw);
         for (int64_t t = 0; t < T; t++)
             for (int c = 0; c < C; c++) {
                 const float v = scaled(lin, c0 + c, raw[t * 8 + c]);
@@ -272,17 +385,16 @@ static void linear(const float *x, int64_t T, const QLinear *lin, float *y, int6
 }
 
 /* act[t, n] = silu(gate[t, n]) * up[t, n] straight from the merged [gate | up] weight. */
-static void gate_up_silu(const float *x, int64_t T, const QLinear *lin, int64_t inter,
-                         float *act) {
-    const int64_t blocks = (inter + 7) / 8;
+static void gate_up_silu(const Input *in, const QLinear *lin, int64_t inter, float *act) {
+    const int64_t blocks = (inter + 7) / 8, T = in->rows;
     float *gate = malloc(sizeof(float) * 16 * (size_t)T);
     float *up = gate + 8 * T;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t c0 = b * 8;
         const int C = (int)(inter - c0 < 8 ? inter - c0 : 8);
-        column_block(x, T, lin, c0, C, gate);
-        column_block(x, T, lin, inter + c0, C, up);
+        column_block(in, lin, c0, C, gate);
+        column_block(in, lin, inter + c0, C, up);
         for (int64_t t = 0; t < T; t++)
             for (int c = 0; c < C; c++) {
                 const float g = scaled(lin, c0 + c, gate[t * 8 + c]);
@@ -423,13 +535,17 @@ static void layer_forward(const Model *m, const Layer *ly, const Step *s,
                           int64_t max_seq_len) {
     const int64_t T = s->num_tokens, H = m->hidden;
     rms_norm_rows(s->residual, T, H, ly->input_norm, m->eps, s->normed);
-    linear(s->normed, T, &ly->qkv, s->qkv, ly->qkv.n_out, STORE);
+    Input in = prepare_input(s->normed, T, H, s);
+    linear(&in, &ly->qkv, s->qkv, ly->qkv.n_out, STORE);
     prepare_heads(m, ly, s);
     attention(m, ly, s, max_seq_len, s->normed);
-    linear(s->normed, T, &ly->o, s->residual, H, ADD);
+    in = prepare_input(s->normed, T, ly->o.n_in, s);
+    linear(&in, &ly->o, s->residual, H, ADD);
     rms_norm_rows(s->residual, T, H, ly->post_norm, m->eps, s->normed);
-    gate_up_silu(s->normed, T, &ly->gate_up, m->intermediate, s->act);
-    linear(s->act, T, &ly->down, s->residual, H, ADD);
+    in = prepare_input(s->normed, T, H, s);
+    gate_up_silu(&in, &ly->gate_up, m->intermediate, s->act);
+    in = prepare_input(s->act, T, m->intermediate, s);
+    linear(&in, &ly->down, s->residual, H, ADD);
 }
 
 /* Map each token row to its request (rows are laid out request by request); return the
