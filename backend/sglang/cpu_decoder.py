@@ -129,6 +129,8 @@ def load_library(cache_dir: str) -> ctypes.CDLL:
     library = ctypes.CDLL(str(build_library(cache_dir)))
     library.msg_decoder_forward.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Step)]
     library.msg_decoder_forward.restype = ctypes.c_int
+    library.msg_decoder_threaded.argtypes = []
+    library.msg_decoder_threaded.restype = ctypes.c_int
     return library
 
 
@@ -142,6 +144,8 @@ class CpuDecoder:
             raise CpuKernelUnavailable(reason)
         self.model = model
         self._lib = load_library(cache_dir)
+        # Without OpenMP (a compiler lacking it) the library runs each step on one thread.
+        self.threaded = bool(self._lib.msg_decoder_threaded())
         self._keep: list[torch.Tensor] = []  # everything the C structs point into
         config = model.config
         decoder_layers: list[DecoderLayer] = list(model.model.layers)  # type: ignore[arg-type]

@@ -174,6 +174,10 @@ def _compiled_decoder(model: CausalLM, kv_pool: KVPool, cpu_kernel: str,
             raise ConfigError(f"CPU_KERNEL=c: {exc}") from exc
         logger.info("compiled CPU decoder not used (%s); running torch ops", exc)
         return None
+    if not decoder.threaded and torch.get_num_threads() > 1 and cpu_kernel == "auto":
+        logger.info("compiled CPU decoder not used (built without OpenMP: one thread); "
+                    "running torch ops on %d threads", torch.get_num_threads())
+        return None
     logger.info("CPU forward: compiled decoder (one C call per step)")
     return decoder
 

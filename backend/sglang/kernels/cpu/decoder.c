@@ -560,6 +560,15 @@ static int64_t index_tokens(const Step *s) {
     return longest;
 }
 
+/* Whether the library was built with OpenMP (else one thread runs every step). */
+int msg_decoder_threaded(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 int msg_decoder_forward(const Model *m, const Step *s) {
     if (m->head_dim > MAX_HEAD_DIM || m->num_heads / m->num_kv_heads > MAX_GROUP) return 1;
     const int64_t max_seq_len = index_tokens(s);
