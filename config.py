@@ -112,6 +112,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("NUM_THREADS", "num_threads", _int_at_least(0), "0",
          "torch intra-op threads on CPU; 0 = torch's default."),
     Flag("SEED", "seed", _int_at_least(0), "0", "Seed of the engine's default generator."),
+    Flag("OVERLAP_SCHEDULE", "overlap_schedule", _choice("auto", "on", "off"), "auto",
+         "Overlap scheduling: the host reads step N's tokens and prepares step N+1 while the "
+         "device runs (one wait per step, for the sampled ids); auto = on for CUDA, off "
+         "elsewhere (a synchronous device gains nothing)."),
     Flag("CUDA_GRAPH", "cuda_graph", _parse_bool, "1",
          "Replay decode steps of the native runner from CUDA graphs (CUDA, triton kernels); "
          "captured at start-up."),
@@ -175,6 +179,7 @@ class Config:
     backend_impl: str = "auto"
     weight_quant: str = "auto"
     cpu_kernel: str = "auto"
+    overlap_schedule: str = "auto"
     num_threads: int = 0
     seed: int = 0
     cuda_graph: bool = True

@@ -41,6 +41,8 @@ ENGINE_COUNTERS: dict[str, tuple[str, str]] = {
     "num_prefill_cache_hits": ("prefill_cache_hits", "Exact-match prefill cache hits."),
     "num_steps": ("num_steps", "Scheduler steps that ran the model."),
     "forward_tokens": ("forward_tokens", "Tokens run through the model."),
+    "future_tokens": ("future_tokens",
+                      "Step inputs read on the device from the step before (overlap scheduling)."),
 }
 
 LATENCY_BUCKETS = (

@@ -145,7 +145,7 @@ def build_forward_batch_from_table(
     parts = [flat_ids, positions, flat_out_slots, qo_indptr, kv_indptr, logits_indices, rows,
              write_index, write_slots]
     (input_ids, positions_t, out_slots_t, qo_indptr_t, kv_indptr_t, logits_t, rows_t,
-     write_index_t, write_slots_t) = _to_device_at_once(parts, table.device)
+     write_index_t, write_slots_t) = to_device_at_once(parts, table.device)
     table.apply_writes(write_index_t, write_slots_t)
     return ForwardBatch(
         input_ids=input_ids,
@@ -160,7 +160,7 @@ def build_forward_batch_from_table(
     )
 
 
-def _to_device_at_once(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+def to_device_at_once(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
     """int64 device tensors of `parts` through one host→device copy (pinned on CUDA); each
     starts 16-byte aligned, as a tensor of its own would."""
     packed: list[int] = []

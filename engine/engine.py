@@ -20,15 +20,15 @@ from typing import Any
 
 import torch
 
-from backend.batch import ModelRunner
+from backend.batch import ModelRunner, to_device_at_once
 from backend.factory import create_runner
 from backend.loader import ModelSource, eos_token_ids, load_tokenizer, resolve_model
 from config import Config, get_config
 from engine.detokenizer import IncrementalDetokenizer, StopChecker
 from engine.request import Req, Sink, StreamDelta, TokenLogprob, Usage
-from engine.sampler import RequestHistory, SampleOutput, Sampler
+from engine.sampler import PendingSample, RequestHistory, SampleOutput, Sampler
 from engine.sampling_params import InvalidRequestError, SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class EngineStats:
     cached_tokens: int = 0
     num_steps: int = 0
     forward_tokens: int = 0
+    future_tokens: int = 0  # inputs read on the device from the step before (overlap)
 
 
 @dataclass
@@ -69,6 +70,14 @@ class GenerateOutput:
     usage: Usage
     index: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class _InFlight:
+    """A step whose sampled tokens are still on the device (or on their way to the host)."""
+
+    plan: StepPlan
+    sample: PendingSample | None
 
 
 class Engine:
@@ -87,6 +96,7 @@ class Engine:
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._reqs: dict[str, list[Req]] = {}
         self._stopped = threading.Event()
+        self._in_flight: _InFlight | None = None
         started: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._run, args=(runner, started), name="minisgl-scheduler", daemon=True
@@ -114,6 +124,9 @@ class Engine:
             max_context_len=self.max_context_len,
         )
         self.sampler = Sampler(self.info.vocab_size, self.runner.device, seed=self.config.seed)
+        self.overlap = self.config.overlap_schedule == "on" or (
+            self.config.overlap_schedule == "auto" and self.runner.device.type == "cuda"
+        )
 
     # ------------------------------------------------------------- public API
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -323,10 +336,14 @@ class Engine:
         started.put(None)
         self._loop()
 
+    @property
+    def _has_work(self) -> bool:
+        return self.scheduler.has_work or self._in_flight is not None
+
     def _loop(self) -> None:
         while not self._stopped.is_set():
-            self._drain(block=not self.scheduler.has_work)
-            if self._stopped.is_set() or not self.scheduler.has_work:
+            self._drain(block=not self._has_work)
+            if self._stopped.is_set() or not self._has_work:
                 continue
             try:
                 self._step()
@@ -366,22 +383,71 @@ class Engine:
                 result.put((False, exc))
 
     def _step(self) -> None:
+        """One step. With overlap, the host reads the previous step's tokens while the
+        device runs this step's forward, and leaves this step's sampling in flight; without,
+        it reads them at once. Either way the sampler sees every earlier token."""
         plan = self.scheduler.schedule()
         if plan is None:
-            self._reject_unschedulable()
+            if self._in_flight is not None:
+                self._read_in_flight()
+            else:
+                self._reject_unschedulable()
             return
-        logits = self.runner.forward(plan.batch) if plan.batch is not None else None
+        logits = self._forward(plan)
+        self.stats.num_steps += 1
+        self.stats.forward_tokens += plan.num_forward_tokens
+        self.scheduler.cache_prompts(plan, logits)
+        if self._in_flight is not None:
+            self._read_in_flight()
+        sample = None
+        if plan.sample_reqs and logits is not None:
+            histories = [r.state.history for r in plan.sample_reqs]
+            params = [r.params for r in plan.sample_reqs]
+            sample = self.sampler.sample_async(logits, params, histories)
+            for req in plan.sample_reqs:
+                req.num_future += 1
+        self._in_flight = _InFlight(plan, sample)
+        if not self.overlap:
+            self._read_in_flight()
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor | None:
+        """Queue the step's forward (future tokens read on the device); its logits, with
+        the prefill-cache hits' after them."""
+        logits = None
+        if plan.batch is not None:
+            if plan.future_inputs:
+                self._fill_future_inputs(plan.batch.input_ids, plan.future_inputs)
+                self.stats.future_tokens += len(plan.future_inputs)
+            logits = self.runner.forward(plan.batch)
         if plan.cached_logits:
             cached = torch.stack(plan.cached_logits)
             logits = cached if logits is None else torch.cat([logits, cached])
-        self.stats.num_steps += 1
-        self.stats.forward_tokens += plan.num_forward_tokens
-        if plan.sample_reqs and logits is not None:
-            histories = [r.state.history for r in plan.sample_reqs]
-            out = self.sampler.sample(logits, [r.params for r in plan.sample_reqs], histories)
-            for row, req in enumerate(plan.sample_reqs):
-                self._on_token(req, row, out)
-        self.scheduler.finish_step(plan, logits)
+        return logits
+
+    def _fill_future_inputs(self, input_ids: torch.Tensor,
+                            future_inputs: list[tuple[int, Req]]) -> None:
+        """Copy each future token from the in-flight step's sampled ids into its input row."""
+        previous = self._in_flight
+        assert previous is not None and previous.sample is not None
+        source_rows = {id(r): i for i, r in enumerate(previous.plan.sample_reqs)}
+        targets = [row for row, _ in future_inputs]
+        sources = [source_rows[id(req)] for _, req in future_inputs]
+        target_t, source_t = to_device_at_once([targets, sources], input_ids.device)
+        input_ids.index_copy_(0, target_t, previous.sample.token_ids.index_select(0, source_t))
+
+    def _read_in_flight(self) -> None:
+        """Read the in-flight step's tokens (waiting for their copy only), emit them, and
+        release the requests that finished."""
+        done, self._in_flight = self._in_flight, None
+        assert done is not None
+        reqs = done.plan.sample_reqs
+        if done.sample is not None:
+            out = done.sample.result()
+            for row, req in enumerate(reqs):
+                req.num_future -= 1
+                if not req.finished:  # finished or aborted while the step ran: dropped
+                    self._on_token(req, row, out)
+        self.scheduler.release_finished(reqs)
 
     def _on_token(self, req: Req, row: int, out: SampleOutput) -> None:
         token = out.token_ids[row]
@@ -453,6 +519,7 @@ class Engine:
         self._finish(req, "abort", "", error="request does not fit in the KV cache")
 
     def _fail_all(self, message: str) -> None:
+        self._in_flight = None
         sched = self.scheduler
         for req in list(sched.running) + list(sched.waiting):
             sched.remove(req)

@@ -11,6 +11,9 @@ Invariant table of a request `r` while it holds KV (running):
 | r.num_computed  | tokens whose K/V are in the pool; the next step computes from here     |
 | r.row           | its row of the scheduler's SlotTable, which mirrors r.slots on the     |
 |                 | device once the next step's staged writes are applied                  |
+| r.num_future    | 0 or 1: a token sampled on the device whose value the host has not     |
+|                 | read yet (overlap scheduling); it counts in seq_len and num_output,    |
+|                 | not in token_ids, and a step that computes it reads it on the device   |
 
 A waiting request holds no slots, no lock and no row (num_computed == cached_len == row == 0).
 """
@@ -25,6 +28,7 @@ from typing import Any
 from engine.sampling_params import SamplingParams
 
 _arrival = itertools.count()
+FUTURE_TOKEN = 0  # placeholder id of a future token in a step's host-side inputs
 
 
 @dataclass
@@ -85,6 +89,7 @@ class Req:
     finish_reason: str | None = None
     arrival: int = field(default_factory=lambda: next(_arrival))
     state: Any = None  # sampler history, detokenizer, stop checker (owned by the engine)
+    num_future: int = 0  # sampled on the device, not yet read back (see the table above)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
@@ -95,11 +100,23 @@ class Req:
 
     @property
     def num_output(self) -> int:
-        return len(self.token_ids) - len(self.prompt_ids)
+        return len(self.token_ids) + self.num_future - len(self.prompt_ids)
 
     @property
     def seq_len(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_future
+
+    def step_tokens(self, start: int, count: int) -> list[int]:
+        """Tokens [start, start + count) for a forward step; a future token reads as
+        FUTURE_TOKEN (the step fills it in on the device)."""
+        known = self.token_ids[start : start + count]
+        return known + [FUTURE_TOKEN] * (count - len(known))
+
+    def future_is_last(self, max_context_len: int) -> bool:
+        """Whether the future token ends the request by length: no step needs to compute it."""
+        if not self.num_future:
+            return False
+        return self.num_output >= self.params.max_new_tokens or self.seq_len >= max_context_len
 
     @property
     def num_computed(self) -> int:
@@ -117,6 +134,6 @@ class Req:
     def usage(self) -> Usage:
         return Usage(
             prompt_tokens=len(self.prompt_ids),
-            completion_tokens=self.num_output,
+            completion_tokens=len(self.token_ids) - len(self.prompt_ids),
             cached_tokens=max(self.num_prompt_cached, 0),
         )

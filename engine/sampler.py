@@ -142,6 +142,16 @@ class Sampler:
         histories: list[RequestHistory],
     ) -> SampleOutput:
         """Pick one token per row; `params[i]` and `histories[i]` describe row i."""
+        return self.sample_async(logits, params, histories).result()
+
+    def sample_async(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        histories: list[RequestHistory],
+    ) -> PendingSample:
+        """`sample` without waiting: the tokens stay on the device (for the next step's
+        inputs) while their copy to the host runs; `result()` waits for that copy only."""
         if logits.dim() != 2 or not logits.shape[0] == len(params) == len(histories):
             raise ValueError("logits must be [B, V] with one params/history per row")
         logits = logits.float()
@@ -153,7 +163,7 @@ class Sampler:
             token_ids = self._sample_rows(penalized, histories, batch)
 
         logprobs, top_ids, top_values = compute_logprobs(logits, token_ids, params)
-        return _to_output(token_ids, logprobs, top_ids, top_values, params)
+        return PendingSample(token_ids, logprobs, top_ids, top_values, params)
 
     def _sample_rows(
         self, penalized: torch.Tensor, histories: list[RequestHistory], batch: _BatchParams
@@ -290,22 +300,53 @@ def compute_logprobs(
     return chosen, top_ids, top_values
 
 
-def _to_output(
-    token_ids: torch.Tensor,
-    logprobs: torch.Tensor | None,
-    top_ids: torch.Tensor | None,
-    top_values: torch.Tensor | None,
-    params: list[SamplingParams],
-) -> SampleOutput:
-    """Copy results to the host, one .tolist() per tensor."""
-    chosen = logprobs.tolist() if logprobs is not None else None
-    top: list[list[tuple[int, float]]] | None = None
-    if top_ids is not None and top_values is not None:
-        ids_rows, value_rows = top_ids.tolist(), top_values.tolist()
-        top = [
-            list(zip(ids[: p.top_logprobs], values[: p.top_logprobs], strict=True))
-            for ids, values, p in zip(ids_rows, value_rows, params, strict=True)
-        ]
-    elif chosen is not None:
-        top = [[] for _ in params]
-    return SampleOutput(token_ids=token_ids.tolist(), logprobs=chosen, top_logprobs=top)
+class PendingSample:
+    """A step's sampled tokens (and logprobs) on the device, on their way to the host.
+
+    `token_ids` stays a device tensor: the next step reads future tokens from it. On CUDA
+    the results are copied into pinned host memory behind the sampling kernels and an event
+    marks the end of the copy, so `result()` waits for this step only, never for later work
+    queued on the stream.
+    """
+
+    def __init__(
+        self,
+        token_ids: torch.Tensor,
+        logprobs: torch.Tensor | None,
+        top_ids: torch.Tensor | None,
+        top_values: torch.Tensor | None,
+        params: list[SamplingParams],
+    ) -> None:
+        self.token_ids = token_ids
+        self._params = params
+        self._parts = [t for t in (token_ids, logprobs, top_ids, top_values)]
+        self._event: torch.cuda.Event | None = None
+        if token_ids.device.type == "cuda":
+            self._parts = [_to_pinned_host(t) for t in self._parts]
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> SampleOutput:
+        """The host copy (one wait, then one .tolist() per tensor)."""
+        if self._event is not None:
+            self._event.synchronize()
+        token_ids, logprobs, top_ids, top_values = self._parts
+        assert token_ids is not None
+        chosen = logprobs.tolist() if logprobs is not None else None
+        top: list[list[tuple[int, float]]] | None = None
+        if top_ids is not None and top_values is not None:
+            ids_rows, value_rows = top_ids.tolist(), top_values.tolist()
+            top = [
+                list(zip(ids[: p.top_logprobs], values[: p.top_logprobs], strict=True))
+                for ids, values, p in zip(ids_rows, value_rows, self._params, strict=True)
+            ]
+        elif chosen is not None:
+            top = [[] for _ in self._params]
+        return SampleOutput(token_ids=token_ids.tolist(), logprobs=chosen, top_logprobs=top)
+
+
+def _to_pinned_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)

@@ -17,6 +17,12 @@ When slots run out, the radix cache evicts unreferenced prefixes; when that is n
 the newest running requests are preempted: their computed tokens go into the radix cache
 (so a resume usually recomputes nothing), their slots are released, and they wait again
 with their generated tokens kept. The scheduler is the only caller of the caches.
+
+Overlap scheduling: a request may carry a future token (`Req.num_future`), sampled by the
+step still running on the device. It is scheduled like any pending token; its input row is
+listed in `StepPlan.future_inputs` for the engine to fill on the device. A future token that
+ends the request by length is not scheduled, and a waiting request with one is admitted
+once it has been read.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class StepPlan:
     batch: ForwardBatch | None
     sample_reqs: list[Req]  # forward rows first (batch order), then prefill-cache hits
     cached_logits: list[torch.Tensor] = field(default_factory=list)
+    future_inputs: list[tuple[int, Req]] = field(default_factory=list)  # (input row, request)
 
     @property
     def num_forward_tokens(self) -> int:
@@ -72,6 +79,7 @@ class Scheduler:
         self.config = config
         self.device = device
         self.allocator = SlotAllocator(num_slots)
+        self.max_context_len = max_context_len or num_slots
         width = num_slots if max_context_len is None else min(num_slots, max_context_len)
         self.table = SlotTable(config.max_running_requests, width, device)
         self.radix = RadixCache(
@@ -110,7 +118,8 @@ class Scheduler:
         budget = self.config.chunked_prefill_size
         scheduled: list[tuple[Req, int]] = []
         done: set[int] = set()
-        decoding = [r for r in self.running if r.num_pending == 1]
+        decoding = [r for r in self.running
+                    if r.num_pending == 1 and not r.future_is_last(self.max_context_len)]
         prefilling = sorted((r for r in self.running if r.num_pending > 1), key=lambda r: r.arrival)
         for req in decoding:
             if req.node is None:  # preempted earlier in this step
@@ -142,9 +151,16 @@ class Scheduler:
         reqs = [r for r, _ in scheduled]
         starts = [r.num_computed - n for r, n in scheduled]
         batch = None
+        future_inputs: list[tuple[int, Req]] = []
         if scheduled:
+            token_ids = [r.step_tokens(s, n) for (r, n), s in zip(scheduled, starts)]
+            row = 0
+            for (req, n), start in zip(scheduled, starts):
+                if start + n > len(req.token_ids):  # its last input is the future token
+                    future_inputs.append((row + n - 1, req))
+                row += n
             batch = build_forward_batch_from_table(
-                token_ids=[r.token_ids[s : s + n] for (r, n), s in zip(scheduled, starts)],
+                token_ids=token_ids,
                 prefix_lens=starts,
                 out_slots=[r.slots[s : s + n] for (r, n), s in zip(scheduled, starts)],
                 rows=[r.row for r in reqs],
@@ -158,6 +174,7 @@ class Scheduler:
             batch=batch,
             sample_reqs=sample_reqs,
             cached_logits=[logits for _, logits in hits],
+            future_inputs=future_inputs,
         )
 
     def _admit(
@@ -170,6 +187,8 @@ class Scheduler:
         for req in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_running_requests:
                 return
+            if req.num_future:
+                continue  # preempted with a token still on the device: admit once it is read
             first = req.waits_for
             if first is not None and not (first.num_output > 0 or first.finished):
                 continue  # n > 1: share the first sequence's prompt KV once it is cached
@@ -258,19 +277,33 @@ class Scheduler:
 
     # ------------------------------------------------------ after the forward
     def finish_step(self, plan: StepPlan, logits: torch.Tensor | None) -> None:
-        """Cache newly prefilled prompts, remember their logits, release finished requests."""
+        """`cache_prompts`, then `release_finished` of the step's sampled requests."""
+        self.cache_prompts(plan, logits)
+        self.release_finished(plan.sample_reqs)
+
+    def cache_prompts(self, plan: StepPlan, logits: torch.Tensor | None) -> None:
+        """Right after the forward: hand newly prefilled prompts to the radix cache and their
+        logits to the prefill cache."""
         rows = {id(r): i for i, r in enumerate(plan.sample_reqs)}
         for req, start in zip(plan.reqs, plan.starts):
             prompt_len = len(req.prompt_ids)
             if start < prompt_len <= req.num_computed:
                 if req.num_computed == prompt_len and logits is not None and id(req) in rows:
                     self.prefill_cache.put(req.prompt_ids, logits[rows[id(req)]])
-                if not req.finished:
+                if not req.finished and req in self.running:
                     self._cache_prefix(req, prompt_len)
-        for req in plan.sample_reqs:
-            if req.finished and req in self.running:
+
+    def release_finished(self, reqs: list[Req]) -> None:
+        """Release the finished ones among `reqs` (once their tokens have been read); one
+        preempted while its last token was in flight leaves the waiting queue."""
+        for req in reqs:
+            if not req.finished:
+                continue
+            if req in self.running:
                 self.running.remove(req)
                 self._release(req)
+            elif req in self.waiting:
+                self.waiting.remove(req)
 
     def _cache_prefix(self, req: Req, length: int) -> None:
         """Hand the first `length` computed tokens to the radix cache and lock them there."""
@@ -286,7 +319,7 @@ class Scheduler:
 
     def _release(self, req: Req) -> None:
         """Give all of a request's KV back: reusable prefixes to the cache, the rest freed."""
-        computed = req.num_computed
+        computed = req.num_computed  # a future token's slot (no known token) stays ours: freed
         result = self.radix.insert(req.token_ids[:computed], req.slots)
         own_duplicates = req.slots[req.cached_len : result.num_present]
         beyond = req.slots[max(result.num_cached, req.cached_len) :]

@@ -2,7 +2,8 @@
 
 Alone, inside a busy batch of mixed lengths, after a prefix-cache hit, after preemption
 forced by a tiny KV pool, and with chunked prefill splitting the prompt; on tiny random
-Llama, Qwen2, Qwen3 and Mistral models and on the embedded SmolLM2.
+Llama, Qwen2, Qwen3 and Mistral models and on the embedded SmolLM2. The engine tests run
+with and without overlap scheduling (OVERLAP_SCHEDULE), which must not change any output.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from engine.sampling_params import InvalidRequestError, SamplingParams
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+OVERLAP = ["off", "on"]
 DEVICE = os.environ.get("MINISGL_TEST_DEVICE", "cpu")  # "cuda" on a GPU machine
 NEW_TOKENS = 12
 
@@ -70,12 +72,15 @@ def make_engine(path: str, **flags: str) -> Engine:
     return Engine(load_config(env))
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=[(a, o) for o in OVERLAP for a in ARCHS],
+                ids=lambda p: f"{p[0]}-overlap-{p[1]}")
 def arch_setup(
     request: pytest.FixtureRequest, tiny_model_factory
 ) -> Iterator[tuple[Engine, Reference]]:
-    path = tiny_model_factory(request.param)
-    engine = make_engine(path)
+    arch, overlap = request.param
+    path = tiny_model_factory(arch)
+    engine = make_engine(path, OVERLAP_SCHEDULE=overlap)
+    assert engine.overlap == (overlap == "on")
     yield engine, Reference(path)
     engine.shutdown()
 
@@ -109,10 +114,14 @@ def test_prefix_cache_hit(arch_setup: tuple[Engine, Reference]) -> None:
     assert out.token_ids == ref.generate(second)
 
 
+@pytest.mark.parametrize("overlap", OVERLAP)
 @pytest.mark.parametrize(("arch", "prefix_cache"), [("qwen3", "1"), ("llama", "0")])
-def test_preemption_with_tiny_pool(tiny_model_factory, arch: str, prefix_cache: str) -> None:
+def test_preemption_with_tiny_pool(
+    tiny_model_factory, arch: str, prefix_cache: str, overlap: str
+) -> None:
     path = tiny_model_factory(arch)
-    engine = make_engine(path, KV_CACHE_TOKENS="160", PREFIX_CACHE=prefix_cache)
+    engine = make_engine(path, KV_CACHE_TOKENS="160", PREFIX_CACHE=prefix_cache,
+                         OVERLAP_SCHEDULE=overlap)
     try:
         prompts = random_prompts(10, 20, 40, seed=4)
         outs = engine.generate(prompts, greedy(24))
@@ -127,9 +136,10 @@ def test_preemption_with_tiny_pool(tiny_model_factory, arch: str, prefix_cache: 
         engine.shutdown()
 
 
-def test_chunked_prefill(tiny_model_factory) -> None:
+@pytest.mark.parametrize("overlap", OVERLAP)
+def test_chunked_prefill(tiny_model_factory, overlap: str) -> None:
     path = tiny_model_factory("mistral")
-    engine = make_engine(path, CHUNKED_PREFILL_SIZE="16")
+    engine = make_engine(path, CHUNKED_PREFILL_SIZE="16", OVERLAP_SCHEDULE=overlap)
     try:
         prompts = random_prompts(4, 50, 90, seed=6)
         outs = engine.generate(prompts, greedy())
@@ -197,6 +207,44 @@ def test_seed_reproducible_across_batches(arch_setup: tuple[Engine, Reference]) 
     assert outs[-1][0].token_ids == alone.token_ids
 
 
+def test_overlap_changes_no_output(
+    smollm2_dir: str, smollm2_engine: tuple[Engine, Reference]
+) -> None:
+    """EOS, stop strings, max_tokens, penalties, seeds and logprobs under overlap scheduling
+    give what the synchronous engine gives; nothing leaks."""
+    engine, _ = smollm2_engine
+    questions = ["What is the capital of France?", "Count from 1 to 10.", "Name a fruit.",
+                 "Say hi.", "Write one word.", "What is 2+2?"]
+    chats = [[{"role": "user", "content": q}] for q in questions]
+    params = [
+        SamplingParams(max_new_tokens=30, temperature=0.0),
+        SamplingParams(max_new_tokens=40, temperature=0.0, stop=[", 5"]),
+        SamplingParams(max_new_tokens=3, temperature=0.0),
+        SamplingParams(max_new_tokens=20, temperature=0.0, repetition_penalty=1.3,
+                       frequency_penalty=0.5),
+        SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.9, seed=11, logprobs=True,
+                       top_logprobs=2),
+        SamplingParams(max_new_tokens=12, temperature=0.0, n=2, presence_penalty=0.4),
+    ]
+    expected = engine.generate(chats, params)
+    overlapped = make_engine(smollm2_dir, OVERLAP_SCHEDULE="on")
+    try:
+        got = overlapped.generate(chats, params)
+        for want, have in zip(expected, got):
+            for a, b in zip(want, have, strict=True):
+                assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text,
+                                                                   a.finish_reason)
+                assert (b.usage.prompt_tokens, b.usage.completion_tokens) == (
+                    a.usage.prompt_tokens, a.usage.completion_tokens)
+                assert [x.token_id for x in b.logprobs] == [x.token_id for x in a.logprobs]
+        assert {o.finish_reason for outs in got for o in outs} == {"stop", "length"}
+        assert engine.stats.future_tokens == 0 and overlapped.stats.future_tokens > 50
+        snap = overlapped.snapshot()
+        assert snap["num_running"] == 0 and snap["kv_used_slots"] == 0
+    finally:
+        overlapped.shutdown()
+
+
 def test_stop_string_is_not_returned(smollm2_engine: tuple[Engine, Reference]) -> None:
     engine, _ = smollm2_engine
     messages = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
@@ -223,8 +271,9 @@ def test_multibyte_stream_concatenates_exactly(smollm2_engine: tuple[Engine, Ref
     assert deltas[-1].finished
 
 
-def test_abort_frees_slots(tiny_model_factory) -> None:
-    engine = make_engine(tiny_model_factory("llama"), PREFIX_CACHE="0")
+@pytest.mark.parametrize("overlap", OVERLAP)
+def test_abort_frees_slots(tiny_model_factory, overlap: str) -> None:
+    engine = make_engine(tiny_model_factory("llama"), PREFIX_CACHE="0", OVERLAP_SCHEDULE=overlap)
     try:
         stream = engine.stream([5] * 30, greedy(400))
         first = next(stream)
