@@ -147,6 +147,24 @@ def store_call(
     return call
 
 
+def qkv_prepare_call(
+    qkv: torch.Tensor, s: Shapes, positions: torch.Tensor, cache: torch.Tensor,
+    head_weight: torch.Tensor, slots: torch.Tensor, pool_shape: tuple[int, ...]
+) -> Callable[[Any], Any]:
+    """q/k norms + rotary + K/V store (one op), into pools of its own per kernel set."""
+    pools: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def call(ops: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if id(ops) not in pools:
+            pools[id(ops)] = (qkv.new_zeros(pool_shape), qkv.new_zeros(pool_shape))
+        k_pool, v_pool = pools[id(ops)]
+        q = ops.qkv_prepare(qkv, s.q_heads, s.kv_heads, positions, cache, head_weight,
+                            head_weight, 1e-6, k_pool, v_pool, slots)
+        return q, k_pool, v_pool
+
+    return call
+
+
 def paged_batch(
     prefix_lens: list[int], extend_lens: list[int], num_slots: int, device: torch.device
 ) -> ForwardBatch:
@@ -194,6 +212,8 @@ def elementwise_rows(
              op_call("silu_and_mul", gate_up)),
             ("store_kv", f"{tokens}x{s.kv_heads}x{s.head_dim}", TorchStore,
              store_call(slots, k, v, pool_shape)),
+            ("qkv_prepare", f"{tokens}x{qkv_width}", torch_ops,
+             qkv_prepare_call(qkv, s, positions, cache, head_weight, slots, pool_shape)),
         ]
         for op, shape, reference_ops, call in cases:
             rows.append(compare(f"{op} ({label})", shape, call, reference_ops, triton_ops,

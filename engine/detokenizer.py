@@ -35,12 +35,13 @@ class IncrementalDetokenizer:
         prompt_ids: Sequence[int] | None = None,
         skip_special_tokens: bool = True,
     ) -> None:
-        self._tokenizer = tokenizer
+        self._decode_ids = _decoder(tokenizer)
         self._skip_special_tokens = skip_special_tokens
         context = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:]) if prompt_ids else []
         self._ids: list[int] = context
         self._prefix_offset = 0
         self._read_offset = len(context)
+        self._prefix_text: str | None = None  # decode of [prefix_offset, read_offset)
         self._text = ""
 
     @property
@@ -51,7 +52,7 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one generated token; return the text it completes (may be "")."""
         self._ids.append(token_id)
-        prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        prefix_text = self._prefix()
         window_text = self._decode(self._prefix_offset, len(self._ids))
         if len(window_text) <= len(prefix_text) or window_text.endswith(_REPLACEMENT_CHAR):
             return ""
@@ -59,25 +60,38 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Text held back at the end of the sequence (an unfinished character, say)."""
-        prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        prefix_text = self._prefix()
         window_text = self._decode(self._prefix_offset, len(self._ids))
         if len(window_text) <= len(prefix_text):
             return ""
         return self._emit(window_text[len(prefix_text) :])
 
+    def _prefix(self) -> str:
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        return self._prefix_text
+
     def _emit(self, delta: str) -> str:
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
+        self._prefix_text = None
         self._text += delta
         return delta
 
     def _decode(self, start: int, end: int) -> str:
         if start >= end:
             return ""
-        text: str = self._tokenizer.decode(
-            self._ids[start:end], skip_special_tokens=self._skip_special_tokens
-        )
-        return text
+        return self._decode_ids(self._ids[start:end], self._skip_special_tokens)
+
+
+def _decoder(tokenizer: Any) -> Any:
+    """`decode(ids, skip_special_tokens) -> str`: the Rust tokenizer's own decode when the
+    transformers wrapper would add nothing to it (a fast tokenizer that does not clean up
+    spaces), which skips the wrapper's per-call conversions; else the wrapper's."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
+    return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
 
 
 class StopChecker:

@@ -261,3 +261,26 @@ def test_native_runner_with_triton_kernels_matches_torch(tmp_path: Path) -> None
         )
         logits = {name: runner.forward(batch) for name, runner in runners.items()}
         torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("head_dim", "norms"), [(64, True), (80, False), (128, True)])
+def test_qkv_prepare_matches_the_separate_ops(
+    ops: ModuleType, dtype: torch.dtype, head_dim: int, norms: bool
+) -> None:
+    num_tokens, q_heads, kv_heads = 5, 6, 2
+    cache = ops.build_rope_cache(head_dim, 64, 10000.0, None, CPU)
+    qkv = _randn(num_tokens, (q_heads + 2 * kv_heads) * head_dim, dtype=dtype) * 3
+    q_norm = _randn(head_dim, dtype=dtype, seed=1) if norms else None
+    k_norm = _randn(head_dim, dtype=dtype, seed=2) if norms else None
+    positions = torch.tensor([0, 7, 3, 63, 12])
+    slots = torch.tensor([9, 2, 11, 5, 1])
+    pools = [KVPool(1, 12, kv_heads, head_dim, dtype, CPU) for _ in range(2)]
+    q = ops.qkv_prepare(qkv, q_heads, kv_heads, positions, cache, q_norm, k_norm, EPS,
+                        pools[0].k[0], pools[0].v[0], slots)
+    q_ref = torch_ops.qkv_prepare(qkv, q_heads, kv_heads, positions, cache, q_norm, k_norm,
+                                  EPS, pools[1].k[0], pools[1].v[0], slots)
+    _close(q, q_ref)
+    _close(pools[0].k[0], pools[1].k[0])
+    assert torch.equal(pools[0].v[0], pools[1].v[0])
+    assert pools[0].k[0][[0, 3, 4]].abs().sum() == 0

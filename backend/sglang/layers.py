@@ -186,7 +186,8 @@ class MergedLinear(Linear):
 
 
 class Attention(nn.Module):
-    """qkv → (q/k norm) → rope → store K/V in the pool → paged attention → o_proj."""
+    """qkv → (q/k norm) → rope → store K/V in the pool (one `qkv_prepare` op) → paged
+    attention → o_proj."""
 
     def __init__(self, config: DecoderConfig, layer_id: int, ops: KernelSet,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -215,15 +216,14 @@ class Attention(nn.Module):
                 batch: ForwardBatch, kv_pool: KVPool) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj.forward(hidden).to(self.dtype)
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm.forward(q)
-            k = self.k_norm.forward(k)
-        q, k = self.ops.apply_rotary(q, k, positions, cos_sin_cache)
-        self.ops.store_kv(kv_pool.k[self.layer_id], kv_pool.v[self.layer_id], batch.out_slots, k, v)
+        q_norm, k_norm = self.q_norm, self.k_norm
+        q = self.ops.qkv_prepare(
+            qkv, self.num_heads, self.num_kv_heads, positions, cos_sin_cache,
+            q_norm.weight if q_norm is not None else None,
+            k_norm.weight if k_norm is not None else None,
+            q_norm.eps if q_norm is not None else 0.0,
+            kv_pool.k[self.layer_id], kv_pool.v[self.layer_id], batch.out_slots,
+        )
         out = self.ops.paged_attention(
             q, kv_pool.k[self.layer_id], kv_pool.v[self.layer_id], batch, self.scale,
             self.num_kv_heads,

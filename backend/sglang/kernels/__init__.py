@@ -55,6 +55,21 @@ class KernelSet(Protocol):
         v: torch.Tensor,
     ) -> None: ...
 
+    def qkv_prepare(
+        self,
+        qkv: torch.Tensor,
+        num_q_heads: int,
+        num_kv_heads: int,
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        q_norm: torch.Tensor | None,
+        k_norm: torch.Tensor | None,
+        eps: float,
+        k_pool_layer: torch.Tensor,
+        v_pool_layer: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> torch.Tensor: ...
+
     def paged_attention(
         self,
         q: torch.Tensor,

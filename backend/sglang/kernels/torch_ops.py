@@ -288,6 +288,37 @@ def store_kv(
     v_pool_layer[slots] = v.to(v_pool_layer.dtype)
 
 
+def qkv_prepare(
+    qkv: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+    k_pool_layer: torch.Tensor,
+    v_pool_layer: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """From a fused projection qkv [T, (Hq + 2 Hkv) D]: q/k RMS norms (Qwen3; both or
+    neither), rotary on q and k, K and V stored at `slots`; returns q [T, Hq, D]."""
+    num_tokens = qkv.shape[0]
+    head_dim = qkv.shape[1] // (num_q_heads + 2 * num_kv_heads)
+    q, k, v = qkv.split(
+        (num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim), dim=-1
+    )
+    q = q.view(num_tokens, num_q_heads, head_dim)
+    k = k.view(num_tokens, num_kv_heads, head_dim)
+    v = v.view(num_tokens, num_kv_heads, head_dim)
+    if q_norm is not None and k_norm is not None:
+        q = rms_norm(q, q_norm, eps)
+        k = rms_norm(k, k_norm, eps)
+    q, k = apply_rotary(q, k, positions, cos_sin_cache)
+    store_kv(k_pool_layer, v_pool_layer, slots, k, v)
+    return q
+
+
 def paged_attention(
     q: torch.Tensor,
     k_pool_layer: torch.Tensor,

@@ -13,7 +13,12 @@ import torch
 from backend.batch import ForwardBatch
 from backend.sglang.kernels.torch_ops import build_rope_cache
 from backend.sglang.kernels.triton.decode_attention import choose_num_splits, decode_attention
-from backend.sglang.kernels.triton.elementwise import apply_rotary, silu_and_mul, store_kv
+from backend.sglang.kernels.triton.elementwise import (
+    apply_rotary,
+    qkv_prepare,
+    silu_and_mul,
+    store_kv,
+)
 from backend.sglang.kernels.triton.extend_attention import extend_attention
 from backend.sglang.kernels.triton.norm import fused_add_rms_norm, rms_norm
 
@@ -22,6 +27,7 @@ __all__ = [
     "build_rope_cache",
     "fused_add_rms_norm",
     "paged_attention",
+    "qkv_prepare",
     "rms_norm",
     "silu_and_mul",
     "store_kv",

@@ -150,3 +150,114 @@ def store_kv(
             BLOCK_H=triton.next_power_of_2(num_heads),
             BLOCK_D=triton.next_power_of_2(head_dim),
         )
+
+
+@triton.jit
+def _norm_rotate_heads(
+    src, num_heads, half, cos, sin, norm_ptr, eps, HAS_NORM: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    """Heads [BLOCK_H, D] of one token at `src` (rows of 2 * half): RMS-normed (rounded to
+    the input dtype between steps, as separate norm and rotary kernels would) and rotated;
+    returns the two halves in float32."""
+    heads = tl.arange(0, BLOCK_H)
+    offs = tl.arange(0, BLOCK_HALF)
+    mask = (heads[:, None] < num_heads) & (offs[None, :] < half)
+    first = src + heads[:, None] * (2 * half) + offs[None, :]
+    dtype = src.dtype.element_ty
+    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(first + half, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        inv = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * half) + eps)
+        w1 = tl.load(norm_ptr + offs, mask=offs < half, other=0.0).to(tl.float32)
+        w2 = tl.load(norm_ptr + half + offs, mask=offs < half, other=0.0).to(tl.float32)
+        x1 = (x1 * inv[:, None]).to(dtype).to(tl.float32) * w1[None, :]
+        x2 = (x2 * inv[:, None]).to(dtype).to(tl.float32) * w2[None, :]
+        x1 = x1.to(dtype).to(tl.float32)
+        x2 = x2.to(dtype).to(tl.float32)
+    return x1 * cos[None, :] - x2 * sin[None, :], x2 * cos[None, :] + x1 * sin[None, :], mask
+
+
+@triton.jit
+def _qkv_prepare_kernel(
+    qkv_ptr, positions_ptr, cache_ptr, slots_ptr, q_norm_ptr, k_norm_ptr,
+    q_out_ptr, k_pool_ptr, v_pool_ptr,
+    stride_t, stride_cache, stride_kp, stride_vp,
+    num_q_heads, num_kv_heads, half, eps,
+    HAS_NORM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    position = tl.load(positions_ptr + token)
+    slot = tl.load(slots_ptr + token).to(tl.int64)
+    offs = tl.arange(0, BLOCK_HALF)
+    cos_row = cache_ptr + position * stride_cache
+    cos = tl.load(cos_row + offs, mask=offs < half, other=0.0).to(tl.float32)
+    sin = tl.load(cos_row + half + offs, mask=offs < half, other=0.0).to(tl.float32)
+    row = qkv_ptr + token * stride_t
+    head_dim = 2 * half
+    q1, q2, q_mask = _norm_rotate_heads(row, num_q_heads, half, cos, sin, q_norm_ptr, eps,
+                                        HAS_NORM, BLOCK_HQ, BLOCK_HALF)
+    q_heads = tl.arange(0, BLOCK_HQ)[:, None]
+    q_dst = q_out_ptr + token * num_q_heads * head_dim + q_heads * head_dim + offs[None, :]
+    q_dtype = q_out_ptr.dtype.element_ty
+    tl.store(q_dst, q1.to(q_dtype), mask=q_mask)
+    tl.store(q_dst + half, q2.to(q_dtype), mask=q_mask)
+    k_src = row + num_q_heads * head_dim
+    k1, k2, k_mask = _norm_rotate_heads(k_src, num_kv_heads, half, cos, sin, k_norm_ptr, eps,
+                                        HAS_NORM, BLOCK_HK, BLOCK_HALF)
+    kv_heads = tl.arange(0, BLOCK_HK)[:, None]
+    k_dst = k_pool_ptr + slot * stride_kp + kv_heads * head_dim + offs[None, :]
+    pool_dtype = k_pool_ptr.dtype.element_ty
+    tl.store(k_dst, k1.to(q_dtype).to(pool_dtype), mask=k_mask)
+    tl.store(k_dst + half, k2.to(q_dtype).to(pool_dtype), mask=k_mask)
+    v_src = k_src + num_kv_heads * head_dim + kv_heads * head_dim + offs[None, :]
+    v_dst = v_pool_ptr + slot * stride_vp + kv_heads * head_dim + offs[None, :]
+    v_pool_dtype = v_pool_ptr.dtype.element_ty
+    tl.store(v_dst, tl.load(v_src, mask=k_mask).to(v_pool_dtype), mask=k_mask)
+    tl.store(v_dst + half, tl.load(v_src + half, mask=k_mask).to(v_pool_dtype), mask=k_mask)
+
+
+def qkv_prepare(
+    qkv: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+    k_pool_layer: torch.Tensor,
+    v_pool_layer: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """torch_ops.qkv_prepare in one kernel: q/k norms, rotary, and the K/V store."""
+    qkv = _unit_last_stride(qkv)
+    num_tokens = qkv.shape[0]
+    head_dim = qkv.shape[1] // (num_q_heads + 2 * num_kv_heads)
+    if head_dim % 2:
+        raise ValueError(f"rotary needs an even head_dim, got {head_dim}")
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("q and k norms come together")
+    pool_row = (num_kv_heads, head_dim)
+    if k_pool_layer.shape[1:] != pool_row or v_pool_layer.shape != k_pool_layer.shape:
+        raise ValueError(f"KV pools {tuple(k_pool_layer.shape)} do not hold rows {pool_row}")
+    if not (k_pool_layer.is_contiguous() and v_pool_layer.is_contiguous()):
+        raise ValueError("KV pools must be contiguous")
+    cos_sin_cache = _unit_last_stride(cos_sin_cache)
+    q_out = torch.empty(num_tokens, num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if num_tokens:
+        has_norm = q_norm is not None
+        _qkv_prepare_kernel[(num_tokens,)](
+            qkv, positions, cos_sin_cache, slots,
+            q_norm if has_norm else qkv, k_norm if has_norm else qkv,
+            q_out, k_pool_layer, v_pool_layer,
+            qkv.stride(0), cos_sin_cache.stride(0), k_pool_layer.stride(0),
+            v_pool_layer.stride(0),
+            num_q_heads, num_kv_heads, head_dim // 2, eps,
+            HAS_NORM=has_norm,
+            BLOCK_HQ=triton.next_power_of_2(num_q_heads),
+            BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+            BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+        )
+    return q_out

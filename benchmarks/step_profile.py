@@ -1,0 +1,114 @@
+"""Where a decode step goes: the engine loop's host time by function, and the device time of
+the forward, for one batch of greedy requests.
+
+    python3 -m benchmarks.step_profile --model model_configs/qwen3-0.6b --load-format dummy
+    python3 -m benchmarks.step_profile --batch 64 --top 30      # the embedded model, CPU
+
+The host side is cProfile on the engine's loop thread (enabled through `Engine.call`, so only
+that thread is measured) over the whole run; figures are per step. On CUDA, events around
+each `runner.forward` call give the device time from its first launch to its last kernel.
+The profiler slows Python down (roughly 1.5-2x), so the host figures overstate its share;
+compare functions with each other, and the step time with a run of `bench_suite.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import time
+from typing import Any
+
+import torch
+
+from config import load_config
+from engine.engine import Engine
+from engine.sampling_params import SamplingParams
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="", help="folder (default: the embedded model)")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    parser.add_argument("--batch", type=int, default=1, help="concurrent requests")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--top", type=int, default=25, help="functions to list")
+    return parser.parse_args()
+
+
+class ForwardTimer:
+    """Wraps `runner.forward`: CUDA events around every call, read once at the end."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.inner = runner.forward
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        runner.forward = self
+
+    def __call__(self, batch: Any) -> torch.Tensor:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        logits = self.inner(batch)
+        end.record()
+        self.events.append((start, end))
+        return logits
+
+    def mean_ms(self) -> float:
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in self.events]
+        return sum(times) / len(times) if times else float("nan")
+
+
+def main() -> None:
+    args = parse_args()
+    env = dict(os.environ)
+    if args.model:
+        env["MODEL_LOCAL_DIR"] = args.model
+    env["LOAD_FORMAT"] = args.load_format
+    engine = Engine(load_config(env))
+    try:
+        vocab = engine.info.vocab_size
+        generator = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(100, vocab - 1, (args.prompt_len,), generator=generator).tolist()
+                   for _ in range(args.batch)]
+        params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+        engine.generate(prompts[:1], SamplingParams(max_new_tokens=8, temperature=0.0))
+        timer = ForwardTimer(engine.runner) if engine.runner.device.type == "cuda" else None
+        profiler = cProfile.Profile()
+        steps_before = engine.stats.num_steps
+        engine.call(profiler.enable)
+        start = time.perf_counter()
+        engine.generate(prompts, params)
+        wall = time.perf_counter() - start
+        engine.call(profiler.disable)
+        steps = engine.stats.num_steps - steps_before
+        report(args, engine, profiler, steps, wall, timer)
+    finally:
+        engine.shutdown()
+
+
+def report(args: argparse.Namespace, engine: Engine, profiler: cProfile.Profile, steps: int,
+           wall: float, timer: ForwardTimer | None) -> None:
+    print(f"{engine.model_name} on {engine.runner.device}, batch {args.batch}, "
+          f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens, overlap "
+          f"{'on' if engine.overlap else 'off'}")
+    print(f"steps {steps}, wall {wall * 1000 / steps:.3f} ms/step (profiled)")
+    if timer is not None:
+        print(f"device time of runner.forward: {timer.mean_ms():.3f} ms/step")
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream)
+    stats.sort_stats("tottime").print_stats(args.top)
+    print(f"host time by function (tottime = own time over {steps} steps):")
+    print(stream.getvalue())
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream)
+    stats.sort_stats("cumulative").print_stats(args.top)
+    print("host time by function, cumulative:")
+    print(stream.getvalue())
+
+
+if __name__ == "__main__":
+    main()
