@@ -160,6 +160,51 @@ FLAGS: tuple[Flag, ...] = (
     Flag("MAX_PENDING_REQUESTS", "max_pending_requests", _int_at_least(0), "0",
          "Most generation requests in flight in the server (429 beyond); 0 = no limit."),
     # Logging
+    Flag("NUM_ENGINES", "num_engines", _int_at_least(0), "0",
+         "Engines in the pool; 0 = one per CUDA GPU under ENABLE_MULTI_DEVICE, else 1. On a "
+         "CPU several engines share the cores."),
+    Flag("ENABLE_MULTI_DEVICE", "enable_multi_device", _parse_bool, "0",
+         "One engine per CUDA GPU (NUM_ENGINES of them when set)."),
+    Flag("DEVICES", "devices", _text, "",
+         "Comma-separated device per engine (e.g. cuda:0,cuda:1); overrides the two above."),
+    Flag("SCHEDULER_MODE", "scheduler_mode", _choice("rr", "random", "fsfs", "cache_aware"),
+         "cache_aware",
+         "Routing of requests to engines: round robin, random, fewest sequences in flight, or "
+         "the engine holding the longest share of the prompt (balanced by the thresholds)."),
+    Flag("CACHE_AWARE_THRESHOLD", "cache_aware_threshold", _fraction, "0.5",
+         "cache_aware: share of the prompt an engine must hold to get it (else least loaded)."),
+    Flag("BALANCE_ABS_THRESHOLD", "balance_abs_threshold", _int_at_least(0), "32",
+         "cache_aware: route by load while the busiest engine has this many more sequences in "
+         "flight than the idlest..."),
+    Flag("BALANCE_REL_THRESHOLD", "balance_rel_threshold", _non_negative_float, "1.5",
+         "...and more than this multiple of them."),
+    Flag("MAX_INFLIGHT_TOTAL", "max_inflight_total", _int_at_least(0), "0",
+         "Sequences in flight in the whole pool before requests queue; 0 = no cap."),
+    Flag("MAX_INFLIGHT_PER_ENGINE", "max_inflight_per_engine", _int_at_least(0), "0",
+         "Sequences in flight per engine before requests queue; 0 = no cap."),
+    Flag("MAX_QUEUE", "max_queue", _int_at_least(0), "256",
+         "Requests waiting for room (FIFO); beyond it the server answers 429."),
+    Flag("QUEUE_TIMEOUT_S", "queue_timeout_s", _non_negative_float, "30",
+         "Longest wait in the queue before a 429 (with Retry-After); 0 = no limit."),
+    Flag("ADAPTIVE_MAX_NEW_TOKENS", "adaptive_max_new_tokens", _parse_bool, "0",
+         "Scale max_tokens down while the pool is loaded (the response reports it)."),
+    Flag("ADAPTIVE_LOAD_THRESHOLD", "adaptive_load_threshold", _fraction, "0.8",
+         "Load (in flight over the capped capacity) from which max_tokens is scaled."),
+    Flag("ADAPTIVE_FACTOR", "adaptive_factor", _fraction, "0.5",
+         "Factor applied to max_tokens under load."),
+    Flag("WARM_PREFIXES", "warm_prefixes", _text, "",
+         "Prompts (separated by ||) cached in every engine at start-up."),
+    Flag("ASYNC_PREFILL_QUEUE", "async_prefill_queue", _parse_bool, "1",
+         "Warm prefixes asked for at run time (control plane `warm`) in a background "
+         "thread, skipping those an engine already holds or computes."),
+    Flag("METRIC_WINDOW", "metric_window_s", _non_negative_float, "60",
+         "Seconds of the rolling latency/throughput window, per engine and in total."),
+    Flag("ZMQ_CONTROL", "zmq_control", _parse_bool, "0",
+         "Serve the ZMQ control plane (ipc/zmq_control.py) beside HTTP."),
+    Flag("ZMQ_CONTROL_ENDPOINT", "zmq_control_endpoint", _text, "tcp://127.0.0.1:5557",
+         "Where the control plane binds (loopback by default)."),
+    Flag("ZMQ_CONTROL_TOKEN", "zmq_control_token", _text, "",
+         "When set, control requests must carry it as \"token\"."),
     Flag("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "info",
          "Logging level (per-token lines only at debug)."),
 )
@@ -180,6 +225,26 @@ class Config:
     weight_quant: str = "auto"
     cpu_kernel: str = "auto"
     overlap_schedule: str = "auto"
+    num_engines: int = 0
+    enable_multi_device: bool = False
+    devices: str = ""
+    scheduler_mode: str = "cache_aware"
+    cache_aware_threshold: float = 0.5
+    balance_abs_threshold: int = 32
+    balance_rel_threshold: float = 1.5
+    max_inflight_total: int = 0
+    max_inflight_per_engine: int = 0
+    max_queue: int = 256
+    queue_timeout_s: float = 30.0
+    adaptive_max_new_tokens: bool = False
+    adaptive_load_threshold: float = 0.8
+    adaptive_factor: float = 0.5
+    warm_prefixes: str = ""
+    async_prefill_queue: bool = True
+    metric_window_s: float = 60.0
+    zmq_control: bool = False
+    zmq_control_endpoint: str = "tcp://127.0.0.1:5557"
+    zmq_control_token: str = ""
     num_threads: int = 0
     seed: int = 0
     cuda_graph: bool = True
@@ -222,8 +287,8 @@ def resolve_device(name: str) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("DEVICE=cuda but no CUDA device is available")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"DEVICE={name} but no CUDA device is available")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("DEVICE=mps but MPS is not available")
     return torch.device(name)

@@ -45,6 +45,28 @@ ENGINE_COUNTERS: dict[str, tuple[str, str]] = {
                       "Step inputs read on the device from the step before (overlap scheduling)."),
 }
 
+# per-engine snapshot key → (metric name, help); labelled engine="<index>"
+PER_ENGINE_GAUGES: dict[str, tuple[str, str]] = {
+    "in_flight": ("engine_sequences_in_flight", "Sequences routed to the engine, not finished."),
+    "num_running": ("engine_num_requests_running", "Requests in the engine's running batch."),
+    "num_waiting": ("engine_num_requests_waiting", "Requests waiting in the engine."),
+    "kv_usage": ("engine_kv_cache_usage_perc", "Fraction of the engine's KV slots in use."),
+    "alive": ("engine_alive", "1 while the engine's loop runs, 0 once it stopped."),
+}
+# rolling-window key → (metric name, help); labelled engine="<index>" or engine="all"
+WINDOW_GAUGES: dict[str, tuple[str, str]] = {
+    "requests": ("window_requests", "Requests finished within METRIC_WINDOW."),
+    "output_tokens_per_s": ("window_output_tokens_per_second",
+                            "Output tokens per second over METRIC_WINDOW."),
+    "latency_mean_s": ("window_request_latency_mean_seconds",
+                       "Mean submit-to-finish latency over METRIC_WINDOW."),
+}
+POOL_GAUGES: dict[str, tuple[str, str]] = {
+    "live_engines": ("pool_live_engines", "Engines in rotation."),
+    "in_flight": ("pool_sequences_in_flight", "Sequences in flight in the whole pool."),
+    "queued": ("pool_requests_queued", "Requests waiting for room (backpressure queue)."),
+}
+
 LATENCY_BUCKETS = (
     0.001,
     0.0025,
@@ -88,6 +110,28 @@ class EngineCollector:
             yield GaugeMetricFamily(PREFIX + name, doc, value=float(snap.get(key, 0)))
         for key, (name, doc) in ENGINE_COUNTERS.items():
             yield CounterMetricFamily(PREFIX + name, doc, value=float(snap.get(key, 0)))
+        yield from _pool_metrics(snap)
+
+
+def _pool_metrics(snap: dict[str, Any]) -> Iterator[Metric]:
+    """Per-engine gauges and the rolling windows of an engine pool's snapshot."""
+    engines = snap.get("engines") or []
+    pool = snap.get("pool") or {}
+    for key, (name, doc) in PER_ENGINE_GAUGES.items():
+        family = GaugeMetricFamily(PREFIX + name, doc, labels=["engine"])
+        for view in engines:
+            family.add_metric([str(view["engine"])], float(view.get(key) or 0))
+        yield family
+    for key, (name, doc) in WINDOW_GAUGES.items():
+        family = GaugeMetricFamily(PREFIX + name, doc, labels=["engine"])
+        for view in engines:
+            family.add_metric([str(view["engine"])], float(view["window"].get(key) or 0))
+        if pool:
+            family.add_metric(["all"], float(pool["window"].get(key) or 0))
+        yield family
+    for key, (name, doc) in POOL_GAUGES.items():
+        if key in pool:
+            yield GaugeMetricFamily(PREFIX + name, doc, value=float(pool[key]))
 
 
 class LatencySeries:

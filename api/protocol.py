@@ -169,6 +169,8 @@ class UsageInfo(BaseModel):
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    # Set when ADAPTIVE_MAX_NEW_TOKENS lowered max_tokens to this under load.
+    adjusted_max_tokens: int | None = None
 
     @classmethod
     def of(cls, prompt: int, completion: int, cached: int) -> UsageInfo:

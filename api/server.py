@@ -34,11 +34,12 @@ from api.protocol import (
 from api.serving import ServingContext
 from config import Config, configure_logging, get_config
 from engine.engine import MAX_N, Engine
+from multi_device import EnginePool
 
 logger = logging.getLogger(__name__)
 
 Body = TypeVar("Body", bound=BaseModel)
-EngineFactory = Callable[[], Engine]
+EngineFactory = Callable[[], "Engine | EnginePool"]
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class ServerState:
         self.settings = settings
         self.status = "loading"
         self.error: str | None = None
-        self.engine: Engine | None = None
+        self.engine: EnginePool | None = None
         self.serving: ServingContext | None = None
         self.metrics = ServerMetrics(self._snapshot)
         self.hf = HFMode(config)
@@ -77,7 +78,8 @@ class ServerState:
     async def load(self, factory: EngineFactory) -> None:
         """Build the engine and warm it up, both off the event loop."""
         try:
-            engine = await asyncio.to_thread(factory)
+            built = await asyncio.to_thread(factory)
+            engine = built if isinstance(built, EnginePool) else EnginePool(self.config, [built])
             self.engine = engine
             await asyncio.to_thread(engine.warmup)
             settings = self.settings
@@ -87,7 +89,7 @@ class ServerState:
                 timeout_s=settings.request_timeout_s,
                 max_n=settings.max_n,
                 max_in_flight=settings.max_pending_requests,
-                max_new_tokens_default=engine.config.max_new_tokens_default,
+                max_new_tokens_default=engine.first.config.max_new_tokens_default,
             )
             self.status = "ready"
             logger.info("model %s ready", engine.model_name)
@@ -115,10 +117,11 @@ def create_app(
     config: Config | None = None,
     settings: ServerSettings | None = None,
 ) -> FastAPI:
-    """The FastAPI app; the engine comes from `engine_factory` (default: Engine(config))."""
+    """The FastAPI app; its engines come from `engine_factory` (an Engine, wrapped into a
+    pool of one, or an EnginePool; default: EnginePool(config))."""
     config = config or get_config()
     state = ServerState(config, settings or server_settings(config))
-    factory = engine_factory or (lambda: Engine(config))
+    factory = engine_factory or (lambda: EnginePool(config))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -154,8 +157,9 @@ async def parse_body(request: Request, model: type[Body]) -> Body:
 def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health() -> JSONResponse:
-        if state.status == "ready":
-            return JSONResponse({"status": "ok"})
+        if state.status == "ready" and state.engine is not None:
+            pool = state.engine.health()
+            return JSONResponse(pool, status_code=503 if pool["status"] == "failed" else 200)
         body: dict[str, Any] = {"status": state.status}
         if state.error:
             body["error"] = state.error

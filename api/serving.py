@@ -13,15 +13,15 @@ from api.errors import APIError
 from api.logprobs import TokenTexts
 from api.metrics import ServerMetrics
 from api.stream import GenerationStream, ParamsFor
-from engine.engine import Engine
 from engine.sampling_params import SamplingParams
+from multi_device import EnginePool
 
 
 @dataclass
 class ServingContext:
     """The loaded engine plus the server's limits, handed to each endpoint."""
 
-    engine: Engine
+    engine: EnginePool
     metrics: ServerMetrics
     texts: TokenTexts
     timeout_s: float
@@ -31,7 +31,7 @@ class ServingContext:
     kv_capacity: int
 
     @classmethod
-    def build(cls, engine: Engine, metrics: ServerMetrics, **limits: Any) -> ServingContext:
+    def build(cls, engine: EnginePool, metrics: ServerMetrics, **limits: Any) -> ServingContext:
         capacity = int(engine.snapshot().get("kv_total_slots", 0)) or engine.max_context_len
         return cls(engine, metrics, TokenTexts(engine.tokenizer), kv_capacity=capacity, **limits)
 

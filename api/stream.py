@@ -15,7 +15,8 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import jinja2
 from starlette.responses import StreamingResponse
@@ -24,9 +25,10 @@ from starlette.types import Receive, Scope, Send
 from api.errors import APIError
 from api.metrics import ServerMetrics
 from api.protocol import UsageInfo
-from engine.engine import Engine, Prompt
+from engine.engine import Prompt
 from engine.request import StreamDelta, TokenLogprob, Usage
 from engine.sampling_params import InvalidRequestError, SamplingParams
+from multi_device import EnginePool, EngineSlot, PoolBusy, PoolDown
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class GenerationStream:
     """The engine requests behind one HTTP response, as one stream of (choice, delta)."""
 
     def __init__(
-        self, engine: Engine, metrics: ServerMetrics, timeout_s: float, arrival: float
+        self, engine: EnginePool, metrics: ServerMetrics, timeout_s: float, arrival: float
     ) -> None:
         self._engine = engine
         self._metrics = metrics
@@ -80,33 +82,64 @@ class GenerationStream:
         self._closed = False
         self._first_token_seen = False
         self._next_poll = arrival + DISCONNECT_POLL_S
+        self.adjusted_max_tokens: int | None = None  # ADAPTIVE_MAX_NEW_TOKENS took effect
         metrics.in_flight += 1
 
     # ------------------------------------------------------------ submission
     async def start(self, prompts: Sequence[Prompt], params_for: ParamsFor, rid: str) -> None:
-        """Tokenize and submit every prompt (in a worker thread); raises on a bad request."""
-        work = self._loop.run_in_executor(None, self._submit_all, list(prompts), params_for, rid)
+        """Tokenize every prompt (in a worker thread), then admit each into the pool (waiting
+        for room in its queue) and submit it; raises on a bad request or a full pool."""
+        work = self._loop.run_in_executor(None, self._tokenize_all, list(prompts), params_for)
         work.add_done_callback(_retrieve_exception)
         try:
-            await asyncio.shield(work)
+            prepared = await asyncio.shield(work)
+            for number, (ids, params) in enumerate(prepared):
+                sub_rid = rid if len(prompts) == 1 else f"{rid}-{number}"
+                await self._admit_and_submit(number, ids, params, sub_rid)
         except BaseException:
             self.close()
             raise
 
-    def _submit_all(self, prompts: list[Prompt], params_for: ParamsFor, rid: str) -> None:
-        for number, prompt in enumerate(prompts):
+    def _tokenize_all(
+        self, prompts: list[Prompt], params_for: ParamsFor
+    ) -> list[tuple[list[int], SamplingParams]]:
+        prepared = []
+        for prompt in prompts:
             ids = _tokenize(self._engine, prompt)
             params = params_for(ids)
-            sub_rid = rid if len(prompts) == 1 else f"{rid}-{number}"
-            with self._lock:
-                if self._closed:
-                    return
-                self._base[sub_rid] = number * params.n
-                for index in range(params.n):
-                    self._sequences[number * params.n + index] = _Sequence(prompt=number)
-                self._remaining += params.n
-                self._engine.submit(ids, params, self._sink, rid=sub_rid)
-                self._rids.append(sub_rid)
+            adapted = self._engine.adapt_max_tokens(params.max_new_tokens)
+            if adapted != params.max_new_tokens:
+                self.adjusted_max_tokens = adapted
+                params = replace(params, max_new_tokens=adapted)
+            prepared.append((ids, params))
+        return prepared
+
+    async def _admit_and_submit(
+        self, number: int, ids: list[int], params: SamplingParams, sub_rid: str
+    ) -> None:
+        try:
+            slot = await self._engine.admit(ids, params.n)
+        except PoolBusy as exc:
+            self._metrics.failed.labels("busy").inc()
+            raise APIError(429, str(exc), code="server_busy",
+                           headers={"Retry-After": str(exc.retry_after_s)}) from None
+        except PoolDown as exc:
+            raise APIError(503, str(exc), code="engine_unavailable") from None
+        self._submit(number, ids, params, sub_rid, slot)
+
+    def _submit(
+        self, number: int, ids: list[int], params: SamplingParams, sub_rid: str, slot: EngineSlot
+    ) -> None:
+        with self._lock:
+            if self._closed:
+                self._engine.cancel(slot, params.n)
+                return
+            self._base[sub_rid] = number * params.n
+            for index in range(params.n):
+                self._sequences[number * params.n + index] = _Sequence(prompt=number)
+            self._remaining += params.n
+            self._engine.submit(ids, params, self._sink, rid=sub_rid, slot=slot)
+            self._rids.append(sub_rid)
 
     def _sink(self, delta: StreamDelta) -> None:
         """Called on the engine's thread."""
@@ -122,7 +155,8 @@ class GenerationStream:
             delta = await self._next(is_disconnected)
             if delta.error is not None:
                 self._fail("engine_error")
-                raise APIError(500, delta.error, type="server_error")
+                code = "engine_unavailable" if delta.error_status == 503 else None
+                raise APIError(delta.error_status, delta.error, type="server_error", code=code)
             index = self._base[delta.rid] + delta.index
             self._observe(index, delta)
             if delta.finished:
@@ -210,7 +244,9 @@ class GenerationStream:
                 first_of_prompt.add(sequence.prompt)
                 prompt += usage.prompt_tokens
                 cached += usage.cached_tokens
-        return UsageInfo.of(prompt, completion, cached)
+        info = UsageInfo.of(prompt, completion, cached)
+        info.adjusted_max_tokens = self.adjusted_max_tokens
+        return info
 
     # --------------------------------------------------------------- close
     def close(self) -> None:
@@ -226,13 +262,13 @@ class GenerationStream:
                 self._engine.abort(rid)
 
 
-def _retrieve_exception(future: asyncio.Future[None]) -> None:
+def _retrieve_exception(future: asyncio.Future[Any]) -> None:
     """A submission whose caller was cancelled still ends; its error must not go unread."""
     if not future.cancelled():
         future.exception()
 
 
-def _tokenize(engine: Engine, prompt: Prompt) -> list[int]:
+def _tokenize(engine: EnginePool, prompt: Prompt) -> list[int]:
     try:
         return engine.tokenize(prompt)
     except jinja2.TemplateError as exc:

@@ -112,6 +112,9 @@ class Engine:
         on one thread (a second OpenMP thread team on a small CPU slows every op ~2x)."""
         if self.config.num_threads > 0:
             torch.set_num_threads(self.config.num_threads)
+        device = self.config.resolved_device()
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # kernels launch on this thread's current device
         self.runner = runner or create_runner(self.config, self.source)
         self.info = self.runner.info
         self.eos_ids = frozenset(eos_token_ids(self.source, self.tokenizer)) | frozenset(
@@ -290,6 +293,11 @@ class Engine:
     def warmup(self) -> None:
         params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
         self.generate(["Hello"], params)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the loop thread is running (False after shutdown or if it died)."""
+        return self._thread.is_alive() and not self._stopped.is_set()
 
     def shutdown(self) -> None:
         self._stopped.set()

@@ -61,6 +61,7 @@ class StreamDelta:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     usage: Usage | None = None
     error: str | None = None
+    error_status: int = 500  # the HTTP status an error maps to (503: the engine is gone)
 
     @property
     def finished(self) -> bool:
