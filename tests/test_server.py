@@ -32,6 +32,7 @@ from api.server import ServerSettings, create_app
 from config import load_config
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
+from multi_device import EnginePool
 
 API_KEY = "sekret-key"
 GUARD_TIMEOUT_S = 0.3
@@ -83,7 +84,7 @@ class LiveServer:
         self.thread.join(timeout=30)
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> EnginePool:
         engine = self.app.state.server.engine
         assert engine is not None
         return engine

@@ -1,0 +1,261 @@
+"""The engine pool (multi_device.py) with two CPU engines: routing modes, backpressure,
+warm prefixes, adaptive max_tokens, per-engine metrics, and a dead engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx
+import pytest
+
+from api.server import create_app
+from config import load_config
+from engine.sampling_params import SamplingParams
+from multi_device import EnginePool, PrefixIndex, RollingWindow
+from tests.test_server import LiveServer
+
+PREFIX = list(range(300, 364))  # 64 tokens = 4 router blocks
+
+
+def _ids(seed: int, n: int = 24) -> list[int]:
+    return [(seed * 131 + i * 17) % 5000 + 100 for i in range(n)]
+
+
+def _env(model_dir: str, **flags: str) -> dict[str, str]:
+    return {"MODEL_LOCAL_DIR": model_dir, "DTYPE": "float32", "KV_CACHE_CPU_TOKENS": "4096",
+            "NUM_ENGINES": "2", **flags}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_factory: Callable[[str], str]) -> str:
+    return tiny_model_factory("qwen3")
+
+
+def make_pool(model_dir: str, **flags: str) -> EnginePool:
+    return EnginePool(load_config(_env(model_dir, **flags)))
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def pool(model_dir: str) -> Iterator[EnginePool]:
+    pool = make_pool(model_dir, SCHEDULER_MODE="rr")
+    yield pool
+    pool.shutdown()
+
+
+def _route(pool: EnginePool, mode: str, ids: list[int]) -> int:
+    pool.config = pool.config.__class__(**{**vars(pool.config), "scheduler_mode": mode})
+    return pool.route(ids).index
+
+
+def _release_all(pool: EnginePool) -> None:
+    for slot in pool.slots:
+        pool.cancel(slot, slot.in_flight)
+
+
+def test_pool_builds_one_engine_per_entry(pool: EnginePool) -> None:
+    assert len(pool.slots) == 2 and all(s.engine.alive for s in pool.slots)
+    assert pool.health()["status"] == "ok"
+
+
+def test_round_robin_and_random(pool: EnginePool) -> None:
+    assert [_route(pool, "rr", _ids(i)) for i in range(4)] in ([0, 1, 0, 1], [1, 0, 1, 0])
+    _release_all(pool)
+    picks = {_route(pool, "random", _ids(i)) for i in range(24)}
+    assert picks == {0, 1}
+    _release_all(pool)
+    assert pool._total == 0
+
+
+def test_fewest_in_flight(pool: EnginePool) -> None:
+    pool.slots[0].in_flight, pool._total = 3, 3
+    assert _route(pool, "fsfs", _ids(1)) == 1
+    assert _route(pool, "fsfs", _ids(2)) == 1
+    assert _route(pool, "fsfs", _ids(3)) == 1  # 3 vs 2: still engine 1
+    assert _route(pool, "fsfs", _ids(4)) in (0, 1)
+    _release_all(pool)
+
+
+def test_cache_aware_follows_the_prefix_and_balances(pool: EnginePool) -> None:
+    pool.flush_cache()
+    first = _route(pool, "cache_aware", PREFIX + _ids(1, 8))
+    other = 1 - first
+    assert _route(pool, "cache_aware", _ids(7, 64)) == other  # no match: the idler engine
+    pool.slots[first].in_flight += 5  # busier, but within the balance thresholds
+    pool._total += 5
+    assert _route(pool, "cache_aware", PREFIX + _ids(2, 8)) == first
+    pool.slots[first].in_flight += 40  # far busier: load wins over the cache
+    pool._total += 40
+    assert _route(pool, "cache_aware", PREFIX + _ids(3, 8)) == other
+    _release_all(pool)
+
+
+def test_cache_aware_requests_reuse_the_engine_cache(model_dir: str) -> None:
+    pool = make_pool(model_dir, SCHEDULER_MODE="cache_aware")
+    try:
+        [[warm]] = pool.generate([PREFIX + _ids(1, 8)], greedy(4))
+        [[unrelated]] = pool.generate([_ids(9, 80)], greedy(4))
+        outs = pool.generate([PREFIX + _ids(i, 8) for i in range(2, 6)], greedy(4))
+        assert warm.usage.cached_tokens == 0 and unrelated.usage.cached_tokens == 0
+        assert all(out.usage.cached_tokens >= len(PREFIX) for [out] in outs)
+        assert pool._total == 0
+    finally:
+        pool.shutdown()
+
+
+def test_prefix_index_and_window() -> None:
+    index = PrefixIndex(max_blocks=8)
+    hashes = PrefixIndex.hashes(list(range(100)))
+    assert len(hashes) == 6
+    index.insert(hashes[:4])
+    assert index.match(hashes) == 64
+    assert index.match(PrefixIndex.hashes([7] + list(range(99)))) == 0
+    index.insert(PrefixIndex.hashes(list(range(1000, 1100))))
+    assert len(index) == 8  # LRU-bounded
+    window = RollingWindow(10.0)
+    window.record(0.5, 20, now=100.0)
+    window.record(1.5, 40, now=105.0)
+    summary = window.summary(now=112.0)
+    assert summary["requests"] == 1 and summary["output_tokens_per_s"] == 4.0
+
+
+def test_warm_queue_inserts_once(model_dir: str) -> None:
+    pool = make_pool(model_dir)
+    try:
+        text = " ".join(["warm"] * 40)
+        assert pool.warm(text) and pool.warm(text)
+        deadline = time.monotonic() + 30
+        while pool.warm_stats["inserted"] + pool.warm_stats["skipped"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert pool.warm_stats == {"queued": 2, "inserted": 1, "skipped": 1}
+        ids = pool.tokenize(text)
+        [[out]] = pool.generate([ids + [5, 6]], greedy(2))
+        assert out.usage.cached_tokens >= len(ids) - 1
+    finally:
+        pool.shutdown()
+
+
+# ------------------------------------------------------------------ HTTP
+def _server(model_dir: str, **flags: str) -> LiveServer:
+    config = load_config(_env(model_dir, **flags))
+    live = LiveServer(create_app(config=config)).start()
+    live.wait_ready()
+    return live
+
+
+async def _flood(url: str, count: int, max_tokens: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        body: dict[str, Any] = {"model": "qwen3", "max_tokens": max_tokens, "temperature": 0,
+                                "ignore_eos": True}
+        return await asyncio.gather(*(
+            client.post("/v1/completions", json={**body, "prompt": _ids(i, 16)})
+            for i in range(count)))
+
+
+def test_flood_past_the_caps_gets_200s_and_429s(model_dir: str) -> None:
+    live = _server(model_dir, MAX_INFLIGHT_PER_ENGINE="1", MAX_QUEUE="2",
+                   QUEUE_TIMEOUT_S="1", SCHEDULER_MODE="fsfs")
+    try:
+        start = time.monotonic()
+        responses = asyncio.run(_flood(live.url, 16, 40))
+        elapsed = time.monotonic() - start
+        codes = [r.status_code for r in responses]
+        assert set(codes) == {200, 429}, codes
+        assert codes.count(200) >= 4  # 2 running + 2 queued at least
+        for r in responses:
+            if r.status_code == 429:
+                assert r.headers["Retry-After"] == "1"
+                assert r.json()["error"]["code"] == "server_busy"
+            else:
+                assert r.json()["usage"]["completion_tokens"] == 40
+        assert elapsed < 30
+        pool = live.app.state.server.engine
+        snap = pool.snapshot()
+        assert snap["pool"]["in_flight"] == 0 and snap["pool"]["queued"] == 0
+        assert {v["engine"] for v in snap["engines"] if v["num_finished"]} == {0, 1}
+    finally:
+        live.stop()
+
+
+def test_warm_prefixes_adaptive_tokens_and_metrics(model_dir: str) -> None:
+    warm = " ".join(["system"] * 48)
+    live = _server(model_dir, WARM_PREFIXES=f"{warm}||short one", MAX_INFLIGHT_TOTAL="2",
+                   ADAPTIVE_MAX_NEW_TOKENS="1", ADAPTIVE_LOAD_THRESHOLD="0.5",
+                   ADAPTIVE_FACTOR="0.5", METRIC_WINDOW="30")
+    try:
+        pool = live.app.state.server.engine
+        warm_len = len(pool.tokenize(warm))
+        with httpx.Client(base_url=live.url, timeout=60) as client:
+            first = client.post("/v1/completions", json={
+                "model": "qwen3", "prompt": warm + " and more", "max_tokens": 4})
+            assert first.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= warm_len
+            assert first.json()["usage"]["adjusted_max_tokens"] is None
+            long_running = asyncio.run(_long_and_short(live.url))
+            assert long_running["usage"]["adjusted_max_tokens"] == 10
+            assert long_running["usage"]["completion_tokens"] <= 10
+            text = client.get("/metrics").text
+        assert 'minisgl:engine_alive{engine="0"} 1.0' in text
+        assert 'minisgl:engine_alive{engine="1"} 1.0' in text
+        assert 'minisgl:window_requests{engine="all"}' in text
+        assert "minisgl:pool_live_engines 2.0" in text
+        view = httpx.get(live.url + "/metrics?format=json").json()
+        assert view["pool"]["window"]["requests"] >= 2
+    finally:
+        live.stop()
+
+
+async def _long_and_short(url: str) -> dict[str, Any]:
+    """A long request holds one of two slots; the next one is cut by the adaptive factor."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        body = {"model": "qwen3", "temperature": 0, "ignore_eos": True}
+        long_task = asyncio.create_task(client.post(
+            "/v1/completions", json={**body, "prompt": _ids(1, 16), "max_tokens": 300}))
+        await asyncio.sleep(0.3)
+        short = await client.post(
+            "/v1/completions", json={**body, "prompt": _ids(2, 16), "max_tokens": 20})
+        await long_task
+        result: dict[str, Any] = short.json()
+        return result
+
+
+def test_a_dead_engine_degrades_the_pool(model_dir: str) -> None:
+    live = _server(model_dir, SCHEDULER_MODE="rr")
+    try:
+        pool = live.app.state.server.engine
+        victim = pool.slots[1].engine
+
+        async def scenario() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=live.url, timeout=60) as client:
+                body = {"model": "qwen3", "temperature": 0, "ignore_eos": True,
+                        "max_tokens": 480}
+                tasks = [asyncio.create_task(client.post(
+                    "/v1/completions", json={**body, "prompt": _ids(i, 16)})) for i in range(2)]
+                await asyncio.sleep(0.3)
+                victim._stopped.set()  # the loop stops mid-request, as a crashed loop would
+                victim._inbox.put(("stop", None))
+                return list(await asyncio.gather(*tasks))
+
+        start = time.monotonic()
+        responses = asyncio.run(scenario())
+        assert sorted(r.status_code for r in responses) == [200, 503]
+        failed = next(r for r in responses if r.status_code == 503)
+        assert failed.json()["error"]["code"] == "engine_unavailable"
+        assert time.monotonic() - start < 60
+        health = httpx.get(live.url + "/health")
+        assert health.status_code == 200 and health.json()["status"] == "degraded"
+        assert [e["alive"] for e in health.json()["engines"]] == [True, False]
+        after = httpx.post(live.url + "/v1/completions", timeout=60, json={
+            "model": "qwen3", "prompt": _ids(5, 8), "max_tokens": 3})
+        assert after.status_code == 200
+    finally:
+        live.stop()
