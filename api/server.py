@@ -34,6 +34,7 @@ from api.protocol import (
 from api.serving import ServingContext
 from config import Config, configure_logging, get_config
 from engine.engine import MAX_N, Engine
+from ipc.zmq_control import ControlServer
 from multi_device import EnginePool
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class ServerState:
         self.error: str | None = None
         self.engine: EnginePool | None = None
         self.serving: ServingContext | None = None
+        self.control: ControlServer | None = None
         self.metrics = ServerMetrics(self._snapshot)
         self.hf = HFMode(config)
 
@@ -91,6 +93,9 @@ class ServerState:
                 max_in_flight=settings.max_pending_requests,
                 max_new_tokens_default=engine.first.config.max_new_tokens_default,
             )
+            if self.config.zmq_control:
+                self.control = ControlServer(engine, self.config.zmq_control_endpoint,
+                                             self.config.zmq_control_token).start()
             self.status = "ready"
             logger.info("model %s ready", engine.model_name)
         except Exception as exc:
@@ -98,6 +103,8 @@ class ServerState:
             self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
 
     async def shutdown(self) -> None:
+        if self.control is not None:
+            await asyncio.to_thread(self.control.stop)
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)
 

@@ -1,0 +1,114 @@
+"""The ZMQ control plane against a live server with a two-engine pool: every command, the
+token, garbage input, and the command-line client."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx
+import pytest
+import zmq
+
+from api.server import create_app
+from config import load_config
+from ipc.zmq_control import request
+from tests.test_server import LiveServer
+
+TOKEN = "control-secret"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_endpoint() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def control(tiny_model_factory: Callable[[str], str]) -> Iterator[tuple[LiveServer, str]]:
+    endpoint = _free_endpoint()
+    config = load_config({
+        "MODEL_LOCAL_DIR": tiny_model_factory("qwen3"), "DTYPE": "float32",
+        "KV_CACHE_CPU_TOKENS": "4096", "NUM_ENGINES": "2", "ZMQ_CONTROL": "1",
+        "ZMQ_CONTROL_ENDPOINT": endpoint, "ZMQ_CONTROL_TOKEN": TOKEN,
+        "ASYNC_PREFILL_QUEUE": "0",
+    })
+    live = LiveServer(create_app(config=config)).start()
+    live.wait_ready()
+    yield live, endpoint
+    live.stop()
+
+
+def _ask(endpoint: str, cmd: str, **fields: object) -> dict[str, object]:
+    return request(cmd, endpoint, TOKEN, **fields)
+
+
+def test_metrics_health_and_engines(control: tuple[LiveServer, str]) -> None:
+    _, endpoint = control
+    metrics = _ask(endpoint, "metrics")
+    assert metrics["ok"] is True
+    result = metrics["result"]
+    assert isinstance(result, dict) and result["pool"]["num_engines"] == 2
+    health = _ask(endpoint, "health")
+    assert health == {"ok": True, "result": {"status": "ok", "engines": [
+        {"engine": 0, "device": "cpu", "alive": True},
+        {"engine": 1, "device": "cpu", "alive": True}]}}
+    engines = _ask(endpoint, "list_engines")["result"]
+    assert isinstance(engines, list) and [e["in_flight"] for e in engines] == [0, 0]
+
+
+def test_warm_insert_and_flush(control: tuple[LiveServer, str]) -> None:
+    live, endpoint = control
+    prompt = " ".join(["prefix"] * 40)
+    inserted = _ask(endpoint, "insert_prefix", prompt=prompt)
+    assert inserted["ok"] is True and inserted["result"]["inserted_tokens"] > 30  # type: ignore[index]
+    warmed = _ask(endpoint, "warm", tokens=64)
+    assert warmed == {"ok": True, "result": {"queued": False, "inserted_tokens": 64}}
+    reply = httpx.post(live.url + "/v1/completions", timeout=60, json={
+        "model": "qwen3", "prompt": prompt + " tail", "max_tokens": 2})
+    assert reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 30
+    flushed = _ask(endpoint, "flush_cache")
+    assert flushed["ok"] is True and flushed["result"]["freed_tokens"] > 0  # type: ignore[index]
+    for bad in ({"prompt": ""}, {"tokens": 0}, {"tokens": "many"}, {"prompt": [1, -5]}):
+        answer = _ask(endpoint, "warm", **bad)
+        assert answer["ok"] is False and answer["error"]
+
+
+def test_token_and_garbage(control: tuple[LiveServer, str]) -> None:
+    _, endpoint = control
+    assert request("metrics", endpoint)["ok"] is False  # no token
+    wrong = request("metrics", endpoint, "not-it")
+    assert wrong == {"ok": False, "error": "unauthorized: missing or wrong token"}
+    context = zmq.Context.instance()
+    for raw in (b"\xff\xfe not json", b"[1, 2]", b"{}", json.dumps(
+            {"cmd": "explode", "token": TOKEN}).encode()):
+        sock = context.socket(zmq.REQ)
+        sock.setsockopt(zmq.RCVTIMEO, 5000)
+        sock.connect(endpoint)
+        sock.send(raw)
+        reply = json.loads(sock.recv())
+        sock.close(linger=0)
+        assert reply["ok"] is False and reply["error"]
+    assert _ask(endpoint, "health")["ok"] is True  # still answering
+
+
+def test_command_line_client(control: tuple[LiveServer, str]) -> None:
+    _, endpoint = control
+    done = subprocess.run(
+        [sys.executable, "-m", "ipc.zmq_control", "list_engines", "--endpoint", endpoint,
+         "--token", TOKEN], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert [e["engine"] for e in json.loads(done.stdout)["result"]] == [0, 1]
+    refused = subprocess.run(
+        [sys.executable, "-m", "ipc.zmq_control", "warm", "--arg", "tokens=0", "--endpoint",
+         endpoint, "--token", TOKEN], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        check=False)
+    assert refused.returncode == 1 and "tokens must be" in refused.stdout
