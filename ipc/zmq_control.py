@@ -143,7 +143,7 @@ class ControlServer:
         raise CommandError(f"{request.get('cmd')} needs {wanted}")
 
 
-def request(command: str, endpoint: str, token: str = "", timeout_ms: int = 10_000,
+def request(command: str, endpoint: str, token: str = "", *, timeout_ms: int = 10_000,
             **fields: Any) -> dict[str, Any]:
     """Send one command and return the reply (a fresh REQ socket per call)."""
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()

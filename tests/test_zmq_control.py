@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -47,7 +48,7 @@ def control(tiny_model_factory: Callable[[str], str]) -> Iterator[tuple[LiveServ
     live.stop()
 
 
-def _ask(endpoint: str, cmd: str, **fields: object) -> dict[str, object]:
+def _ask(endpoint: str, cmd: str, **fields: Any) -> dict[str, Any]:
     return request(cmd, endpoint, TOKEN, **fields)
 
 
@@ -69,14 +70,14 @@ def test_warm_insert_and_flush(control: tuple[LiveServer, str]) -> None:
     live, endpoint = control
     prompt = " ".join(["prefix"] * 40)
     inserted = _ask(endpoint, "insert_prefix", prompt=prompt)
-    assert inserted["ok"] is True and inserted["result"]["inserted_tokens"] > 30  # type: ignore[index]
+    assert inserted["ok"] is True and inserted["result"]["inserted_tokens"] > 30
     warmed = _ask(endpoint, "warm", tokens=64)
     assert warmed == {"ok": True, "result": {"queued": False, "inserted_tokens": 64}}
     reply = httpx.post(live.url + "/v1/completions", timeout=60, json={
         "model": "qwen3", "prompt": prompt + " tail", "max_tokens": 2})
     assert reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 30
     flushed = _ask(endpoint, "flush_cache")
-    assert flushed["ok"] is True and flushed["result"]["freed_tokens"] > 0  # type: ignore[index]
+    assert flushed["ok"] is True and flushed["result"]["freed_tokens"] > 0
     for bad in ({"prompt": ""}, {"tokens": 0}, {"tokens": "many"}, {"prompt": [1, -5]}):
         answer = _ask(endpoint, "warm", **bad)
         assert answer["ok"] is False and answer["error"]
@@ -87,7 +88,7 @@ def test_token_and_garbage(control: tuple[LiveServer, str]) -> None:
     assert request("metrics", endpoint)["ok"] is False  # no token
     wrong = request("metrics", endpoint, "not-it")
     assert wrong == {"ok": False, "error": "unauthorized: missing or wrong token"}
-    context = zmq.Context.instance()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     for raw in (b"\xff\xfe not json", b"[1, 2]", b"{}", json.dumps(
             {"cmd": "explode", "token": TOKEN}).encode()):
         sock = context.socket(zmq.REQ)
