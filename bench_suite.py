@@ -48,8 +48,8 @@ from benchmarks.workloads import (
     shared_prefix_requests,
 )
 from config import Config, ConfigError, load_config, replace
-from engine.engine import Engine
 from engine.sampling_params import InvalidRequestError
+from multi_device import AnyEngine
 
 logger = logging.getLogger("bench_suite")
 
@@ -80,7 +80,7 @@ def bench_cpu(ctx: BenchContext) -> BenchResult:
     new_tokens = args.max_output or 128
     conversations = chat_prompts(streams)
 
-    def run(engine: Engine) -> tuple[list[list[int]], RunStats, RunStats]:
+    def run(engine: AnyEngine) -> tuple[list[list[int]], RunStats, RunStats]:
         ids = [engine.tokenize(c)[: args.max_input or None] for c in conversations]
         single = engine_run(engine, [ids[0]], [greedy(new_tokens)], "engine: 1 stream")
         engine.flush_cache()

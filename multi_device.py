@@ -563,9 +563,9 @@ class EnginePool:
             self.warm_stats["skipped"] += 1
             return
         slot = min(live, key=lambda s: (s.in_flight, s.index))
+        with self._lock:  # recorded first: live requests sharing it now go to this engine,
+            slot.prefixes.insert(hashes)  # which computes the prefix once for both
         slot.engine.insert_prefix(ids)
-        with self._lock:
-            slot.prefixes.insert(hashes)
         self.warm_stats["inserted"] += 1
 
     # ------------------------------------------------------------ liveness
@@ -606,3 +606,4 @@ def _merge(deltas: list[StreamDelta]) -> GenerateOutput:
 
 
 PoolFactory = Callable[[], EnginePool]
+AnyEngine = Engine | EnginePool  # what in-process callers (benchmarks, scripts) may drive

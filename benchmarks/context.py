@@ -23,6 +23,7 @@ from backend.loader import ModelSource
 from benchmarks.workloads import BenchRequest
 from config import Config
 from engine.engine import Engine
+from multi_device import AnyEngine, EnginePool, pool_devices
 
 T = TypeVar("T")
 
@@ -82,9 +83,15 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def with_engine(ctx: BenchContext, fn: Callable[[Engine], T], config: Config | None = None) -> T:
-    """Build an engine (warmed up), run `fn` on it, shut it down and free its memory."""
-    engine = Engine(config or ctx.config, source=ctx.source)
+def with_engine(
+    ctx: BenchContext, fn: Callable[[AnyEngine], T], config: Config | None = None
+) -> T:
+    """Build an engine (warmed up), run `fn` on it, shut it down and free its memory. When
+    the config asks for several engines (ENABLE_MULTI_DEVICE, NUM_ENGINES, DEVICES), an
+    EnginePool stands in for it and every request is routed (SCHEDULER_MODE)."""
+    config = config or ctx.config
+    engine: AnyEngine = (EnginePool(config) if len(pool_devices(config)) > 1
+                         else Engine(config, source=ctx.source))
     try:
         engine.warmup()
         return fn(engine)

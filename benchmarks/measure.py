@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 from backend.hf.baseline import HFBaseline
 from benchmarks.report import percentile
 from benchmarks.workloads import BenchRequest
-from engine.engine import Engine, Prompt
+from engine.engine import Prompt
 from engine.request import StreamDelta
 from engine.sampling_params import SamplingParams
+from multi_device import AnyEngine
 
 
 class BenchError(RuntimeError):
@@ -89,7 +90,7 @@ class _Trace:
 
 
 def engine_run(
-    engine: Engine,
+    engine: AnyEngine,
     prompts: Sequence[Prompt],
     params: Sequence[SamplingParams],
     desc: str,
@@ -143,7 +144,7 @@ def _stats_of(traces: list[_Trace], wall_s: float, input_tokens: int) -> RunStat
     return stats
 
 
-def engine_requests(engine: Engine, requests: Sequence[BenchRequest], desc: str) -> RunStats:
+def engine_requests(engine: AnyEngine, requests: Sequence[BenchRequest], desc: str) -> RunStats:
     """`engine_run` of token-id requests, greedy, ignoring EOS (every output has its length)."""
     params = [greedy(r.max_new_tokens) for r in requests]
     return engine_run(engine, [r.prompt_ids for r in requests], params, desc)
