@@ -66,6 +66,13 @@ def _non_negative_float(raw: str) -> float:
     return value
 
 
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+    return value
+
+
 def _text(raw: str) -> str:
     return raw.strip()
 
@@ -184,8 +191,8 @@ FLAGS: tuple[Flag, ...] = (
          "Sequences in flight per engine before requests queue; 0 = no cap."),
     Flag("MAX_QUEUE", "max_queue", _int_at_least(0), "256",
          "Requests waiting for room (FIFO); beyond it the server answers 429."),
-    Flag("QUEUE_TIMEOUT_S", "queue_timeout_s", _non_negative_float, "30",
-         "Longest wait in the queue before a 429 (with Retry-After); 0 = no limit."),
+    Flag("QUEUE_TIMEOUT_S", "queue_timeout_s", _positive_float, "30",
+         "Longest wait in the queue before a 429 (with Retry-After); never unbounded."),
     Flag("ADAPTIVE_MAX_NEW_TOKENS", "adaptive_max_new_tokens", _parse_bool, "0",
          "Scale max_tokens down while the pool is loaded (the response reports it)."),
     Flag("ADAPTIVE_LOAD_THRESHOLD", "adaptive_load_threshold", _fraction, "0.8",

@@ -420,17 +420,26 @@ class EnginePool:
                            f"{len(self._waiters)} queued); retry later", retry)
         waiter = _Waiter(self._loop.create_future(), ids, hashes, weight)
         self._waiters.append(waiter)
+        placed = False
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future),
-                                          self.config.queue_timeout_s or None)
-        except asyncio.TimeoutError:
-            if waiter.future.done() and not waiter.future.cancelled():
-                return waiter.future.result()  # placed just as the wait ran out
-            raise PoolBusy(f"no capacity within {self.config.queue_timeout_s:g} s "
-                           f"({self._total} sequences in flight); retry later", retry) from None
+            try:
+                slot = await asyncio.wait_for(asyncio.shield(waiter.future),
+                                              self.config.queue_timeout_s)
+            except asyncio.TimeoutError:
+                if not (waiter.future.done() and not waiter.future.cancelled()):
+                    raise PoolBusy(
+                        f"no capacity within {self.config.queue_timeout_s:g} s "
+                        f"({self._total} sequences in flight); retry later", retry) from None
+                slot = waiter.future.result()  # placed just as the wait ran out
+            placed = True
+            return slot
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+            future = waiter.future
+            if not placed and future.done() and not future.cancelled() and \
+                    future.exception() is None:
+                self._release(future.result(), weight)  # the caller left (client gone)
 
     def cancel(self, slot: EngineSlot, weight: int) -> None:
         """Give back a reservation that was never submitted."""

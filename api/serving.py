@@ -73,6 +73,7 @@ class ServingContext:
                 429,
                 f"the server is busy ({self.metrics.in_flight} requests in flight); retry later",
                 code="server_busy",
+                headers={"Retry-After": "1"},
             )
         return GenerationStream(self.engine, self.metrics, self.timeout_s, time.monotonic())
 

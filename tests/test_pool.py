@@ -17,7 +17,7 @@ import pytest
 from api.server import create_app
 from config import load_config
 from engine.sampling_params import SamplingParams
-from multi_device import EnginePool, PrefixIndex, RollingWindow
+from multi_device import EnginePool, PoolBusy, PrefixIndex, RollingWindow
 from tests.test_server import LiveServer
 
 PREFIX = list(range(300, 364))  # 64 tokens = 4 router blocks
@@ -259,3 +259,29 @@ def test_a_dead_engine_degrades_the_pool(model_dir: str) -> None:
         assert after.status_code == 200
     finally:
         live.stop()
+
+
+def test_admission_queue_orders_times_out_and_forgets_leavers(model_dir: str) -> None:
+    pool = make_pool(model_dir, MAX_INFLIGHT_TOTAL="1", MAX_QUEUE="2", QUEUE_TIMEOUT_S="0.3")
+
+    async def scenario() -> None:
+        first = await pool.admit(_ids(1))
+        with pytest.raises(PoolBusy, match="no capacity"):
+            await pool.admit(_ids(2))  # waits 0.3 s, then gives up
+        leaver = asyncio.create_task(pool.admit(_ids(3)))
+        stayer = asyncio.create_task(pool.admit(_ids(4)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(PoolBusy, match="busy"):
+            await pool.admit(_ids(5))  # the queue holds two already
+        leaver.cancel()  # a client that went away while queued
+        await asyncio.sleep(0.01)
+        pool.cancel(first, 1)
+        second = await stayer
+        assert pool._total == 1
+        pool.cancel(second, 1)
+        assert pool._total == 0 and not pool._waiters
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        pool.shutdown()
