@@ -7,7 +7,9 @@
 #   cp .gpu/tokenizer/* model_configs/qwen3-0.6b/config.json .gpu/qwen3-dummy/
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .gpu/whl pytest pluggy iniconfig pytest-timeout
-# Usage: benchmarks/gpu_check.sh [kernels] [equivalence] [latency] [offline] [shared_prefix]
+# Usage: benchmarks/gpu_check.sh [kernels] [equivalence] [latency] [offline] [shared_prefix] [pool]
+# `pool` needs two GPUs (device kind nvidia-h100-x2): offline on one GPU, then through a pool
+# of one engine per GPU, then shared_prefix through the pool with rr and with cache_aware.
 set -uo pipefail
 OUT=${OUT:-/tmp/minisgl-gpu}
 mkdir -p "$OUT"
@@ -31,6 +33,14 @@ for step in $steps; do
         -p no:cacheprovider tests/test_engine.py \
         -k "not smollm2 and not multi_turn and not stop_string and not multibyte and not overlap_changes" 2>&1 \
         | tee "$OUT/equivalence.txt" ;;
+    pool)
+      bench="python3 bench_suite.py --model $model --load-format dummy --results-dir $OUT --skip-baseline"
+      $bench offline 2>&1 | tee "$OUT/pool-offline-1gpu.txt"
+      ENABLE_MULTI_DEVICE=1 $bench offline 2>&1 | tee "$OUT/pool-offline-2gpu.txt"
+      for mode in rr cache_aware; do
+        ENABLE_MULTI_DEVICE=1 SCHEDULER_MODE=$mode $bench shared_prefix 2>&1 \
+          | tee "$OUT/pool-shared-$mode.txt"
+      done ;;
     latency|offline|shared_prefix)
       python3 bench_suite.py "$step" --model "$model" --load-format dummy \
         --results-dir "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$step.txt" ;;
