@@ -212,6 +212,30 @@ FLAGS: tuple[Flag, ...] = (
          "Where the control plane binds (loopback by default)."),
     Flag("ZMQ_CONTROL_TOKEN", "zmq_control_token", _text, "",
          "When set, control requests must carry it as \"token\"."),
+    Flag("Z_IMAGE_MODEL_DIR", "z_image_model_dir", _text, "",
+         "Folder of a Z-Image(-Turbo) diffusers pipeline: the default image model."),
+    Flag("Z_IMAGE_MODEL_ID", "z_image_model_id", _text, "",
+         "Hub id of a Z-Image pipeline (e.g. Tongyi-MAI/Z-Image-Turbo), when no folder is set."),
+    Flag("IMAGE_MODEL_ID", "image_model_id", _text, "",
+         "Another diffusers text-to-image pipeline (folder or hub id)."),
+    Flag("IMAGE_MODEL_ALLOW", "image_model_allow", _text, "",
+         "Comma-separated further image models a request may name (loaded at start-up)."),
+    Flag("DIFFUSION_DEVICE", "diffusion_device", _choice("auto", "cpu", "cuda", "mps"), "auto",
+         "Device of the diffusion pipelines; auto picks CUDA, then MPS, then CPU."),
+    Flag("DIFFUSION_DTYPE", "diffusion_dtype",
+         _choice("auto", "float32", "bfloat16", "float16"), "auto",
+         "Pipeline dtype; auto = bfloat16 on CUDA, float16 on MPS, float32 on CPU."),
+    Flag("DIFFUSION_ATTENTION_BACKEND", "diffusion_attention_backend", _text, "",
+         "diffusers attention backend of the transformer (e.g. flash, _native_cudnn); "
+         "empty = diffusers' default."),
+    Flag("DIFFUSION_COMPILE", "diffusion_compile", _parse_bool, "0",
+         "torch.compile the pipeline's transformer."),
+    Flag("DIFFUSION_CPU_OFFLOAD", "diffusion_cpu_offload", _parse_bool, "0",
+         "Keep pipeline components on the CPU between uses (CUDA only; saves GPU memory)."),
+    Flag("DIFFUSION_QUEUE", "diffusion_queue", _int_at_least(1), "8",
+         "Image jobs waiting behind the running one; beyond it the server answers 429."),
+    Flag("MAX_IMAGES", "max_images", _int_at_least(1), "4",
+         "Most images (`n`) per image request."),
     Flag("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "info",
          "Logging level (per-token lines only at debug)."),
 )
@@ -252,6 +276,17 @@ class Config:
     zmq_control: bool = False
     zmq_control_endpoint: str = "tcp://127.0.0.1:5557"
     zmq_control_token: str = ""
+    z_image_model_dir: str = ""
+    z_image_model_id: str = ""
+    image_model_id: str = ""
+    image_model_allow: str = ""
+    diffusion_device: str = "auto"
+    diffusion_dtype: str = "auto"
+    diffusion_attention_backend: str = ""
+    diffusion_compile: bool = False
+    diffusion_cpu_offload: bool = False
+    diffusion_queue: int = 8
+    max_images: int = 4
     num_threads: int = 0
     seed: int = 0
     cuda_graph: bool = True

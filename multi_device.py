@@ -581,7 +581,7 @@ class EnginePool:
     def _watch(self) -> None:
         while not self._stopped.wait(WATCHDOG_PERIOD_S):
             for slot in self.slots:
-                if slot.alive and not slot.engine.alive:
+                if slot.alive and not slot.engine.alive and not self._stopped.is_set():
                     self._take_out(slot)
 
     def _take_out(self, slot: EngineSlot) -> None:

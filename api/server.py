@@ -19,9 +19,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from api import generate_api, openai_api
+from api import generate_api, images_api, openai_api
 from api.errors import APIError, install_error_handlers, validation_error
 from api.generate_api import HFMode
+from api.images_api import ImageGenerationRequest
 from api.metrics import CONTENT_TYPE, ServerMetrics
 from api.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from api.protocol import (
@@ -32,6 +33,7 @@ from api.protocol import (
     ModelList,
 )
 from api.serving import ServingContext
+from backend.diffusion.service import DiffusionService, configured_image_models
 from config import Config, configure_logging, get_config
 from engine.engine import MAX_N, Engine
 from ipc.zmq_control import ControlServer
@@ -71,6 +73,8 @@ class ServerState:
         self.engine: EnginePool | None = None
         self.serving: ServingContext | None = None
         self.control: ControlServer | None = None
+        self.diffusion: DiffusionService | None = None
+        self.diffusion_error: str | None = None
         self.metrics = ServerMetrics(self._snapshot)
         self.hf = HFMode(config)
 
@@ -102,7 +106,28 @@ class ServerState:
             logger.exception("the engine failed to load")
             self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
 
+    async def load_all(self, factory: EngineFactory) -> None:
+        """Image models first, then the LLM engines: never a model load while another model
+        runs steps (loaders patch torch's tensor constructors process-wide while they build
+        modules on the meta device)."""
+        await self.load_diffusion()
+        await self.load(factory)
+
+    async def load_diffusion(self) -> None:
+        """Start the diffusion service and load its default model, when one is configured."""
+        if not configured_image_models(self.config):
+            return
+        try:
+            service = DiffusionService(self.config)
+            await asyncio.to_thread(service.load_all)
+            self.diffusion = service
+        except Exception as exc:
+            logger.exception("the image model failed to load")
+            self.diffusion_error = f"{type(exc).__name__}: {exc}"
+
     async def shutdown(self) -> None:
+        if self.diffusion is not None:
+            await asyncio.to_thread(self.diffusion.shutdown)
         if self.control is not None:
             await asyncio.to_thread(self.control.stop)
         if self.engine is not None:
@@ -133,7 +158,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         configure_logging(state.config)
-        loading = asyncio.create_task(state.load(factory))
+        loading = asyncio.create_task(state.load_all(factory))
         try:
             yield
         finally:
@@ -202,6 +227,17 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(request: Request) -> Response:
         body = await parse_body(request, ChatCompletionRequest)
         return await openai_api.chat_completions(body, request, state.ready())
+
+    @app.post("/v1/images/generations")
+    async def image_generations(request: Request) -> JSONResponse:
+        body = await parse_body(request, ImageGenerationRequest)
+        if state.diffusion is None and state.diffusion_error is not None:
+            raise APIError(503, f"the image model failed to load: {state.diffusion_error}",
+                           code="model_not_ready")
+        if state.diffusion is None and configured_image_models(state.config):
+            raise APIError(503, "the image model is still loading", code="model_not_ready")
+        answer = await images_api.generate(body, state.diffusion, state.config.max_images)
+        return JSONResponse(answer)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

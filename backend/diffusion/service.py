@@ -1,0 +1,132 @@
+"""Diffusion jobs beside the LLM: one job at a time per device, a bounded queue before it.
+
+`DiffusionService` owns the loaded pipelines and one worker thread. `submit` returns a
+`concurrent.futures.Future` at once (the server awaits it with `asyncio.wrap_future`, so the
+event loop and the LLM streams never wait for a job); with DIFFUSION_QUEUE jobs already
+waiting it raises `DiffusionBusy` (the server's 429).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from backend.diffusion.images import ImageRequest, generate_images, load_pipeline
+from config import Config, resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+class DiffusionBusy(Exception):
+    """The job queue is full."""
+
+
+@dataclass(frozen=True)
+class ImageModel:
+    """A configured image model: the name requests use, and where it loads from."""
+
+    name: str
+    source: str
+
+
+def configured_image_models(config: Config) -> list[ImageModel]:
+    """Z_IMAGE_MODEL_DIR / Z_IMAGE_MODEL_ID first (the default), then IMAGE_MODEL_ID, then the
+    IMAGE_MODEL_ALLOW list. Names are the folder's or the hub id's last part."""
+    sources = [config.z_image_model_dir or config.z_image_model_id, config.image_model_id,
+               *config.image_model_allow.split(",")]
+    models: list[ImageModel] = []
+    for source in (s.strip() for s in sources):
+        if source and all(m.source != source for m in models):
+            models.append(ImageModel(source.rstrip("/").split("/")[-1], source))
+    return models
+
+
+def diffusion_dtype(config: Config, device: torch.device) -> torch.dtype:
+    if config.diffusion_dtype != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}[config.diffusion_dtype]
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+class DiffusionService:
+    """Loaded image pipelines and the worker that runs their jobs one at a time."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.models = configured_image_models(config)
+        self.device = resolve_device(config.diffusion_device)
+        self.dtype = diffusion_dtype(config, self.device)
+        self._pipelines: dict[str, Any] = {}
+        self._jobs: queue.Queue[tuple[concurrent.futures.Future[Any], str, ImageRequest] | None]
+        self._jobs = queue.Queue(maxsize=config.diffusion_queue)  # jobs waiting to run
+        self._thread = threading.Thread(target=self._work, name="diffusion", daemon=True)
+        self._thread.start()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.models)
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0].name
+
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def load_all(self) -> None:
+        """Load every configured model now (at start-up, before any LLM engine runs: loading
+        while another thread runs torch ops is not safe, see api/server.py)."""
+        for model in self.models:
+            self._pipeline(model.name)
+
+    def submit(self, model: str, request: ImageRequest) -> concurrent.futures.Future[Any]:
+        """Queue a job; its future resolves to the list of PIL images."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            self._jobs.put_nowait((future, model, request))
+        except queue.Full:
+            raise DiffusionBusy(
+                f"the image queue is full ({self.config.diffusion_queue} waiting); "
+                "retry later") from None
+        return future
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(queue.Full):  # a full queue: the daemon thread just stays
+            self._jobs.put_nowait(None)
+        self._thread.join(timeout=5)
+
+    def _pipeline(self, name: str) -> Any:
+        if name not in self._pipelines:
+            model = next(m for m in self.models if m.name == name)
+            config = self.config
+            self._pipelines[name] = load_pipeline(
+                model.source, self.device, self.dtype,
+                attention_backend=config.diffusion_attention_backend,
+                compile_transformer=config.diffusion_compile,
+                cpu_offload=config.diffusion_cpu_offload)
+        return self._pipelines[name]
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, model, request = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(generate_images(self._pipeline(model), request, self.device))
+            except Exception as exc:
+                logger.exception("image job failed")
+                future.set_exception(exc)

@@ -1,0 +1,181 @@
+"""Image generation: a tiny random Z-Image pipeline built offline, served through
+/v1/images/generations and the z_image_mps.py command line."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from api.server import create_app
+from backend.diffusion.images import ASPECT_PRESETS, SIZE_MULTIPLE, ImageRequestError, parse_size
+from config import load_config
+from tests.test_server import LiveServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def z_image_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Any) -> str:
+    """A 2-layer random Z-Image pipeline (transformer, VAE, Qwen3 text encoder) on disk."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2,
+        n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True,
+        cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0, axes_dims=[8, 4, 4],
+        axes_lens=[256, 32, 32])
+    with torch.no_grad():  # allocated with torch.empty: give them values
+        for name in ("x_pad_token", "cap_pad_token"):
+            token = getattr(transformer, name)
+            token.copy_(torch.ones_like(token))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64],
+        layers_per_block=1, latent_channels=16, norm_num_groups=32, sample_size=32,
+        scaling_factor=0.3611, shift_factor=0.1159)
+    text_encoder = Qwen3Model(Qwen3Config(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=len(smollm2_tokenizer), max_position_embeddings=512))
+    pipeline: Any = ZImagePipeline(transformer=transformer, vae=vae,
+                              scheduler=FlowMatchEulerDiscreteScheduler(),
+                              text_encoder=text_encoder, tokenizer=smollm2_tokenizer)
+    folder = tmp_path_factory.mktemp("tiny-z-image") / "tiny-z-image"
+    pipeline.save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def live(z_image_dir: str, tiny_model_factory: Callable[[str], str]) -> Iterator[LiveServer]:
+    config = load_config({
+        "MODEL_LOCAL_DIR": tiny_model_factory("qwen3"), "DTYPE": "float32",
+        "Z_IMAGE_MODEL_DIR": z_image_dir, "DIFFUSION_QUEUE": "1", "MAX_IMAGES": "3"})
+    server = LiveServer(create_app(config=config)).start()
+    server.wait_ready()
+    deadline = time.monotonic() + 60
+    while server.app.state.server.diffusion is None:
+        assert time.monotonic() < deadline, "the image model did not load"
+        time.sleep(0.05)
+    yield server
+    server.stop()
+
+
+def _images(response: httpx.Response) -> list[Image.Image]:
+    assert response.status_code == 200, response.text
+    return [Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+            for item in response.json()["data"]]
+
+
+def _post(url: str, **body: Any) -> httpx.Response:
+    return httpx.post(url + "/v1/images/generations", json={"prompt": "a red fox", **body},
+                      timeout=120)
+
+
+def test_sizes_and_presets() -> None:
+    assert parse_size(None, None) == (1024, 1024)
+    assert parse_size("640x384", None) == (640, 384)
+    assert all(w % SIZE_MULTIPLE == 0 and h % SIZE_MULTIPLE == 0
+               for w, h in ASPECT_PRESETS.values())
+    assert parse_size(None, "16:9") == ASPECT_PRESETS["16:9"]
+    for size in ("100x100", "64", "x64", "4096x64", "64x0", "16x64"):
+        with pytest.raises(ImageRequestError):
+            parse_size(size, None)
+
+
+def test_images_have_the_size_and_count_asked_for(live: LiveServer) -> None:
+    response = _post(live.url, size="64x48", n=2, seed=5, steps=3)
+    images = _images(response)
+    assert [(im.format, im.size) for im in images] == [("PNG", (64, 48))] * 2
+    assert response.json()["model"] == "tiny-z-image"
+    assert images[0].tobytes() != images[1].tobytes()  # two samples, not one copied
+
+
+def test_a_seed_gives_the_same_pixels(live: LiveServer) -> None:
+    first = _images(_post(live.url, size="48x48", seed=11, steps=2))[0]
+    again = _images(_post(live.url, size="48x48", seed=11, steps=2))[0]
+    other = _images(_post(live.url, size="48x48", seed=12, steps=2))[0]
+    assert first.tobytes() == again.tobytes()
+    assert first.tobytes() != other.tobytes()
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"size": "100x100"}, 400, "size"),
+    ({"aspect": "2:1"}, 400, "aspect"),
+    ({"size": "64x64", "aspect": "1:1"}, 400, "size"),
+    ({"n": 0}, 400, "n"),
+    ({"n": 4}, 400, "n"),
+    ({"steps": 0}, 400, "steps"),
+    ({"guidance_scale": -1}, 400, "guidance_scale"),
+    ({"response_format": "url"}, 400, "response_format"),
+    ({"prompt": "  "}, 400, "prompt"),
+    ({"model": "other-model"}, 404, "model"),
+    ({"image_path": "/etc/passwd"}, 400, None),
+])
+def test_bad_image_requests(live: LiveServer, body: dict[str, Any], status: int,
+                            param: str | None) -> None:
+    response = _post(live.url, **body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_the_queue_answers_429_and_llm_streams_go_on(live: LiveServer) -> None:
+    async def scenario() -> tuple[list[httpx.Response], float, float]:
+        async with httpx.AsyncClient(base_url=live.url, timeout=120) as client:
+            slow = {"prompt": "slow", "size": "64x64", "steps": 100, "seed": 1}
+            jobs = [asyncio.create_task(client.post("/v1/images/generations", json=slow))
+                    for _ in range(4)]
+            await asyncio.sleep(0.1)
+            start = time.monotonic()
+            chat = await client.post("/v1/completions", json={
+                "model": "qwen3", "prompt": "Hello", "max_tokens": 8})
+            assert chat.status_code == 200
+            chat_done = time.monotonic() - start
+            responses = list(await asyncio.gather(*jobs))
+            return responses, chat_done, time.monotonic() - start
+
+    responses, chat_s, images_s = asyncio.run(scenario())
+    codes = sorted(r.status_code for r in responses)
+    assert 429 in codes and 200 in codes, codes
+    busy = next(r for r in responses if r.status_code == 429)
+    assert busy.headers["Retry-After"] and busy.json()["error"]["code"] == "server_busy"
+    assert chat_s < images_s  # the LLM answered while images were still being made
+
+
+def test_command_line(z_image_dir: str, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "z_image_mps.py", "-p", "a boat", "--model-dir", z_image_dir,
+         "--width", "64", "--height", "32", "--num-images", "2", "--seed", "4", "-s", "2",
+         "--device", "cpu", "-o", str(tmp_path / "boat.png")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    paths = sorted(tmp_path.glob("boat-*.png"))
+    assert [Image.open(p).size for p in paths] == [(64, 32), (64, 32)]
+    bad = subprocess.run(
+        [sys.executable, "z_image_mps.py", "-p", "x", "--model-dir", z_image_dir, "--width",
+         "70", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert bad.returncode == 2 and "multiple of 16" in bad.stderr
