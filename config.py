@@ -220,6 +220,10 @@ FLAGS: tuple[Flag, ...] = (
          "Another diffusers text-to-image pipeline (folder or hub id)."),
     Flag("IMAGE_MODEL_ALLOW", "image_model_allow", _text, "",
          "Comma-separated further image models a request may name (loaded at start-up)."),
+    Flag("VIDEO_MODEL_ID", "video_model_id", _text, "",
+         "A diffusers text-to-video pipeline (folder or hub id), e.g. Wan through WanPipeline."),
+    Flag("VIDEO_I2V_MODEL_ID", "video_i2v_model_id", _text, "",
+         "A diffusers image-to-video pipeline (folder or hub id), e.g. WanImageToVideoPipeline."),
     Flag("DIFFUSION_DEVICE", "diffusion_device", _choice("auto", "cpu", "cuda", "mps"), "auto",
          "Device of the diffusion pipelines; auto picks CUDA, then MPS, then CPU."),
     Flag("DIFFUSION_DTYPE", "diffusion_dtype",
@@ -280,6 +284,8 @@ class Config:
     z_image_model_id: str = ""
     image_model_id: str = ""
     image_model_allow: str = ""
+    video_model_id: str = ""
+    video_i2v_model_id: str = ""
     diffusion_device: str = "auto"
     diffusion_dtype: str = "auto"
     diffusion_attention_backend: str = ""

@@ -71,7 +71,7 @@ async def generate(body: ImageGenerationRequest, service: DiffusionService | Non
     except ImageRequestError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
     try:
-        future = service.submit(model, request)
+        future = service.submit_image(model, request)
     except DiffusionBusy as exc:
         raise APIError(429, str(exc), code="server_busy", headers={"Retry-After": "5"}) from None
     try:

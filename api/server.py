@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from api import generate_api, images_api, openai_api
+from api import generate_api, images_api, openai_api, videos_api
 from api.errors import APIError, install_error_handlers, validation_error
 from api.generate_api import HFMode
 from api.images_api import ImageGenerationRequest
@@ -33,7 +33,12 @@ from api.protocol import (
     ModelList,
 )
 from api.serving import ServingContext
-from backend.diffusion.service import DiffusionService, configured_image_models
+from api.videos_api import VideoGenerationRequest
+from backend.diffusion.service import (
+    DiffusionService,
+    configured_image_models,
+    configured_video_models,
+)
 from config import Config, configure_logging, get_config
 from engine.engine import MAX_N, Engine
 from ipc.zmq_control import ControlServer
@@ -115,7 +120,7 @@ class ServerState:
 
     async def load_diffusion(self) -> None:
         """Start the diffusion service and load its default model, when one is configured."""
-        if not configured_image_models(self.config):
+        if not (configured_image_models(self.config) or configured_video_models(self.config)):
             return
         try:
             service = DiffusionService(self.config)
@@ -228,16 +233,26 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         body = await parse_body(request, ChatCompletionRequest)
         return await openai_api.chat_completions(body, request, state.ready())
 
+    def diffusion() -> DiffusionService | None:
+        """The loaded diffusion service; a 503 while it loads or when it failed to."""
+        if state.diffusion is None and state.diffusion_error is not None:
+            raise APIError(503, f"the diffusion models failed to load: {state.diffusion_error}",
+                           code="model_not_ready")
+        configured = configured_image_models(state.config) or configured_video_models(
+            state.config)
+        if state.diffusion is None and configured:
+            raise APIError(503, "the diffusion models are still loading", code="model_not_ready")
+        return state.diffusion
+
     @app.post("/v1/images/generations")
     async def image_generations(request: Request) -> JSONResponse:
         body = await parse_body(request, ImageGenerationRequest)
-        if state.diffusion is None and state.diffusion_error is not None:
-            raise APIError(503, f"the image model failed to load: {state.diffusion_error}",
-                           code="model_not_ready")
-        if state.diffusion is None and configured_image_models(state.config):
-            raise APIError(503, "the image model is still loading", code="model_not_ready")
-        answer = await images_api.generate(body, state.diffusion, state.config.max_images)
-        return JSONResponse(answer)
+        return JSONResponse(await images_api.generate(body, diffusion(), state.config.max_images))
+
+    @app.post("/v1/videos/generations")
+    async def video_generations(request: Request) -> JSONResponse:
+        body = await parse_body(request, VideoGenerationRequest)
+        return JSONResponse(await videos_api.generate(body, diffusion()))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

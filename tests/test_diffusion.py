@@ -66,11 +66,47 @@ def z_image_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Any
     return str(folder)
 
 
+def _tiny_wan(folder: Path, tokenizer: Any, image_to_video: bool) -> str:
+    """A 2-layer random Wan pipeline (Wan 2.2 layout: no image encoder for image-to-video)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanImageToVideoPipeline,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    parts: dict[str, Any] = {
+        "vae": AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                temperal_downsample=[False, True, True]),
+        "text_encoder": T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8,
+                                                d_ff=32, num_layers=2, num_heads=4)),
+        "transformer": WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+            in_channels=36 if image_to_video else 16, out_channels=16, text_dim=32,
+            freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
+        "scheduler": UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                             use_flow_sigmas=True, flow_shift=3.0),
+        "tokenizer": tokenizer,
+    }
+    pipeline: Any = (WanImageToVideoPipeline(**parts, image_encoder=None, image_processor=None)
+                     if image_to_video else WanPipeline(**parts))
+    pipeline.save_pretrained(str(folder))
+    return str(folder)
+
+
 @pytest.fixture(scope="module")
-def live(z_image_dir: str, tiny_model_factory: Callable[[str], str]) -> Iterator[LiveServer]:
+def live(z_image_dir: str, tiny_model_factory: Callable[[str], str], smollm2_tokenizer: Any,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    root = tmp_path_factory.mktemp("tiny-wan")
     config = load_config({
         "MODEL_LOCAL_DIR": tiny_model_factory("qwen3"), "DTYPE": "float32",
-        "Z_IMAGE_MODEL_DIR": z_image_dir, "DIFFUSION_QUEUE": "1", "MAX_IMAGES": "3"})
+        "Z_IMAGE_MODEL_DIR": z_image_dir, "DIFFUSION_QUEUE": "1", "MAX_IMAGES": "3",
+        "VIDEO_MODEL_ID": _tiny_wan(root / "tiny-wan-t2v", smollm2_tokenizer, False),
+        "VIDEO_I2V_MODEL_ID": _tiny_wan(root / "tiny-wan-i2v", smollm2_tokenizer, True)})
     server = LiveServer(create_app(config=config)).start()
     server.wait_ready()
     deadline = time.monotonic() + 60
@@ -179,3 +215,56 @@ def test_command_line(z_image_dir: str, tmp_path: Path) -> None:
          "70", "--device", "cpu"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert bad.returncode == 2 and "multiple of 16" in bad.stderr
+
+
+# ------------------------------------------------------------------ video
+def _video(url: str, **body: Any) -> httpx.Response:
+    return httpx.post(url + "/v1/videos/generations", timeout=120,
+                      json={"prompt": "waves", "size": "48x32", "steps": 2, **body})
+
+
+def _decode_mp4(data: str) -> list[Any]:
+    import av
+
+    with av.open(io.BytesIO(base64.b64decode(data))) as container:
+        return [frame.to_image() for frame in container.decode(video=0)]
+
+
+def test_text_to_video_as_mp4_and_frames(live: LiveServer) -> None:
+    response = _video(live.url, num_frames=9, fps=8, seed=3)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["num_frames"], body["fps"], body["model"]) == (9, 8, "tiny-wan-t2v")
+    frames = _decode_mp4(body["data"][0]["b64_mp4"])
+    assert len(frames) == 9 and {f.size for f in frames} == {(48, 32)}
+    first = _video(live.url, num_frames=5, seed=3, response_format="frames_b64_png")
+    again = _video(live.url, num_frames=5, seed=3, response_format="frames_b64_png")
+    pngs = first.json()["data"][0]["frames_b64_png"]
+    assert len(pngs) == 5 and pngs == again.json()["data"][0]["frames_b64_png"]
+    assert Image.open(io.BytesIO(base64.b64decode(pngs[0]))).size == (48, 32)
+
+
+def test_image_to_video(live: LiveServer) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (220, 30, 30)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    response = _video(live.url, image_url=url, num_frames=5, response_format="frames_b64_png")
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "tiny-wan-i2v"
+    assert len(response.json()["data"][0]["frames_b64_png"]) == 5
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"num_frames": 8}, "num_frames"),
+    ({"num_frames": 1000}, "num_frames"),
+    ({"fps": 0}, "fps"),
+    ({"response_format": "gif"}, "response_format"),
+    ({"size": "50x32"}, "size"),
+    ({"image_url": "http://127.0.0.1/cat.png"}, "image_url"),
+    ({"image_url": "/etc/hosts"}, "image_url"),
+    ({"image_url": "data:image/png;base64,not-base64!"}, "image_url"),
+])
+def test_bad_video_requests(live: LiveServer, body: dict[str, Any], param: str) -> None:
+    response = _video(live.url, **body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param

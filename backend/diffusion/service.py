@@ -1,6 +1,7 @@
 """Diffusion jobs beside the LLM: one job at a time per device, a bounded queue before it.
 
-`DiffusionService` owns the loaded pipelines and one worker thread. `submit` returns a
+`DiffusionService` owns the loaded pipelines (image models, and the text-to-video and
+image-to-video models) and one worker thread. `submit_image` / `submit_video` return a
 `concurrent.futures.Future` at once (the server awaits it with `asyncio.wrap_future`, so the
 event loop and the LLM streams never wait for a job); with DIFFUSION_QUEUE jobs already
 waiting it raises `DiffusionBusy` (the server's 429).
@@ -13,12 +14,14 @@ import contextlib
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from backend.diffusion.images import ImageRequest, generate_images, load_pipeline
+from backend.diffusion.video import VideoRequest, generate_video
 from config import Config, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -48,6 +51,13 @@ def configured_image_models(config: Config) -> list[ImageModel]:
     return models
 
 
+def configured_video_models(config: Config) -> dict[str, ImageModel]:
+    """`t2v` from VIDEO_MODEL_ID and `i2v` from VIDEO_I2V_MODEL_ID, where set."""
+    sources = {"t2v": config.video_model_id.strip(), "i2v": config.video_i2v_model_id.strip()}
+    return {kind: ImageModel(source.rstrip("/").split("/")[-1], source)
+            for kind, source in sources.items() if source}
+
+
 def diffusion_dtype(config: Config, device: torch.device) -> torch.dtype:
     if config.diffusion_dtype != "auto":
         return {"float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -65,10 +75,11 @@ class DiffusionService:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.models = configured_image_models(config)
+        self.video_models = configured_video_models(config)
         self.device = resolve_device(config.diffusion_device)
         self.dtype = diffusion_dtype(config, self.device)
         self._pipelines: dict[str, Any] = {}
-        self._jobs: queue.Queue[tuple[concurrent.futures.Future[Any], str, ImageRequest] | None]
+        self._jobs: queue.Queue[tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None]
         self._jobs = queue.Queue(maxsize=config.diffusion_queue)  # jobs waiting to run
         self._thread = threading.Thread(target=self._work, name="diffusion", daemon=True)
         self._thread.start()
@@ -76,6 +87,10 @@ class DiffusionService:
     @property
     def enabled(self) -> bool:
         return bool(self.models)
+
+    @property
+    def has_video(self) -> bool:
+        return bool(self.video_models)
 
     @property
     def default_model(self) -> str:
@@ -87,14 +102,23 @@ class DiffusionService:
     def load_all(self) -> None:
         """Load every configured model now (at start-up, before any LLM engine runs: loading
         while another thread runs torch ops is not safe, see api/server.py)."""
-        for model in self.models:
-            self._pipeline(model.name)
+        for model in [*self.models, *self.video_models.values()]:
+            self._load(model)
 
-    def submit(self, model: str, request: ImageRequest) -> concurrent.futures.Future[Any]:
-        """Queue a job; its future resolves to the list of PIL images."""
+    def submit_image(self, model: str, request: ImageRequest) -> concurrent.futures.Future[Any]:
+        """Queue an image job; its future resolves to the list of PIL images."""
+        source = next(m for m in self.models if m.name == model)
+        return self._submit(lambda: generate_images(self._load(source), request, self.device))
+
+    def submit_video(self, kind: str, request: VideoRequest) -> concurrent.futures.Future[Any]:
+        """Queue a `t2v` or `i2v` job; its future resolves to uint8 frames [F, H, W, 3]."""
+        source = self.video_models[kind]
+        return self._submit(lambda: generate_video(self._load(source), request, self.device))
+
+    def _submit(self, job: Callable[[], Any]) -> concurrent.futures.Future[Any]:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         try:
-            self._jobs.put_nowait((future, model, request))
+            self._jobs.put_nowait((future, job))
         except queue.Full:
             raise DiffusionBusy(
                 f"the image queue is full ({self.config.diffusion_queue} waiting); "
@@ -106,27 +130,26 @@ class DiffusionService:
             self._jobs.put_nowait(None)
         self._thread.join(timeout=5)
 
-    def _pipeline(self, name: str) -> Any:
-        if name not in self._pipelines:
-            model = next(m for m in self.models if m.name == name)
+    def _load(self, model: ImageModel) -> Any:
+        if model.source not in self._pipelines:
             config = self.config
-            self._pipelines[name] = load_pipeline(
+            self._pipelines[model.source] = load_pipeline(
                 model.source, self.device, self.dtype,
                 attention_backend=config.diffusion_attention_backend,
                 compile_transformer=config.diffusion_compile,
                 cpu_offload=config.diffusion_cpu_offload)
-        return self._pipelines[name]
+        return self._pipelines[model.source]
 
     def _work(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            future, model, request = job
+            future, run = job
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(generate_images(self._pipeline(model), request, self.device))
+                future.set_result(run())
             except Exception as exc:
-                logger.exception("image job failed")
+                logger.exception("diffusion job failed")
                 future.set_exception(exc)
