@@ -436,6 +436,7 @@ class EnginePool:
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+                self._dispatch()  # a head that could not fit may have blocked smaller ones
             future = waiter.future
             if not placed and future.done() and not future.cancelled() and \
                     future.exception() is None:
@@ -485,6 +486,9 @@ class EnginePool:
             self._on_delta(target, delta.rid, routed, delta)
 
         with self._lock:  # registered first: the engine may answer before submit returns
+            if not slot.alive:  # taken out since it was chosen: its requests were failed
+                self._release(slot, params.n)
+                raise PoolDown(f"engine {slot.index} of the pool stopped; retry the request")
             slot.requests[rid] = routed
             self._rid_slot[rid] = slot
         try:
@@ -594,9 +598,12 @@ class EnginePool:
         for rid, routed in stranded:
             for index in sorted(routed.pending):
                 usage = Usage(0, 0, 0)
-                self._on_delta(slot, rid, routed, StreamDelta(
-                    rid, index, "", [], finish_reason="abort", usage=usage, error=message,
-                    error_status=503))
+                try:
+                    self._on_delta(slot, rid, routed, StreamDelta(
+                        rid, index, "", [], finish_reason="abort", usage=usage, error=message,
+                        error_status=503))
+                except Exception:  # a failing sink must not stop the watchdog
+                    logger.exception("failing request %s of a stopped engine", rid)
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._dispatch)

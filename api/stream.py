@@ -137,8 +137,11 @@ class GenerationStream:
             self._base[sub_rid] = number * params.n
             for index in range(params.n):
                 self._sequences[number * params.n + index] = _Sequence(prompt=number)
+            try:
+                self._engine.submit(ids, params, self._sink, rid=sub_rid, slot=slot)
+            except PoolDown as exc:
+                raise APIError(503, str(exc), code="engine_unavailable") from None
             self._remaining += params.n
-            self._engine.submit(ids, params, self._sink, rid=sub_rid, slot=slot)
             self._rids.append(sub_rid)
 
     def _sink(self, delta: StreamDelta) -> None:

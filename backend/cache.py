@@ -463,7 +463,7 @@ class PrefillCache:
             return
         if self._entries.pop(key, None) is not None:
             self._num_tokens -= len(key)
-        self._entries[key] = logits.detach().to("cpu", copy=True)
+        self._entries[key] = _host_copy(logits.detach())
         self._num_tokens += len(key)
         while len(self._entries) > self.max_entries or (
             self.token_budget and self._num_tokens > self.token_budget
@@ -475,3 +475,13 @@ class PrefillCache:
         """Forget every entry."""
         self._entries.clear()
         self._num_tokens = 0
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of `t` that does not wait for the device: on CUDA it lands in pinned memory
+    behind the work already queued, and is only ever read back through stream-ordered copies
+    to the device (a later prefill-cache hit), which run after it."""
+    if t.device.type != "cuda":
+        return t.to("cpu", copy=True)
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)

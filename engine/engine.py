@@ -78,6 +78,7 @@ class _InFlight:
     """A step whose sampled tokens are still on the device (or on their way to the host)."""
 
     plan: StepPlan
+    reqs: list[Req]  # the sampled requests, in the rows of `sample`
     sample: PendingSample | None
 
 
@@ -415,13 +416,22 @@ class Engine:
         if self._in_flight is not None:
             self._read_in_flight()
         sample = None
-        if plan.sample_reqs and logits is not None:
-            histories = [r.state.history for r in plan.sample_reqs]
-            params = [r.params for r in plan.sample_reqs]
-            sample = self.sampler.sample_async(logits, params, histories)
-            for req in plan.sample_reqs:
+        sampled = plan.sample_reqs
+        if sampled and logits is not None:
+            # Rows of requests that finished while this step was queued are not sampled: the
+            # shared generator then draws for the same rows as without overlap.
+            live = [i for i, r in enumerate(sampled) if not r.finished]
+            if len(live) < len(sampled):
+                [rows] = to_device_at_once([live], logits.device)
+                logits = logits.index_select(0, rows)
+                sampled = [sampled[i] for i in live]
+            if sampled:
+                histories = [r.state.history for r in sampled]
+                sample = self.sampler.sample_async(logits, [r.params for r in sampled],
+                                                   histories)
+            for req in sampled:
                 req.num_future += 1
-        self._in_flight = _InFlight(plan, sample)
+        self._in_flight = _InFlight(plan, sampled, sample)
         if not self.overlap:
             self._read_in_flight()
 
@@ -444,7 +454,7 @@ class Engine:
         """Copy each future token from the in-flight step's sampled ids into its input row."""
         previous = self._in_flight
         assert previous is not None and previous.sample is not None
-        source_rows = {id(r): i for i, r in enumerate(previous.plan.sample_reqs)}
+        source_rows = {id(r): i for i, r in enumerate(previous.reqs)}
         targets = [row for row, _ in future_inputs]
         sources = [source_rows[id(req)] for _, req in future_inputs]
         target_t, source_t = to_device_at_once([targets, sources], input_ids.device)
@@ -455,7 +465,7 @@ class Engine:
         release the requests that finished."""
         done, self._in_flight = self._in_flight, None
         assert done is not None
-        reqs = done.plan.sample_reqs
+        reqs = done.reqs
         if done.sample is not None:
             out = done.sample.result()
             for row, req in enumerate(reqs):

@@ -378,3 +378,29 @@ def test_asyncio_stream_and_insert_prefix(tiny_model_factory) -> None:
         assert [t for d in deltas for t in d.token_ids] == Reference(path).generate(prompt)
     finally:
         engine.shutdown()
+
+
+def test_overlap_keeps_unseeded_sampling(tiny_model_factory) -> None:
+    """A request that stops while the next step is queued is not sampled again, so the
+    shared generator draws for the same rows as without overlap."""
+    path = tiny_model_factory("llama")
+    prompt_a, prompt_b = random_prompts(2, 10, 10, seed=21)
+    probe = make_engine(path)
+    try:
+        [[full]] = probe.generate([prompt_a], greedy(6))
+    finally:
+        probe.shutdown()
+    params = [
+        SamplingParams(max_new_tokens=6, temperature=0.0, stop_token_ids=[full.token_ids[2]]),
+        SamplingParams(max_new_tokens=12, temperature=1.0, ignore_eos=True),
+    ]
+    outputs = {}
+    for overlap in OVERLAP:
+        engine = make_engine(path, OVERLAP_SCHEDULE=overlap)
+        try:
+            outs = engine.generate([prompt_a, prompt_b], params)
+            outputs[overlap] = [(o.token_ids, o.finish_reason) for [o] in outs]
+        finally:
+            engine.shutdown()
+    assert outputs["on"] == outputs["off"]
+    assert outputs["on"][0][1] == "stop" and len(outputs["on"][1][0]) == 12

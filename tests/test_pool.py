@@ -17,7 +17,7 @@ import pytest
 from api.server import create_app
 from config import load_config
 from engine.sampling_params import SamplingParams
-from multi_device import EnginePool, PoolBusy, PrefixIndex, RollingWindow
+from multi_device import EnginePool, PoolBusy, PoolDown, PrefixIndex, RollingWindow
 from tests.test_server import LiveServer
 
 PREFIX = list(range(300, 364))  # 64 tokens = 4 router blocks
@@ -280,6 +280,33 @@ def test_admission_queue_orders_times_out_and_forgets_leavers(model_dir: str) ->
         assert pool._total == 1
         pool.cancel(second, 1)
         assert pool._total == 0 and not pool._waiters
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        pool.shutdown()
+
+
+def test_a_leaving_head_lets_smaller_waiters_in_and_dead_slots_refuse(model_dir: str) -> None:
+    pool = make_pool(model_dir, MAX_INFLIGHT_TOTAL="4", QUEUE_TIMEOUT_S="5")
+
+    async def scenario() -> None:
+        held = [await pool.admit(_ids(i)) for i in range(3)]
+        big = asyncio.create_task(pool.admit(_ids(10), weight=2))  # does not fit: waits
+        await asyncio.sleep(0.02)
+        small = asyncio.create_task(pool.admit(_ids(11), weight=1))  # fits, but queued behind
+        await asyncio.sleep(0.02)
+        assert not small.done()
+        big.cancel()  # the head leaves: the one behind it gets the free room at once
+        placed = await asyncio.wait_for(small, 1.0)
+        assert pool._total == 4
+        placed.alive = False  # taken out between admission and submission
+        with pytest.raises(PoolDown):
+            pool.submit(_ids(11), greedy(2), lambda delta: None, slot=placed)
+        placed.alive = True
+        for slot in held:
+            pool.cancel(slot, 1)
+        assert pool._total == 0
 
     try:
         asyncio.run(scenario())
