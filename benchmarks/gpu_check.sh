@@ -7,7 +7,7 @@
 #   cp .gpu/tokenizer/* model_configs/qwen3-0.6b/config.json .gpu/qwen3-dummy/
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .gpu/whl pytest pluggy iniconfig pytest-timeout
-# Usage: benchmarks/gpu_check.sh [kernels] [equivalence] [latency] [offline] [shared_prefix] [pool]
+# Usage: benchmarks/gpu_check.sh [kernels] [equivalence] [bf16] [latency] [offline] [shared_prefix] [pool]
 # `pool` needs two GPUs (device kind nvidia-h100-x2): offline on one GPU, then through a pool
 # of one engine per GPU, then shared_prefix through the pool with rr and with cache_aware.
 set -uo pipefail
@@ -33,6 +33,9 @@ for step in $steps; do
         -p no:cacheprovider tests/test_engine.py \
         -k "not smollm2 and not multi_turn and not stop_string and not multibyte and not overlap_changes" 2>&1 \
         | tee "$OUT/equivalence.txt" ;;
+    bf16)
+      python3 -m benchmarks.bf16_agreement --config model_configs/qwen3-0.6b \
+        --results-dir "$OUT" 2>&1 | tee "$OUT/bf16-agreement.txt" ;;
     pool)
       bench="python3 bench_suite.py --model $model --load-format dummy --results-dir $OUT --skip-baseline"
       $bench offline 2>&1 | tee "$OUT/pool-offline-1gpu.txt"

@@ -181,3 +181,25 @@ def test_report_percentiles_and_files(tmp_path: Path) -> None:
     assert json.loads(files.json_path.read_text())["metrics"] == {"missing": None}
     assert files.png_path is not None and files.png_path.read_bytes()[:8] == PNG_MAGIC
     assert result.table().splitlines()[2].split() == ["x", "1.5"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bf16_agreement_report(tmp_path: Path, dtype: str) -> None:
+    """The agreement harness: float32 native equals float32 HF exactly; bfloat16 stays close."""
+    from transformers import Qwen3Config
+
+    from benchmarks.bf16_agreement import main
+
+    Qwen3Config(vocab_size=2048, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                max_position_embeddings=512).save_pretrained(str(tmp_path / "config"))
+    assert main(["--config", str(tmp_path / "config"), "--device", "cpu", "--dtype", dtype,
+                 "--prompts", "2", "--prompt-len", "12", "--new-tokens", "6",
+                 "--results-dir", str(tmp_path / "results")]) == 0
+    [path] = (tmp_path / "results").glob("bf16_agreement-*.json")
+    result = json.loads(path.read_text())
+    assert result["positions"] == 12
+    if dtype == "float32":
+        assert result["agreement_rate"] == 1.0 and result["max_abs_logit_diff"] < 1e-4
+    else:
+        assert result["agreement_rate"] >= 0.5 and 0 < result["max_abs_logit_diff"] < 0.1

@@ -1,0 +1,122 @@
+"""How far the native runner in a low precision drifts from HF transformers in float32.
+
+    python3 -m benchmarks.bf16_agreement --config model_configs/qwen3-0.6b   # on a GPU
+    python3 -m benchmarks.bf16_agreement --device cpu --prompts 2 --new-tokens 8 \\
+        --config <tiny model folder>                                        # smoke run
+
+A random-weight model is built from `--config` (a config.json folder), saved once, and loaded
+by both sides. HF runs float32 greedy `generate` for the reference continuation and one
+float32 forward over prompt + continuation for the reference logits. The native runner (its
+default kernels on the device: Triton and CUDA graphs on CUDA) is then teacher-forced along
+the same tokens in `--dtype`: prefill of the prompt, then one decode step per reference
+token. Reported: the share of positions where its argmax equals the reference token (the
+agreement rate) and the largest and mean absolute logit difference. Writes a JSON beside the
+other results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from backend.batch import build_forward_batch
+from backend.sglang.runner import NativeRunner
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="model_configs/qwen3-0.6b",
+                        help="folder with the config.json of the architecture")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results-dir", type=Path, default=Path("benchmarks/results"))
+    return parser.parse_args(argv)
+
+
+def build_model(config_dir: str, folder: Path, seed: int) -> None:
+    """Random float32 weights for the architecture, saved as a HF folder."""
+    config = AutoConfig.from_pretrained(config_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(str(folder))
+
+
+def teacher_forced_logits(runner: NativeRunner, tokens: list[int], prompt_len: int) -> torch.Tensor:
+    """float32 logits [len(tokens) - prompt_len + 1, vocab]: after the prompt, then after each
+    following token, through prefill and decode steps."""
+    device = runner.device
+    slots = list(range(1, len(tokens) + 1))
+    batch = build_forward_batch([tokens[:prompt_len]], [0], [slots[:prompt_len]], [True], device)
+    rows = [runner.forward(batch)[0].float()]
+    for position in range(prompt_len, len(tokens)):
+        batch = build_forward_batch([[tokens[position]]], [position], [slots[: position + 1]],
+                                    [True], device)
+        rows.append(runner.forward(batch)[0].float())
+    return torch.stack(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        build_model(args.config, folder, args.seed)
+        reference: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        reference = reference.to(device).eval()
+        config = AutoConfig.from_pretrained(str(folder))
+        runner = NativeRunner(str(folder), config, dtype=DTYPES[args.dtype], device=device,
+                              num_kv_slots=args.prompt_len + args.new_tokens + 8,
+                              cuda_graph=device.type == "cuda")
+        generator = torch.Generator().manual_seed(args.seed)
+        agree = positions = 0
+        max_diff = 0.0
+        total_diff = 0.0
+        start = time.perf_counter()
+        for _ in range(args.prompts):
+            prompt = torch.randint(10, config.vocab_size - 1, (args.prompt_len,),
+                                   generator=generator).tolist()
+            with torch.inference_mode():
+                out = reference.generate(
+                    torch.tensor([prompt], device=device), max_new_tokens=args.new_tokens,
+                    do_sample=False, eos_token_id=[], pad_token_id=0)
+                tokens = out[0].tolist()
+                ref_logits = reference(out).logits[0, args.prompt_len - 1 : -1].float()
+                ours = teacher_forced_logits(runner, tokens, args.prompt_len)[:-1]
+            expected = torch.tensor(tokens[args.prompt_len :], device=device)
+            agree += int((ours.argmax(-1) == expected).sum())
+            positions += expected.numel()
+            diff = (ours - ref_logits).abs()
+            max_diff = max(max_diff, float(diff.max()))
+            total_diff += float(diff.mean()) * expected.numel()
+    result = {
+        "config": args.config, "device": str(device), "dtype": args.dtype,
+        "prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "positions": positions, "agreement_rate": agree / positions,
+        "max_abs_logit_diff": max_diff, "mean_abs_logit_diff": total_diff / positions,
+        "seconds": time.perf_counter() - start,
+    }
+    print(json.dumps(result, indent=2))
+    print(f"SUMMARY bf16_agreement: {args.dtype} native vs float32 HF: agreement "
+          f"{result['agreement_rate']:.4f} over {positions} positions, max |logit diff| "
+          f"{max_diff:.4f}, mean {result['mean_abs_logit_diff']:.5f}")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    path = args.results_dir / f"bf16_agreement-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
