@@ -21,6 +21,7 @@ import functools
 import logging
 import math
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -320,6 +321,75 @@ def bench_online(ctx: BenchContext) -> BenchResult:
     )
 
 
+def bench_image(args: argparse.Namespace) -> BenchResult:
+    """Text-to-image: seconds per image and images per minute at n=1 and n=4, our generation
+    path beside a plain diffusers pipeline call on the same pipeline in the same run."""
+    from backend.diffusion.images import (
+        ImageRequest,
+        build_dummy_pipeline,
+        generate_images,
+        is_z_image,
+        load_pipeline,
+    )
+    from config import resolve_device
+
+    if not args.model:
+        raise BenchError("image: pass --model, a diffusers pipeline folder (or hub id)")
+    device = resolve_device(args.device or "auto")
+    dtype = getattr(torch, args.dtype) if args.dtype and args.dtype != "auto" else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    pipeline = (build_dummy_pipeline(args.model, device, dtype) if args.load_format == "dummy"
+                else load_pipeline(args.model, device, dtype))
+    size = args.image_size
+    steps = args.image_steps or (9 if is_z_image(pipeline) else 20)
+    guidance = 0.0 if is_z_image(pipeline) else None
+
+    def ours(n: int) -> None:
+        generate_images(pipeline, ImageRequest(prompt="a lighthouse at dawn", n=n, width=size,
+                                               height=size, steps=steps, guidance_scale=guidance,
+                                               seed=0), device)
+
+    def plain(n: int) -> None:
+        extra = {} if guidance is None else {"guidance_scale": guidance}
+        pipeline(prompt="a lighthouse at dawn", height=size, width=size, num_images_per_prompt=n,
+                 num_inference_steps=steps, generator=torch.Generator(device).manual_seed(0),
+                 **extra)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    pipeline.set_progress_bar_config(disable=True)
+    ours(1)  # warm-up (kernels, allocator)
+    rows, metrics = [], {}
+    for n in (1, 4):
+        timed = {}
+        for name, run in ((OURS, ours), ("diffusers", plain)):
+            start = time.perf_counter()
+            for _ in range(args.repeats):
+                run(n)
+            timed[name] = (time.perf_counter() - start) / (args.repeats * n)
+        metrics[f"n{n}"] = {k: {"s_per_image": v, "images_per_min": 60 / v}
+                            for k, v in timed.items()}
+        rows.append([f"n={n}", timed[OURS], 60 / timed[OURS], timed["diffusers"],
+                     60 / timed["diffusers"]])
+    summary = " | ".join(
+        f"n={n}: {metrics[f'n{n}'][OURS]['s_per_image']:.2f} s/image "
+        f"({metrics[f'n{n}'][OURS]['images_per_min']:.1f}/min) vs diffusers "
+        f"{metrics[f'n{n}']['diffusers']['s_per_image']:.2f} s/image" for n in (1, 4))
+    return BenchResult(
+        workload="image",
+        summary=f"{summary} | {size}x{size}, {steps} steps",
+        metrics={**metrics, "size": size, "steps": steps},
+        table_headers=["batch", "ours s/image", "ours images/min", "diffusers s/image",
+                       "diffusers images/min"],
+        table_rows=rows,
+        panels=[PlotPanel(f"{type(pipeline).__name__} {size}x{size}", "images/min", {
+            name: {f"n={n}": metrics[f"n{n}"][name]["images_per_min"] for n in (1, 4)}
+            for name in (OURS, "diffusers")})],
+        meta={"model": Path(args.model).name, "model_path": args.model,
+              "device": device.type, "dtype": str(dtype).removeprefix("torch.")},
+    )
+
+
 WORKLOADS: dict[str, Callable[[BenchContext], BenchResult]] = {
     "cpu": bench_cpu,
     "offline": bench_offline,
@@ -355,7 +425,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[2:8]))
-    parser.add_argument("workload", choices=sorted(WORKLOADS))
+    parser.add_argument("workload", choices=sorted([*WORKLOADS, "image"]))
     model = parser.add_argument_group("model (defaults: the usual flags)")
     model.add_argument("--model", help="local folder / .gguf / hub id")
     model.add_argument("--load-format", choices=["auto", "dummy"])
@@ -384,6 +454,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="run the baseline on the first N requests only")
     base.add_argument("--baseline-batch-size", type=int, default=64,
                       help="padded batch size of the baseline's generate")
+    image = parser.add_argument_group("image (a diffusers pipeline folder as --model)")
+    image.add_argument("--image-size", type=int, default=1024)
+    image.add_argument("--image-steps", type=int, default=None,
+                       help="default: 9 for Z-Image (8 transformer evaluations), else 20")
+    image.add_argument("--repeats", type=int, default=2, help="timed runs per batch size")
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     return parser.parse_args(argv)
 
@@ -398,6 +473,13 @@ def report(result: BenchResult, results_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.workload == "image":
+        try:
+            report(bench_image(args), args.results_dir)
+        except BenchError as exc:
+            logger.error("%s", exc)
+            return 2
+        return 0
     try:
         config = build_config(args)
         logging.basicConfig(level=config.log_level.upper(),

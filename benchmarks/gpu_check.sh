@@ -7,7 +7,9 @@
 #   cp .gpu/tokenizer/* model_configs/qwen3-0.6b/config.json .gpu/qwen3-dummy/
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .gpu/whl pytest pluggy iniconfig pytest-timeout
-# Usage: benchmarks/gpu_check.sh [kernels] [equivalence] [bf16] [latency] [offline] [shared_prefix] [pool]
+# Usage: benchmarks/gpu_check.sh [kernels] [equivalence] [bf16] [latency] [offline] [shared_prefix] [pool] [image]
+# `image` needs .gpu/z-image-turbo: a diffusers Z-Image-Turbo folder with model_index.json, each
+# component's config.json and the tokenizer (no weights: they are random, --load-format dummy).
 # `pool` needs two GPUs (device kind nvidia-h100-x2): offline on one GPU, then through a pool
 # of one engine per GPU, then shared_prefix through the pool with rr and with cache_aware.
 set -uo pipefail
@@ -36,6 +38,9 @@ for step in $steps; do
     bf16)
       python3 -m benchmarks.bf16_agreement --config model_configs/qwen3-0.6b \
         --results-dir "$OUT" 2>&1 | tee "$OUT/bf16-agreement.txt" ;;
+    image)
+      python3 bench_suite.py image --model .gpu/z-image-turbo --load-format dummy \
+        --results-dir "$OUT" 2>&1 | tee "$OUT/image.txt" ;;
     pool)
       bench="python3 bench_suite.py --model $model --load-format dummy --results-dir $OUT --skip-baseline"
       $bench offline 2>&1 | tee "$OUT/pool-offline-1gpu.txt"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -268,3 +269,16 @@ def test_bad_video_requests(live: LiveServer, body: dict[str, Any], param: str) 
     response = _video(live.url, **body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_image_benchmark_runs_on_dummy_weights(z_image_dir: str, tmp_path: Path) -> None:
+    from bench_suite import main
+
+    assert main(["image", "--model", z_image_dir, "--load-format", "dummy", "--image-size", "32",
+                 "--image-steps", "1", "--repeats", "1", "--results-dir", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("image-*.json")
+    metrics = json.loads(path.read_text())["metrics"]
+    assert metrics["steps"] == 1 and metrics["size"] == 32
+    for n in ("n1", "n4"):
+        assert metrics[n]["mini-sglang"]["images_per_min"] > 0
+        assert metrics[n]["diffusers"]["s_per_image"] > 0

@@ -151,3 +151,52 @@ def png_bytes(image: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def build_dummy_pipeline(folder: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """A pipeline of the architecture in `folder` (model_index.json and each component's
+    config; weights, if any, are ignored) with random weights, built on `device`: for
+    benchmarks of real architectures without their checkpoints. Tokenizers and schedulers
+    load as usual."""
+    import json
+    from pathlib import Path
+
+    import diffusers
+    import transformers
+
+    root = Path(folder)
+    index = json.loads((root / "model_index.json").read_text())
+    pipeline_class = getattr(diffusers, index["_class_name"])
+    parts: dict[str, Any] = {}
+    for name, spec in index.items():
+        if name.startswith("_"):
+            continue
+        if not isinstance(spec, list):
+            parts[name] = spec  # a plain argument such as boundary_ratio
+            continue
+        library, class_name = spec
+        if class_name is None:
+            parts[name] = None
+            continue
+        module = diffusers if library == "diffusers" else transformers
+        cls = getattr(module, class_name)
+        sub = str(root / name)
+        if "Scheduler" in class_name:
+            parts[name] = cls.from_config(cls.load_config(sub))
+        elif library == "diffusers":
+            with torch.device(device):
+                parts[name] = cls.from_config(cls.load_config(sub)).to(dtype)
+        elif hasattr(cls, "_from_config"):
+            config = transformers.AutoConfig.from_pretrained(sub)
+            with torch.device(device):
+                parts[name] = cls._from_config(config, dtype=dtype)
+        else:  # tokenizers, processors
+            parts[name] = cls.from_pretrained(sub)
+    pipeline = pipeline_class(**parts).to(device)
+    with torch.no_grad():  # tensors a module allocates with torch.empty: keep them finite
+        for component in pipeline.components.values():
+            if isinstance(component, torch.nn.Module):
+                for tensor in [*component.parameters(), *component.buffers()]:
+                    if tensor.is_floating_point():
+                        torch.nan_to_num_(tensor, nan=0.0, posinf=1.0, neginf=-1.0)
+    return pipeline
