@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -294,10 +294,10 @@ class EnginePool:
         """Engine counters summed over live engines, plus each engine's own view."""
         per_engine = []
         totals: dict[str, float] = {}
-        for slot in self.slots:
+        windows = [slot.window.summary() for slot in self.slots]
+        for slot, window in zip(self.slots, windows, strict=True):
             view: dict[str, Any] = {"engine": slot.index, "alive": slot.alive,
-                                    "in_flight": slot.in_flight,
-                                    "window": slot.window.summary()}
+                                    "in_flight": slot.in_flight, "window": window}
             if slot.alive:
                 snap = slot.engine.snapshot()
                 view.update(snap)
@@ -307,15 +307,16 @@ class EnginePool:
             per_engine.append(view)
         if "kv_total_slots" in totals and totals["kv_total_slots"]:
             totals["kv_usage"] = totals.get("kv_used_slots", 0) / totals["kv_total_slots"]
-        window = self._total_window()
         return {**totals, "engines": per_engine, "pool": {
             "num_engines": len(self.slots), "live_engines": len(self.live_slots()),
             "in_flight": self._total, "queued": len(self._waiters),
-            "scheduler_mode": self.config.scheduler_mode, "window": window,
+            "scheduler_mode": self.config.scheduler_mode,
+            "window": self._total_window(windows),
             "warm": dict(self.warm_stats)}}
 
-    def _total_window(self) -> dict[str, float | int | None]:
-        views = [s.window.summary() for s in self.slots]
+    def _total_window(
+        self, views: list[dict[str, float | int | None]]
+    ) -> dict[str, float | int | None]:
         requests = sum(int(v["requests"] or 0) for v in views)
         weighted = [(v["latency_mean_s"], v["requests"]) for v in views if v["requests"]]
         return {
@@ -373,17 +374,21 @@ class EnginePool:
             return best
         return least
 
-    def _try_place(self, ids: list[int], hashes: list[int], weight: int) -> EngineSlot | None:
-        """Reserve `weight` sequences on the engine the mode picks among those with room."""
+    def _try_place(self, ids: list[int], hashes: list[int], weight: int,
+                   capped: bool = True) -> EngineSlot | None:
+        """Reserve `weight` sequences on the engine the mode picks among those with room
+        (all live ones when not `capped`); None when the caps leave no room."""
         with self._lock:
             live = self.live_slots()
             if not live:
                 raise PoolDown("no engine of the pool is running")
-            if not self._total_fits(weight):
-                return None
-            candidates = [s for s in live if self._fits(s, weight)]
-            if not candidates:
-                return None
+            candidates = live
+            if capped:
+                if not self._total_fits(weight):
+                    return None
+                candidates = [s for s in live if self._fits(s, weight)]
+                if not candidates:
+                    return None
             slot = self._choose(candidates, ids, hashes)
             slot.in_flight += weight
             self._total += weight
@@ -392,16 +397,9 @@ class EnginePool:
 
     def route(self, ids: list[int], weight: int = 1) -> EngineSlot:
         """Place a request now, ignoring the caps (in-process use: offline runs, warming)."""
-        hashes = PrefixIndex.hashes(ids)
-        with self._lock:
-            live = self.live_slots()
-            if not live:
-                raise PoolDown("no engine of the pool is running")
-            slot = self._choose(live, ids, hashes)
-            slot.in_flight += weight
-            self._total += weight
-            slot.prefixes.insert(hashes)
-            return slot
+        slot = self._try_place(ids, PrefixIndex.hashes(ids), weight, capped=False)
+        assert slot is not None
+        return slot
 
     async def admit(self, ids: list[int], weight: int = 1) -> EngineSlot:
         """The engine for a request of `weight` sequences, waiting in FIFO order for room.
@@ -621,5 +619,4 @@ def _merge(deltas: list[StreamDelta]) -> GenerateOutput:
     )
 
 
-PoolFactory = Callable[[], EnginePool]
 AnyEngine = Engine | EnginePool  # what in-process callers (benchmarks, scripts) may drive

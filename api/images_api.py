@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -44,6 +46,20 @@ class ImageGenerationRequest(BaseModel):
     negative_prompt: str | None = None
 
 
+async def run_job(submit: Callable[[], concurrent.futures.Future[Any]], what: str) -> Any:
+    """Queue a diffusion job and await it off the event loop: a full queue is a 429 with
+    Retry-After, a failed job a 500."""
+    try:
+        future = submit()
+    except DiffusionBusy as exc:
+        raise APIError(429, str(exc), code="server_busy", headers={"Retry-After": "5"}) from None
+    try:
+        return await asyncio.wrap_future(future)
+    except Exception as exc:
+        raise APIError(500, f"{what} generation failed: {type(exc).__name__}: {exc}",
+                       type="server_error") from exc
+
+
 def _image_request(body: ImageGenerationRequest, max_images: int) -> ImageRequest:
     if body.response_format != "b64_json":
         raise ImageRequestError("response_format must be b64_json (no files are kept for "
@@ -70,15 +86,7 @@ async def generate(body: ImageGenerationRequest, service: DiffusionService | Non
         request = _image_request(body, max_images)
     except ImageRequestError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
-    try:
-        future = service.submit_image(model, request)
-    except DiffusionBusy as exc:
-        raise APIError(429, str(exc), code="server_busy", headers={"Retry-After": "5"}) from None
-    try:
-        images = await asyncio.wrap_future(future)
-    except Exception as exc:
-        raise APIError(500, f"image generation failed: {type(exc).__name__}: {exc}",
-                       type="server_error") from exc
+    images = await run_job(lambda: service.submit_image(model, request), "image")
     encoded = await asyncio.to_thread(lambda: [png_bytes(image) for image in images])
     return {
         "created": int(time.time()),

@@ -15,8 +15,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from api.errors import APIError
+from api.images_api import run_job
 from backend.diffusion.images import ImageRequestError, parse_size
-from backend.diffusion.service import DiffusionBusy, DiffusionService
+from backend.diffusion.service import DiffusionService
 from backend.diffusion.video import (
     DEFAULT_FPS,
     DEFAULT_FRAMES,
@@ -79,15 +80,7 @@ async def generate(
         request = _video_request(body)
     except ImageRequestError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
-    try:
-        future = service.submit_video(kind, request)
-    except DiffusionBusy as exc:
-        raise APIError(429, str(exc), code="server_busy", headers={"Retry-After": "5"}) from None
-    try:
-        frames = await asyncio.wrap_future(future)
-    except Exception as exc:
-        raise APIError(500, f"video generation failed: {type(exc).__name__}: {exc}",
-                       type="server_error") from exc
+    frames = await run_job(lambda: service.submit_video(kind, request), "video")
     if body.response_format == "b64_mp4":
         video = await asyncio.to_thread(mp4_bytes, frames, request.fps)
         item: dict[str, Any] = {"b64_mp4": base64.b64encode(video).decode()}

@@ -319,7 +319,7 @@ class PendingSample:
     ) -> None:
         self.token_ids = token_ids
         self._params = params
-        self._parts = [t for t in (token_ids, logprobs, top_ids, top_values)]
+        self._parts: list[torch.Tensor | None] = [token_ids, logprobs, top_ids, top_values]
         self._event: torch.cuda.Event | None = None
         if token_ids.device.type == "cuda":
             self._parts = [_to_pinned_host(t) for t in self._parts]

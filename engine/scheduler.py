@@ -276,11 +276,6 @@ class Scheduler:
         self.waiting.insert(position, req)
 
     # ------------------------------------------------------ after the forward
-    def finish_step(self, plan: StepPlan, logits: torch.Tensor | None) -> None:
-        """`cache_prompts`, then `release_finished` of the step's sampled requests."""
-        self.cache_prompts(plan, logits)
-        self.release_finished(plan.sample_reqs)
-
     def cache_prompts(self, plan: StepPlan, logits: torch.Tensor | None) -> None:
         """Right after the forward: hand newly prefilled prompts to the radix cache and their
         logits to the prefill cache."""

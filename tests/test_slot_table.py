@@ -253,7 +253,8 @@ def test_scheduler_keeps_table_rows_equal_to_running_requests(
             assert all(r.row != 0 for r in plan.reqs)
         for req in plan.sample_reqs:
             fake_token(req, rng)
-        sched.finish_step(plan, None)
+        sched.cache_prompts(plan, None)
+        sched.release_finished(plan.sample_reqs)
         check_table(sched)
         if steps % 7 == 0 and sched.running:  # an abort in the middle of the run
             sched.remove(sched.running[-1])

@@ -23,7 +23,9 @@ KERNEL_SETS: dict[str, str] = {
 
 
 class KernelSet(Protocol):
-    """The ops every kernel set provides (see torch_ops for the reference semantics)."""
+    """The ops the model code calls through a kernel set (see torch_ops for the reference
+    semantics). Sets also export the pieces `qkv_prepare` fuses (`apply_rotary`, `store_kv`),
+    which the kernel tests check one by one."""
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
@@ -40,20 +42,7 @@ class KernelSet(Protocol):
         device: torch.device,
     ) -> torch.Tensor: ...
 
-    def apply_rotary(
-        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...
-
-    def store_kv(
-        self,
-        k_pool_layer: torch.Tensor,
-        v_pool_layer: torch.Tensor,
-        slots: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-    ) -> None: ...
 
     def qkv_prepare(
         self,
