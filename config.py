@@ -139,8 +139,9 @@ FLAGS: tuple[Flag, ...] = (
          "KV pool size in tokens on CPU/MPS when KV_CACHE_TOKENS is 0."),
     Flag("MAX_RUNNING_REQUESTS", "max_running_requests", _int_at_least(1), "256",
          "Most requests in the running batch at once."),
-    Flag("CHUNKED_PREFILL_SIZE", "chunked_prefill_size", _int_at_least(1), "2048",
-         "Token budget of one scheduler step (prefill chunks plus decode tokens)."),
+    Flag("CHUNKED_PREFILL_SIZE", "chunked_prefill_size", _int_at_least(0), "0",
+         "Token budget of one scheduler step (prefill chunks plus decode tokens); 0 = 8192 on "
+         "CUDA (prefill steps run eagerly: fewer, larger ones), 2048 elsewhere."),
     Flag("MAX_NEW_TOKENS_DEFAULT", "max_new_tokens_default", _int_at_least(1), "256",
          "max_tokens when a request does not say."),
     Flag("PREFIX_CACHE", "prefix_cache", _parse_bool, "1",
@@ -301,7 +302,7 @@ class Config:
     kv_cache_mem_fraction: float = 0.85
     kv_cache_cpu_tokens: int = 65536
     max_running_requests: int = 256
-    chunked_prefill_size: int = 2048
+    chunked_prefill_size: int = 0
     max_new_tokens_default: int = 256
     prefix_cache: bool = True
     prefix_cache_size: int = 0
@@ -322,6 +323,12 @@ class Config:
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
+
+    def resolved_chunked_prefill_size(self, device: torch.device) -> int:
+        """CHUNKED_PREFILL_SIZE, or its device default when 0."""
+        if self.chunked_prefill_size > 0:
+            return self.chunked_prefill_size
+        return 8192 if device.type == "cuda" else 2048
 
     def resolved_dtype(self) -> torch.dtype:
         return resolve_dtype(self.dtype, self.resolved_device())

@@ -10,8 +10,11 @@ float32 forward over prompt + continuation for the reference logits. The native 
 default kernels on the device: Triton and CUDA graphs on CUDA) is then teacher-forced along
 the same tokens in `--dtype`: prefill of the prompt, then one decode step per reference
 token. Reported: the share of positions where its argmax equals the reference token (the
-agreement rate) and the largest and mean absolute logit difference. Writes a JSON beside the
-other results.
+agreement rate), the same over the positions where the reference's top-1 margin is at least
+DECISIVE_MARGIN (random weights give flat distributions, where any rounding flips near-ties),
+and the largest and mean absolute logit difference; beside it the same figures of HF
+transformers itself in `--dtype`, the yardstick for what the precision alone costs. Writes a
+JSON beside the other results.
 """
 
 from __future__ import annotations
@@ -68,22 +71,56 @@ def teacher_forced_logits(runner: NativeRunner, tokens: list[int], prompt_len: i
     return torch.stack(rows)
 
 
+DECISIVE_MARGIN = 0.5  # logits between the reference's first and second choice
+
+
+class Agreement:
+    """Running agreement and logit-difference figures of one side against the reference."""
+
+    def __init__(self) -> None:
+        self.agree = self.positions = 0
+        self.decisive_agree = self.decisive = 0
+        self.max_diff = self.total_diff = 0.0
+
+    def add(self, logits: torch.Tensor, ref_logits: torch.Tensor, expected: torch.Tensor) -> None:
+        hits = logits.argmax(-1) == expected
+        top2 = ref_logits.topk(2, dim=-1).values
+        decisive = (top2[:, 0] - top2[:, 1]) >= DECISIVE_MARGIN
+        self.agree += int(hits.sum())
+        self.positions += expected.numel()
+        self.decisive_agree += int((hits & decisive).sum())
+        self.decisive += int(decisive.sum())
+        diff = (logits - ref_logits).abs()
+        self.max_diff = max(self.max_diff, float(diff.max()))
+        self.total_diff += float(diff.mean()) * expected.numel()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "positions": self.positions, "agreement_rate": self.agree / self.positions,
+            "decisive_positions": self.decisive,
+            "decisive_agreement_rate": self.decisive_agree / max(self.decisive, 1),
+            "max_abs_logit_diff": self.max_diff,
+            "mean_abs_logit_diff": self.total_diff / self.positions,
+        }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         build_model(args.config, folder, args.seed)
         reference: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
         reference = reference.to(device).eval()
+        hf_low: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        hf_low = hf_low.to(device).eval()
         config = AutoConfig.from_pretrained(str(folder))
-        runner = NativeRunner(str(folder), config, dtype=DTYPES[args.dtype], device=device,
+        runner = NativeRunner(str(folder), config, dtype=dtype, device=device,
                               num_kv_slots=args.prompt_len + args.new_tokens + 8,
                               cuda_graph=device.type == "cuda")
         generator = torch.Generator().manual_seed(args.seed)
-        agree = positions = 0
-        max_diff = 0.0
-        total_diff = 0.0
+        native, hf = Agreement(), Agreement()
         start = time.perf_counter()
         for _ in range(args.prompts):
             prompt = torch.randint(10, config.vocab_size - 1, (args.prompt_len,),
@@ -94,24 +131,26 @@ def main(argv: list[str] | None = None) -> int:
                     do_sample=False, eos_token_id=[], pad_token_id=0)
                 tokens = out[0].tolist()
                 ref_logits = reference(out).logits[0, args.prompt_len - 1 : -1].float()
+                hf_logits = hf_low(out).logits[0, args.prompt_len - 1 : -1].float()
                 ours = teacher_forced_logits(runner, tokens, args.prompt_len)[:-1]
             expected = torch.tensor(tokens[args.prompt_len :], device=device)
-            agree += int((ours.argmax(-1) == expected).sum())
-            positions += expected.numel()
-            diff = (ours - ref_logits).abs()
-            max_diff = max(max_diff, float(diff.max()))
-            total_diff += float(diff.mean()) * expected.numel()
+            native.add(ours, ref_logits, expected)
+            hf.add(hf_logits, ref_logits, expected)
     result = {
         "config": args.config, "device": str(device), "dtype": args.dtype,
         "prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-        "positions": positions, "agreement_rate": agree / positions,
-        "max_abs_logit_diff": max_diff, "mean_abs_logit_diff": total_diff / positions,
-        "seconds": time.perf_counter() - start,
+        "decisive_margin": DECISIVE_MARGIN, **native.summary(),
+        "hf_same_dtype": hf.summary(), "seconds": time.perf_counter() - start,
     }
     print(json.dumps(result, indent=2))
-    print(f"SUMMARY bf16_agreement: {args.dtype} native vs float32 HF: agreement "
-          f"{result['agreement_rate']:.4f} over {positions} positions, max |logit diff| "
-          f"{max_diff:.4f}, mean {result['mean_abs_logit_diff']:.5f}")
+    for name, side in (("native", native), (f"HF {args.dtype}", hf)):
+        figures = side.summary()
+        print(f"SUMMARY bf16_agreement: {args.dtype} {name} vs float32 HF: agreement "
+              f"{figures['agreement_rate']:.4f} over {figures['positions']} positions "
+              f"({figures['decisive_agreement_rate']:.4f} over the "
+              f"{figures['decisive_positions']} with a top-1 margin >= {DECISIVE_MARGIN}), "
+              f"max |logit diff| {figures['max_abs_logit_diff']:.4f}, "
+              f"mean {figures['mean_abs_logit_diff']:.5f}")
     args.results_dir.mkdir(parents=True, exist_ok=True)
     path = args.results_dir / f"bf16_agreement-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

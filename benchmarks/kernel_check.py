@@ -221,6 +221,31 @@ def elementwise_rows(
     return rows
 
 
+def linear_rows(
+    triton_ops: Any, s: Shapes, dtype: torch.dtype, device: torch.device, iters: int
+) -> list[Row]:
+    """The decoder's four matmuls at 1 and 4 rows: cuBLAS against the triton set's `linear`
+    (the GEMV kernel where its start-up measurement chose it, else cuBLAS too)."""
+    from backend.sglang.kernels.triton.gemv import _CHOICE
+
+    q_width = s.q_heads * s.head_dim
+    shapes = {"qkv_proj": ((s.q_heads + 2 * s.kv_heads) * s.head_dim, s.hidden),
+              "o_proj": (s.hidden, q_width), "gate_up_proj": (2 * s.intermediate, s.hidden),
+              "down_proj": (s.hidden, s.intermediate)}
+    rows = []
+    for rows_in in (1, 4):
+        for name, (out_features, in_features) in shapes.items():
+            x = torch.randn(rows_in, in_features, dtype=dtype, device=device)
+            weight = torch.randn(out_features, in_features, dtype=dtype, device=device) * 0.05
+            call = op_call("linear", x, weight, None)
+            row = compare(f"linear {name}", f"{rows_in}x{in_features}->{out_features}", call,
+                          torch_ops, triton_ops, device, iters)
+            choice = _CHOICE.get((rows_in, out_features, in_features, dtype, x.device))
+            rows.append(Row(f"{row.op} [{'cuBLAS' if choice is None else choice}]", row.shape,
+                            row.torch_ms, row.triton_ms, row.max_err, row.ok))
+    return rows
+
+
 def attention_rows(
     triton_ops: Any, s: Shapes, dtype: torch.dtype, device: torch.device, iters: int
 ) -> list[Row]:
@@ -277,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     rows = elementwise_rows(triton_ops, shapes, dtype, device, args.iters)
     rows += attention_rows(triton_ops, shapes, dtype, device, args.iters)
+    rows += linear_rows(triton_ops, shapes, dtype, device, args.iters)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{name}, {args.dtype}, {shapes}")
     print(table(rows))

@@ -36,6 +36,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--top", type=int, default=25, help="functions to list")
+    parser.add_argument("--kernels", type=int, default=0,
+                        help="on CUDA, also list the N kernels with the most device time over "
+                             "a second run (torch.profiler; CUDA graph replays included)")
     return parser.parse_args()
 
 
@@ -86,6 +89,8 @@ def main() -> None:
         engine.call(profiler.disable)
         steps = engine.stats.num_steps - steps_before
         report(args, engine, profiler, steps, wall, timer)
+        if args.kernels and timer is not None:
+            kernel_table(engine, prompts, params, steps, args.kernels)
     finally:
         engine.shutdown()
 
@@ -108,6 +113,26 @@ def report(args: argparse.Namespace, engine: Engine, profiler: cProfile.Profile,
     stats.sort_stats("cumulative").print_stats(args.top)
     print("host time by function, cumulative:")
     print(stream.getvalue())
+
+
+def kernel_table(engine: Engine, prompts: list[list[int]], params: SamplingParams,
+                 steps: int, rows: int) -> None:
+    """The same run again under torch.profiler: device time per kernel name, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.generate(prompts, params)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events)
+    launches = sum(e.count for e in events)
+    print(f"kernels: {launches / steps:.0f} launches and {total / steps / 1000:.3f} ms of device "
+          f"time per step ({steps} steps)")
+    print(f"{'us/step':>9} {'calls/step':>10} {'share':>6}  kernel")
+    for event in events[:rows]:
+        print(f"{event.device_time_total / steps:9.1f} {event.count / steps:10.1f} "
+              f"{event.device_time_total / total:6.1%}  {event.key[:110]}")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ class Scheduler:
         width, which the pool size caps too."""
         self.config = config
         self.device = device
+        self.step_budget = config.resolved_chunked_prefill_size(device)
         self.allocator = SlotAllocator(num_slots)
         self.max_context_len = max_context_len or num_slots
         width = num_slots if max_context_len is None else min(num_slots, max_context_len)
@@ -115,7 +116,7 @@ class Scheduler:
 
     # ---------------------------------------------------------------- schedule
     def schedule(self) -> StepPlan | None:
-        budget = self.config.chunked_prefill_size
+        budget = self.step_budget
         scheduled: list[tuple[Req, int]] = []
         done: set[int] = set()
         decoding = [r for r in self.running

@@ -14,7 +14,10 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "CONFIGURATION.md"
 def test_defaults_parse() -> None:
     config = load_config({})
     assert config.prefix_cache is True
-    assert config.chunked_prefill_size == 2048
+    assert config.resolved_chunked_prefill_size(torch.device("cpu")) == 2048
+    assert config.resolved_chunked_prefill_size(torch.device("cuda")) == 8192
+    assert load_config({"CHUNKED_PREFILL_SIZE": "512"}).resolved_chunked_prefill_size(
+        torch.device("cuda")) == 512
     assert config.load_format == "auto"
 
 

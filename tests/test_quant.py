@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from backend.batch import build_forward_batch
+from backend.sglang.kernels import torch_ops
 from backend.sglang.layers import Linear
 from backend.sglang.quant import (
     KERNEL_DTYPE,
@@ -81,7 +82,7 @@ def test_head_weight_multiplies_with_int8_activations() -> None:
 
 
 def test_linear_quantize_drops_the_float_weight() -> None:
-    layer = Linear(64, 32, bias=False, dtype=torch.float32, device=CPU)
+    layer = Linear(64, 32, bias=False, ops=torch_ops, dtype=torch.float32, device=CPU)
     torch.nn.init.normal_(layer.weight, std=0.05)
     x = torch.randn(3, 64)
     before = layer(x)

@@ -198,8 +198,10 @@ def test_bf16_agreement_report(tmp_path: Path, dtype: str) -> None:
                  "--results-dir", str(tmp_path / "results")]) == 0
     [path] = (tmp_path / "results").glob("bf16_agreement-*.json")
     result = json.loads(path.read_text())
-    assert result["positions"] == 12
+    assert result["positions"] == result["hf_same_dtype"]["positions"] == 12
     if dtype == "float32":
         assert result["agreement_rate"] == 1.0 and result["max_abs_logit_diff"] < 1e-4
+        assert result["hf_same_dtype"]["max_abs_logit_diff"] == 0.0
     else:
+        assert 0 < result["hf_same_dtype"]["max_abs_logit_diff"] < 0.1
         assert result["agreement_rate"] >= 0.5 and 0 < result["max_abs_logit_diff"] < 0.1

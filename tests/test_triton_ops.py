@@ -284,3 +284,21 @@ def test_qkv_prepare_matches_the_separate_ops(
     _close(pools[0].k[0], pools[1].k[0])
     assert torch.equal(pools[0].v[0], pools[1].v[0])
     assert pools[0].k[0][[0, 3, 4]].abs().sum() == 0
+
+
+@pytest.mark.parametrize(("rows", "out_features", "in_features", "bias"),
+                         [(1, 24, 96, False), (3, 17, 80, True), (4, 8, 200, False)])
+def test_gemv_matches_linear(rows: int, out_features: int, in_features: int,
+                             bias: bool) -> None:
+    """The small-batch linear kernel: ragged output and input dims, every row count up to
+    its limit, with and without bias, over one and several K chunks, two tile shapes."""
+    from backend.sglang.kernels.triton.gemv import GemvConfig, gemv
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _randn(rows, in_features, dtype=dtype, seed=11)
+        weight = _randn(out_features, in_features, dtype=dtype, seed=12)
+        b = _randn(out_features, dtype=dtype, seed=13) if bias else None
+        expected = torch.nn.functional.linear(x.float(), weight.float(),
+                                              None if b is None else b.float()).to(dtype)
+        for config in (GemvConfig(4, 64, 4), GemvConfig(16, 32, 4)):
+            _close(gemv(x, weight, b, config), expected)

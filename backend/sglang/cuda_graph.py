@@ -173,6 +173,9 @@ class CudaGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.buckets: list[int] = []  # captured, ascending
         self.num_replays = 0
+        # torch.cuda.graph's shared default capture stream lives on whichever GPU made it
+        # first: each engine captures on a stream of its own device.
+        self.capture_stream = torch.cuda.Stream(device=device)
 
     def capture(self) -> None:
         """Record one graph per bucket, largest first, into one memory pool; stop early
@@ -201,7 +204,7 @@ class CudaGraphRunner:
         out.copy_(self.model(batch.input_ids, batch.positions, batch, self.kv_pool))
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=pool, stream=self.capture_stream):
             out.copy_(self.model(batch.input_ids, batch.positions, batch, self.kv_pool))
         return graph
 

@@ -137,9 +137,10 @@ class Linear(nn.Module):
     `quant.KERNEL_DTYPE`.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, ops: KernelSet,
+                 dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
+        self.ops = ops
         self.weight = _empty(out_features, in_features, dtype=dtype, device=device)
         self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
         self.quantized: QuantizedWeight | None = None
@@ -148,7 +149,7 @@ class Linear(nn.Module):
         if self.quantized is not None:
             out = self.quantized.matmul(x)
             return out if self.bias is None else out.add_(self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return self.ops.linear(x, self.weight, self.bias)
 
     def quantize(self, method: str, head: bool = False) -> None:
         """Pack the loaded weight (`int8` | `int4`); call once, after the weights are in.
@@ -175,9 +176,9 @@ class Embedding(nn.Module):
 class MergedLinear(Linear):
     """Several projections of the same input stacked on the output dim (one matmul)."""
 
-    def __init__(self, in_features: int, shards: dict[str, int], bias: bool,
+    def __init__(self, in_features: int, shards: dict[str, int], bias: bool, ops: KernelSet,
                  dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(in_features, sum(shards.values()), bias, dtype, device)
+        super().__init__(in_features, sum(shards.values()), bias, ops, dtype, device)
         self.shard_rows: dict[str, tuple[int, int]] = {}
         start = 0
         for name, size in shards.items():
@@ -203,9 +204,9 @@ class Attention(nn.Module):
         self.scale = config.head_dim**-0.5
         self.qkv_proj = MergedLinear(
             config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
-            config.qkv_bias, dtype, device,
+            config.qkv_bias, ops, dtype, device,
         )
-        self.o_proj = Linear(self.q_size, config.hidden_size, config.o_bias, dtype, device)
+        self.o_proj = Linear(self.q_size, config.hidden_size, config.o_bias, ops, dtype, device)
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
         if config.qk_norm:
@@ -240,9 +241,9 @@ class MLP(nn.Module):
         self.ops = ops
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(
-            config.hidden_size, {"gate": size, "up": size}, config.mlp_bias, dtype, device
+            config.hidden_size, {"gate": size, "up": size}, config.mlp_bias, ops, dtype, device
         )
-        self.down_proj = Linear(size, config.hidden_size, config.mlp_bias, dtype, device)
+        self.down_proj = Linear(size, config.hidden_size, config.mlp_bias, ops, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj.forward(self.ops.silu_and_mul(self.gate_up_proj.forward(x)))
@@ -298,8 +299,8 @@ class CausalLM(nn.Module):
         self.lm_head: Linear | None = None
         self.tied_head: QuantizedWeight | None = None  # quantized copy of the tied embedding
         if not self.config.tie_word_embeddings:
-            self.lm_head = Linear(self.config.hidden_size, self.config.vocab_size, False, dtype,
-                                  device)
+            self.lm_head = Linear(self.config.hidden_size, self.config.vocab_size, False, ops,
+                                  dtype, device)
         self.cos_sin_cache = ops.build_rope_cache(
             self.config.head_dim, self.config.max_position_embeddings, self.config.rope_theta,
             self.config.rope_scaling, device,

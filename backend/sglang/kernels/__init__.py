@@ -42,6 +42,10 @@ class KernelSet(Protocol):
         device: torch.device,
     ) -> torch.Tensor: ...
 
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor: ...
+
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def qkv_prepare(

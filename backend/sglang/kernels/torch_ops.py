@@ -42,6 +42,11 @@ def fused_add_rms_norm(
     return rms_norm(new_residual, weight, eps), new_residual
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x W^T + b` (weight [out, in], as nn.Linear stores it)."""
+    return F.linear(x, weight, bias)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up` for `x = [gate | up]` on the last dim."""
     gate, up = x.chunk(2, dim=-1)

@@ -20,12 +20,14 @@ from backend.sglang.kernels.triton.elementwise import (
     store_kv,
 )
 from backend.sglang.kernels.triton.extend_attention import extend_attention
+from backend.sglang.kernels.triton.gemv import linear
 from backend.sglang.kernels.triton.norm import fused_add_rms_norm, rms_norm
 
 __all__ = [
     "apply_rotary",
     "build_rope_cache",
     "fused_add_rms_norm",
+    "linear",
     "paged_attention",
     "qkv_prepare",
     "rms_norm",

@@ -25,6 +25,7 @@ from backend.sglang.kernels.triton.common import (
 
 _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 32
+_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -118,9 +119,11 @@ def _multiprocessor_count(device: torch.device) -> int:
 def choose_num_splits(
     batch_size: int, num_kv_heads: int, max_seq_len: int, device: torch.device
 ) -> int:
-    """Enough slices to give every multiprocessor about two programs, none of them tiny."""
+    """Enough slices to give every multiprocessor about _PROGRAMS_PER_SM programs (each
+    streams its slice's keys one block at a time, so bandwidth needs several in flight per
+    multiprocessor), none of them tiny."""
     programs = batch_size * num_kv_heads
-    wanted = triton.cdiv(2 * _multiprocessor_count(device), max(programs, 1))
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * _multiprocessor_count(device), max(programs, 1))
     by_length = triton.cdiv(max_seq_len, _MIN_SPLIT_TOKENS)
     return max(1, min(wanted, by_length, _MAX_SPLITS))
 
