@@ -224,7 +224,7 @@ def elementwise_rows(
 def linear_rows(
     triton_ops: Any, s: Shapes, dtype: torch.dtype, device: torch.device, iters: int
 ) -> list[Row]:
-    """The decoder's four matmuls at 1 and 4 rows: cuBLAS against the triton set's `linear`
+    """The decoder's four matmuls at 1 and 2 rows: cuBLAS against the triton set's `linear`
     (the GEMV kernel where its start-up measurement chose it, else cuBLAS too)."""
     from backend.sglang.kernels.triton.gemv import _CHOICE
 
@@ -233,7 +233,7 @@ def linear_rows(
               "o_proj": (s.hidden, q_width), "gate_up_proj": (2 * s.intermediate, s.hidden),
               "down_proj": (s.hidden, s.intermediate)}
     rows = []
-    for rows_in in (1, 4):
+    for rows_in in (1, 2):
         for name, (out_features, in_features) in shapes.items():
             x = torch.randn(rows_in, in_features, dtype=dtype, device=device)
             weight = torch.randn(out_features, in_features, dtype=dtype, device=device) * 0.05
