@@ -44,9 +44,9 @@ from typing import Any
 
 import torch
 
+from backend.factory import create_engine
 from config import Config, ConfigError, get_config
 from engine.base import EngineBase, GenerateOutput, Prompt
-from engine.engine import Engine
 from engine.request import Sink, StreamDelta, Usage
 from engine.sampling_params import SamplingParams
 
@@ -88,9 +88,10 @@ def pool_devices(config: Config) -> list[str]:
 
 def build_engines(config: Config) -> list[EngineBase]:
     """The pool's engines, one per `pool_devices` entry, each built from `config` with its
-    own device (and its own seed offset, so sampling noise differs between engines)."""
+    own device (and its own seed offset, so sampling noise differs between engines); the
+    engine type follows BACKEND_IMPL (`create_engine`)."""
     devices = pool_devices(config)
-    return [Engine(replace(config, device=device, seed=config.seed + i))
+    return [create_engine(replace(config, device=device, seed=config.seed + i))
             for i, device in enumerate(devices)]
 
 
