@@ -49,11 +49,11 @@ class LocalChat:
     """An in-process Engine built from the usual flags."""
 
     def __init__(self, max_new_tokens: int, temperature: float, seed: int | None) -> None:
+        from backend.factory import create_engine
         from config import get_config
-        from engine.engine import Engine
         from engine.sampling_params import SamplingParams
 
-        self.engine = Engine(get_config())
+        self.engine = create_engine(get_config())
         self.params = SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
         )

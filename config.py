@@ -102,12 +102,14 @@ FLAGS: tuple[Flag, ...] = (
          "Pass trust_remote_code=True to transformers loaders (operator opt-in)."),
     Flag("DTYPE", "dtype", _choice("auto", "float32", "bfloat16", "float16"), "auto",
          "Weights and KV dtype; auto = bfloat16 on CUDA and on CPUs with native bfloat16 "
-         "(AVX512-BF16/AMX), float16 on MPS, float32 otherwise."),
+         "(AVX512-BF16/AMX), float16 on MPS, float32 otherwise (mlx: the weights' own dtype)."),
     Flag("DEVICE", "device", _choice("auto", "cpu", "cuda", "mps"), "auto",
          "Device; auto picks CUDA, then MPS, then CPU."),
     Flag("BACKEND_IMPL", "backend_impl", _choice("auto", "sgl", "hf", "torch", "mlx"), "auto",
          "Runner: sgl/torch = native paged runner, hf = transformers model on the same "
-         "paged cache, mlx = mlx-lm; auto = native when the architecture is supported."),
+         "paged cache, mlx = mlx-lm (its own engine; `pip install 'mlx[cpu]' mlx-lm` on "
+         "Linux); auto = mlx on Apple Silicon when mlx and mlx-lm import and DEVICE is auto "
+         "or mps, else native when the architecture is supported, else hf."),
     Flag("WEIGHT_QUANT", "weight_quant", _choice("auto", "none", "int8", "int4"), "auto",
          "Weight-only quantization of the native runner's matmuls (CPU): int8 per output "
          "channel, int4 in groups of 32 (LM head int8); auto = int8 on CPU unless DTYPE is "
@@ -156,6 +158,19 @@ FLAGS: tuple[Flag, ...] = (
          "Exact-match prefill cache entries (last-position logits of whole prompts); 0 = off."),
     Flag("PREFILL_CACHE_TOKEN_BUDGET", "prefill_cache_token_budget", _int_at_least(0), "32768",
          "Most prompt tokens covered by the exact-match prefill cache; 0 = entries only."),
+    # MLX backend
+    Flag("MLX_PREFILL_STEP_SIZE", "mlx_prefill_step_size", _int_at_least(1), "2048",
+         "BACKEND_IMPL=mlx: prompt tokens per prefill chunk (decode steps of running "
+         "requests run between chunks)."),
+    Flag("MLX_MAX_KV_SIZE", "mlx_max_kv_size", _int_at_least(0), "0",
+         "BACKEND_IMPL=mlx: most tokens kept in a sequence's KV cache (a rotating cache that "
+         "keeps the first 4 and the latest tokens); 0 = unbounded."),
+    Flag("MLX_PROMPT_CACHE_SIZE", "mlx_prompt_cache_size", _int_at_least(0), "4",
+         "BACKEND_IMPL=mlx: KV caches of finished sequences kept for reuse (LRU); a prompt "
+         "that extends one prefills only the rest. 0 = off."),
+    Flag("MLX_PROMPT_CACHE_TOKENS", "mlx_prompt_cache_tokens", _int_at_least(0), "65536",
+         "BACKEND_IMPL=mlx: most tokens held by the prompt cache (LRU eviction); 0 = entries "
+         "only."),
     # Server
     Flag("API_KEY", "api_key", _text, "",
          "When set, every endpoint but /health needs `Authorization: Bearer <key>` (else 401)."),
@@ -310,6 +325,10 @@ class Config:
     prefix_cache_token_budget: int = 0
     prefill_cache_size: int = 4
     prefill_cache_token_budget: int = 32768
+    mlx_prefill_step_size: int = 2048
+    mlx_max_kv_size: int = 0
+    mlx_prompt_cache_size: int = 4
+    mlx_prompt_cache_tokens: int = 65536
     api_key: str = ""
     request_timeout_s: float = 0.0
     max_request_bytes: int = 8388608

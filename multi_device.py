@@ -44,8 +44,9 @@ from typing import Any
 
 import torch
 
+from backend.factory import create_engine
 from config import Config, ConfigError, get_config
-from engine.engine import Engine, GenerateOutput, Prompt
+from engine.base import EngineBase, GenerateOutput, Prompt
 from engine.request import Sink, StreamDelta, Usage
 from engine.sampling_params import SamplingParams
 
@@ -85,11 +86,12 @@ def pool_devices(config: Config) -> list[str]:
     return [config.device] * max(1, config.num_engines)
 
 
-def build_engines(config: Config) -> list[Engine]:
+def build_engines(config: Config) -> list[EngineBase]:
     """The pool's engines, one per `pool_devices` entry, each built from `config` with its
-    own device (and its own seed offset, so sampling noise differs between engines)."""
+    own device (and its own seed offset, so sampling noise differs between engines); the
+    engine type follows BACKEND_IMPL (`create_engine`)."""
     devices = pool_devices(config)
-    return [Engine(replace(config, device=device, seed=config.seed + i))
+    return [create_engine(replace(config, device=device, seed=config.seed + i))
             for i, device in enumerate(devices)]
 
 
@@ -164,7 +166,7 @@ class EngineSlot:
     """One engine of the pool and the pool's bookkeeping of it."""
 
     index: int
-    engine: Engine
+    engine: EngineBase
     window: RollingWindow
     prefixes: PrefixIndex = field(default_factory=PrefixIndex)
     in_flight: int = 0  # sequences routed here and not finished
@@ -194,7 +196,8 @@ class _Waiter:
 class EnginePool:
     """Several engines behind the Engine surface the server uses, plus admission."""
 
-    def __init__(self, config: Config | None = None, engines: list[Engine] | None = None) -> None:
+    def __init__(self, config: Config | None = None,
+                 engines: list[EngineBase] | None = None) -> None:
         self.config = config or get_config()
         if self.config.scheduler_mode not in ROUTING_MODES:
             raise ConfigError(f"SCHEDULER_MODE must be one of {', '.join(ROUTING_MODES)}")
@@ -222,7 +225,7 @@ class EnginePool:
 
     # ---------------------------------------------------- the engine surface
     @property
-    def first(self) -> Engine:
+    def first(self) -> EngineBase:
         return self.slots[0].engine
 
     @property
@@ -287,7 +290,7 @@ class EnginePool:
         live = len(self.live_slots())
         status = "ok" if live == len(self.slots) else ("degraded" if live else "failed")
         return {"status": status, "engines": [
-            {"engine": s.index, "device": str(s.engine.runner.device), "alive": s.alive}
+            {"engine": s.index, "device": s.engine.device_name, "alive": s.alive}
             for s in self.slots]}
 
     def snapshot(self) -> dict[str, Any]:
@@ -619,4 +622,4 @@ def _merge(deltas: list[StreamDelta]) -> GenerateOutput:
     )
 
 
-AnyEngine = Engine | EnginePool  # what in-process callers (benchmarks, scripts) may drive
+AnyEngine = EngineBase | EnginePool  # what in-process callers (benchmarks, scripts) may drive

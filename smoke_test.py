@@ -15,8 +15,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from backend.factory import create_engine
 from config import get_config
-from engine.engine import Engine, Prompt
+from engine.base import EngineBase, Prompt
 from engine.request import StreamDelta, Usage
 from engine.sampling_params import InvalidRequestError, SamplingParams
 
@@ -61,7 +62,7 @@ class StreamTimings:
         return (self.num_tokens - 1) / elapsed if elapsed > 0 else 0.0
 
 
-def stream_answer(engine: Engine, prompt: Prompt, params: SamplingParams) -> StreamTimings:
+def stream_answer(engine: EngineBase, prompt: Prompt, params: SamplingParams) -> StreamTimings:
     """Stream `prompt`'s answer to stdout as it arrives; return its timings."""
     timings = StreamTimings(start=time.perf_counter())
     for delta in engine.stream(prompt, params):
@@ -115,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = " ".join(args.prompt) or "Hello mini-sglang"
     load_start = time.perf_counter()
-    engine = Engine(config)
+    engine = create_engine(config)
     logger.info(
         "loaded %s on %s (%s) in %.1f s",
-        engine.model_name, engine.runner.device, config.resolved_dtype(),
+        engine.model_name, engine.device_name, config.resolved_dtype(),
         time.perf_counter() - load_start,
     )
     try:

@@ -40,14 +40,14 @@ from backend.diffusion.service import (
     configured_video_models,
 )
 from config import Config, configure_logging, get_config
-from engine.engine import MAX_N, Engine
+from engine.base import MAX_N, EngineBase
 from ipc.zmq_control import ControlServer
 from multi_device import EnginePool
 
 logger = logging.getLogger(__name__)
 
 Body = TypeVar("Body", bound=BaseModel)
-EngineFactory = Callable[[], "Engine | EnginePool"]
+EngineFactory = Callable[[], "EngineBase | EnginePool"]
 
 
 @dataclass(frozen=True)

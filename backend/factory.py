@@ -1,15 +1,21 @@
-"""Pick and build the runner for a model: native paged runner, or transformers on our pool."""
+"""Pick and build the engine and runner for a model: the native paged runner, transformers
+on our pool (both in `engine.engine.Engine`), or mlx-lm in its own `MLXEngine`."""
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from backend.batch import ModelRunner
 from backend.loader import ModelSource
+from backend.mlx import is_apple_silicon, mlx_importable, require_mlx
 from config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from engine.base import EngineBase
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +33,32 @@ def kv_cache_tokens(config: Config, device: torch.device) -> int:
     return config.kv_cache_cpu_tokens
 
 
+def resolve_backend(config: Config) -> str:
+    """BACKEND_IMPL with `auto` settled between mlx and the torch runners: "mlx" when forced
+    (MLX must import, else a ConfigError says how to install it) or, under auto, on Apple
+    Silicon with DEVICE auto or mps, real weights, and mlx + mlx-lm importable; else the
+    flag's own value (auto then means native, falling back to hf)."""
+    impl = config.backend_impl
+    if impl == "mlx":
+        require_mlx()
+        return "mlx"
+    if (impl == "auto" and config.device in ("auto", "mps") and config.load_format != "dummy"
+            and is_apple_silicon() and mlx_importable()):
+        return "mlx"
+    return impl
+
+
+def create_engine(config: Config, source: ModelSource | None = None) -> EngineBase:
+    """The engine BACKEND_IMPL resolves to: MLXEngine for mlx, else the native Engine."""
+    if resolve_backend(config) == "mlx":
+        from backend.mlx.engine import MLXEngine
+
+        return MLXEngine(config, source=source)
+    from engine.engine import Engine
+
+    return Engine(config, source=source)
+
+
 def create_runner(config: Config, source: ModelSource) -> ModelRunner:
     """BACKEND_IMPL: sgl/torch → native; hf → transformers; auto → native, else hf (logged)."""
     device = config.resolved_device()
@@ -34,7 +66,8 @@ def create_runner(config: Config, source: ModelSource) -> ModelRunner:
     slots = kv_cache_tokens(config, device)
     impl = config.backend_impl
     if impl == "mlx":
-        raise ConfigError("BACKEND_IMPL=mlx is not available in this build")
+        raise ConfigError("BACKEND_IMPL=mlx runs in its own engine: build engines with "
+                          "backend.factory.create_engine (the server and pool do)")
     if impl in ("auto", "sgl", "torch"):
         from backend.sglang.quant import resolve_weight_quant
         from backend.sglang.runner import NativeRunner, UnsupportedModelError

@@ -36,6 +36,7 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_DIR_NAME = "smollm2-135m-instruct"
 COMPLETE_MARKER = ".minisgl-complete"
+DEFAULT_CONTEXT_LEN = 4096
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -188,6 +189,16 @@ def eos_token_ids(
     if tokenizer is not None:
         found += _as_ids(tokenizer.eos_token_id)
     return tuple(dict.fromkeys(found))
+
+
+def declared_context_len(text_config: Any) -> int:
+    """The context length a model config declares (4096 when it declares none)."""
+    for name in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    logger.warning("the model config declares no context length; assuming %d", DEFAULT_CONTEXT_LEN)
+    return DEFAULT_CONTEXT_LEN
 
 
 def _as_ids(value: Any) -> list[int]:

@@ -18,11 +18,11 @@ from typing import Any, TypeVar
 
 import torch
 
+from backend.factory import create_engine
 from backend.hf.baseline import HFBaseline
 from backend.loader import ModelSource
 from benchmarks.workloads import BenchRequest
 from config import Config
-from engine.engine import Engine
 from multi_device import AnyEngine, EnginePool, pool_devices
 
 T = TypeVar("T")
@@ -91,7 +91,7 @@ def with_engine(
     EnginePool stands in for it and every request is routed (SCHEDULER_MODE)."""
     config = config or ctx.config
     engine: AnyEngine = (EnginePool(config) if len(pool_devices(config)) > 1
-                         else Engine(config, source=ctx.source))
+                         else create_engine(config, source=ctx.source))
     try:
         engine.warmup()
         return fn(engine)

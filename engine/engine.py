@@ -1,76 +1,40 @@
-"""Engine: a request's lifecycle around the scheduler loop, which runs in its own thread.
+"""Engine: the native engine, a scheduler loop over a paged runner in its own thread.
 
-Callers (any thread, or asyncio) submit text, chat messages or token ids with sampling
-parameters and get a stream of `StreamDelta`s back; `abort` stops a request within one step
-and frees its KV. One step of the loop is: take new requests and aborts, schedule, run the
-model, sample, turn tokens into text, release what finished.
+The request lifecycle (submit / stream / abort, tokenizer, detokenizer, stop strings) is
+`EngineBase`'s; `abort` stops a request within one step and frees its KV. One step of the
+loop is: take new requests and aborts, schedule, run the model, sample, turn tokens into
+text, release what finished.
 """
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
-import queue
-import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Generator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from backend.batch import ModelRunner, to_device_at_once
 from backend.factory import create_runner
-from backend.loader import ModelSource, eos_token_ids, load_tokenizer, resolve_model
-from config import Config, get_config
-from engine.detokenizer import IncrementalDetokenizer, StopChecker
-from engine.request import Req, Sink, StreamDelta, TokenLogprob, Usage
+from backend.loader import ModelSource, eos_token_ids
+from config import Config
+from engine.base import MAX_N, EngineBase, EngineStats, GenerateOutput, Prompt, TextState
+from engine.request import Req, TokenLogprob
 from engine.sampler import PendingSample, RequestHistory, SampleOutput, Sampler
-from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler, StepPlan
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[dict[str, Any]] | list[int]
-MAX_N = 16
+__all__ = ["MAX_N", "Engine", "EngineStats", "GenerateOutput", "Prompt"]
 
 
 @dataclass
-class ReqState:
-    """Per-request helpers owned by the loop thread."""
+class ReqState(TextState):
+    """Per-request helpers owned by the loop thread: stream text plus the sampler history."""
 
     history: RequestHistory
-    detokenizer: IncrementalDetokenizer
-    stopper: StopChecker
-
-
-@dataclass
-class EngineStats:
-    """Counters since start-up (read by /metrics)."""
-
-    num_requests: int = 0
-    num_finished: int = 0
-    num_aborted: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    cached_tokens: int = 0
-    num_steps: int = 0
-    forward_tokens: int = 0
-    future_tokens: int = 0  # inputs read on the device from the step before (overlap)
-
-
-@dataclass
-class GenerateOutput:
-    """The whole result of one sequence of an offline `generate` call."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    usage: Usage
-    index: int = 0
-    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -82,7 +46,9 @@ class _InFlight:
     sample: PendingSample | None
 
 
-class Engine:
+class Engine(EngineBase):
+    """The native engine: continuous batching on a paged KV pool with radix prefix reuse."""
+
     def __init__(
         self,
         config: Config | None = None,
@@ -90,23 +56,9 @@ class Engine:
         source: ModelSource | None = None,
         runner: ModelRunner | None = None,
     ) -> None:
-        self.config = config or get_config()
-        self.source = source or resolve_model(self.config)
-        self.tokenizer = load_tokenizer(self.source, self.config.trust_remote_code)
-        self.model_name = self.source.name
-        self.stats = EngineStats()
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._reqs: dict[str, list[Req]] = {}
-        self._stopped = threading.Event()
+        super().__init__(config, source=source)
         self._in_flight: _InFlight | None = None
-        started: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(
-            target=self._run, args=(runner, started), name="minisgl-scheduler", daemon=True
-        )
-        self._thread.start()
-        error = started.get()
-        if error is not None:
-            raise error
+        self._start_loop(lambda: self._start(runner))
 
     def _start(self, runner: ModelRunner | None) -> None:
         """Build the runner and the step machinery on the loop thread: all torch work stays
@@ -139,132 +91,9 @@ class Engine:
         gc.freeze()
 
     # ------------------------------------------------------------- public API
-    def tokenize(self, prompt: Prompt) -> list[int]:
-        """Token ids of text, of chat messages (the model's chat template) or of ids."""
-        if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
-        if prompt and all(isinstance(t, int) for t in prompt):
-            return [int(t) for t in prompt]  # type: ignore[arg-type]
-        if prompt and all(isinstance(m, dict) for m in prompt):
-            messages: Any = prompt
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
-        raise InvalidRequestError("prompt must be text, chat messages or token ids", "prompt")
-
-    def submit(
-        self,
-        prompt: Prompt,
-        params: SamplingParams,
-        sink: Sink,
-        rid: str | None = None,
-    ) -> str:
-        """Queue a request; `sink` gets its deltas from the loop thread. Returns its id."""
-        params.validate(MAX_N)
-        ids = self.tokenize(prompt)
-        self._check_fits(ids, params)
-        rid = rid or uuid.uuid4().hex
-        first = Req(rid=rid, prompt_ids=ids, params=params, sink=sink)
-        reqs = [first]
-        for index in range(1, params.n):
-            reqs.append(
-                Req(
-                    rid=rid,
-                    prompt_ids=ids,
-                    params=_child_params(params, index),
-                    sink=sink,
-                    index=index,
-                    waits_for=first,
-                )
-            )
-        for req in reqs:
-            req.state = self._new_state(req)
-        self._inbox.put(("add", reqs))
-        return rid
-
-    def abort(self, rid: str) -> None:
-        """Stop a request (all of its n sequences) within one step; frees its KV."""
-        self._inbox.put(("abort", rid))
-
-    def stream(self, prompt: Prompt, params: SamplingParams) -> Generator[StreamDelta, None, None]:
-        """Blocking stream of deltas; closing the generator early aborts the request."""
-        deltas: queue.SimpleQueue[StreamDelta] = queue.SimpleQueue()
-        rid = self.submit(prompt, params, deltas.put)
-        remaining = params.n
-        try:
-            while remaining:
-                delta = deltas.get()
-                remaining -= delta.finished
-                yield delta
-        finally:
-            if remaining:
-                self.abort(rid)
-
-    async def astream(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[StreamDelta]:
-        """asyncio stream of deltas; cancelling the consumer aborts the request."""
-        loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue[StreamDelta] = asyncio.Queue()
-
-        def sink(delta: StreamDelta) -> None:
-            loop.call_soon_threadsafe(deltas.put_nowait, delta)
-
-        rid = self.submit(prompt, params, sink)
-        remaining = params.n
-        try:
-            while remaining:
-                delta = await deltas.get()
-                remaining -= delta.finished
-                yield delta
-        finally:
-            if remaining:
-                self.abort(rid)
-
-    def generate(
-        self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
-    ) -> list[list[GenerateOutput]]:
-        """Offline batch: every prompt at once; per prompt, its n outputs in index order."""
-        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        done = threading.Event()
-        outputs: dict[str, dict[int, GenerateOutput]] = {}
-        pending = sum(p.n for p in plist)
-        lock = threading.Lock()
-
-        def sink(delta: StreamDelta) -> None:
-            nonlocal pending
-            out = outputs.setdefault(delta.rid, {}).setdefault(
-                delta.index, GenerateOutput("", [], "", Usage(0, 0, 0), delta.index)
-            )
-            out.text += delta.text
-            out.token_ids.extend(delta.token_ids)
-            out.logprobs.extend(delta.logprobs or [])
-            if delta.finished:
-                out.finish_reason = delta.finish_reason or ""
-                out.usage = delta.usage or out.usage
-                with lock:
-                    pending -= 1
-                    if pending == 0:
-                        done.set()
-
-        rids = [self.submit(p, sp, sink) for p, sp in zip(prompts, plist)]
-        done.wait()
-        return [[outputs[rid][i] for i in sorted(outputs[rid])] for rid in rids]
-
-    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
-        """Run `fn` on the loop thread between steps and return its result."""
-        result: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
-        self._inbox.put(("call", (fn, result)))
-        ok, value = result.get(timeout=timeout)
-        if not ok:
-            raise value
-        return value
-
-    def insert_prefix(self, prompt: Prompt) -> int:
-        """Compute a prefix once and keep it in the radix cache; returns its token count."""
-        ids = self.tokenize(prompt)
-        params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
-        self.generate([ids], params)
-        return len(ids)
+    @property
+    def device_name(self) -> str:
+        return str(self.runner.device)
 
     def flush_cache(self) -> int:
         """Drop every unreferenced prefix from the caches; returns freed slots."""
@@ -291,112 +120,29 @@ class Engine:
             **vars(self.stats),
         }
 
-    def warmup(self) -> None:
-        params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
-        self.generate(["Hello"], params)
-
-    @property
-    def alive(self) -> bool:
-        """Whether the loop thread is running (False after shutdown or if it died)."""
-        return self._thread.is_alive() and not self._stopped.is_set()
-
-    def shutdown(self) -> None:
-        self._stopped.set()
-        self._inbox.put(("stop", None))
-        self._thread.join(timeout=10)
-        gc.unfreeze()  # let the collector reach what start-up froze, this engine's included
-
-    # -------------------------------------------------------------- validation
-    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise InvalidRequestError("prompt is empty", "prompt")
-        limit = self.max_context_len
-        if len(ids) >= limit:
-            raise InvalidRequestError(
-                f"prompt has {len(ids)} tokens; the model's context is {limit}", "prompt"
-            )
-        if len(ids) + params.max_new_tokens > limit:
-            raise InvalidRequestError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}) exceeds "
-                f"the model's context of {limit} tokens",
-                "max_tokens",
-            )
-        if len(ids) + params.max_new_tokens > self.scheduler.allocator.num_total:
-            raise InvalidRequestError(
-                f"prompt + max_tokens ({len(ids) + params.max_new_tokens}) exceeds the KV "
-                f"cache of {self.scheduler.allocator.num_total} tokens",
-                "max_tokens",
-            )
-        vocab = self.info.vocab_size
-        if any(t < 0 or t >= vocab for t in ids):
-            raise InvalidRequestError(f"token ids must be in [0, {vocab})", "prompt")
+    def _kv_capacity(self) -> int | None:
+        return self.scheduler.allocator.num_total
 
     def _new_state(self, req: Req) -> ReqState:
-        return ReqState(
-            history=RequestHistory(req.prompt_ids, req.params.seed, self.runner.device),
-            detokenizer=IncrementalDetokenizer(
-                self.tokenizer, req.prompt_ids, req.params.skip_special_tokens
-            ),
-            stopper=StopChecker(req.params.stop),
-        )
+        detokenizer, stopper = self._text_state(req)
+        history = RequestHistory(req.prompt_ids, req.params.seed, self.runner.device)
+        return ReqState(detokenizer=detokenizer, stopper=stopper, history=history)
 
     # ------------------------------------------------------------- loop thread
-    def _run(
-        self, runner: ModelRunner | None, started: queue.SimpleQueue[BaseException | None]
-    ) -> None:
-        try:
-            self._start(runner)
-        except BaseException as exc:
-            started.put(exc)
-            return
-        started.put(None)
-        self._loop()
-
     @property
     def _has_work(self) -> bool:
         return self.scheduler.has_work or self._in_flight is not None
 
-    def _loop(self) -> None:
-        while not self._stopped.is_set():
-            self._drain(block=not self._has_work)
-            if self._stopped.is_set() or not self._has_work:
-                continue
-            try:
-                self._step()
-            except Exception as exc:  # keep serving: fail what was in flight, go on
-                logger.exception("engine step failed")
-                self._fail_all(f"engine error: {exc}")
+    def _add(self, reqs: list[Req]) -> None:
+        for req in reqs:
+            self.scheduler.add(req)
 
-    def _drain(self, block: bool) -> None:
-        try:
-            kind, payload = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            self._handle(kind, payload)
-            try:
-                kind, payload = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-
-    def _handle(self, kind: str, payload: Any) -> None:
-        if kind == "add":
-            for req in payload:
-                self._reqs.setdefault(req.rid, []).append(req)
-                self.scheduler.add(req)
-                self.stats.num_requests += 1
-        elif kind == "abort":
-            for req in self._reqs.pop(payload, []):
-                if not req.finished:
-                    self.scheduler.remove(req)
-                    self.stats.num_aborted += 1
-                    self._finish(req, "abort", "")
-        elif kind == "call":
-            fn, result = payload
-            try:
-                result.put((True, fn()))
-            except Exception as exc:
-                result.put((False, exc))
+    def _abort(self, rid: str) -> None:
+        for req in self._reqs.pop(rid, []):
+            if not req.finished:
+                self.scheduler.remove(req)
+                self.stats.num_aborted += 1
+                self._finish(req, "abort", "")
 
     def _step(self) -> None:
         """One step. With overlap, the host reads the previous step's tokens while the
@@ -476,59 +222,12 @@ class Engine:
 
     def _on_token(self, req: Req, row: int, out: SampleOutput) -> None:
         token = out.token_ids[row]
-        req.token_ids.append(token)
-        state: ReqState = req.state
-        state.history.append(token)
-        if req.num_output == 1:
-            self.stats.prompt_tokens += len(req.prompt_ids)
-            self.stats.cached_tokens += max(req.num_prompt_cached, 0)
-        self.stats.generation_tokens += 1
+        req.state.history.append(token)
         logprobs = None
         if out.logprobs is not None and req.params.logprobs:
             top = out.top_logprobs[row] if out.top_logprobs else []
             logprobs = [TokenLogprob(token, out.logprobs[row], top[: req.params.top_logprobs])]
-        params = req.params
-        reason: str | None = None
-        text = ""
-        matched = False
-        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            reason = "stop"
-        else:
-            text, matched = state.stopper.process(state.detokenizer.add(token))
-            if matched:
-                reason = "stop"
-            elif req.num_output >= params.max_new_tokens or req.seq_len >= self.max_context_len:
-                reason = "length"
-        if reason is not None and not matched:
-            tail, matched = state.stopper.process(state.detokenizer.flush())
-            text += tail if matched else tail + state.stopper.flush()
-            reason = "stop" if matched else reason
-        if reason is None:
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug("%s[%d] token %d %r", req.rid, req.index, token, text)
-            req.sink(StreamDelta(req.rid, req.index, text, [token], logprobs))
-            return
-        self._finish(req, reason, text, [token], logprobs)
-
-    def _finish(
-        self,
-        req: Req,
-        reason: str,
-        text: str,
-        token_ids: list[int] | None = None,
-        logprobs: list[TokenLogprob] | None = None,
-        error: str | None = None,
-    ) -> None:
-        req.finish_reason = reason
-        self.stats.num_finished += 1
-        siblings = self._reqs.get(req.rid, [])
-        if all(r.finished for r in siblings):
-            self._reqs.pop(req.rid, None)
-        req.sink(
-            StreamDelta(
-                req.rid, req.index, text, token_ids or [], logprobs, reason, req.usage(), error
-            )
-        )
+        self._deliver(req, token, logprobs)
 
     def _reject_unschedulable(self) -> None:
         """Nothing could be scheduled: if nothing runs either, the head request can never fit."""
@@ -551,8 +250,3 @@ class Engine:
             if not req.finished:
                 self._finish(req, "abort", "", error=message)
 
-
-def _child_params(params: SamplingParams, index: int) -> SamplingParams:
-    """The params of sequence `index` of an n > 1 request: same, but its own seed."""
-    seed = None if params.seed is None else params.seed + index
-    return replace(params, seed=seed)

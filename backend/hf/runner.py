@@ -21,7 +21,7 @@ import torch
 
 from backend.batch import ForwardBatch, ModelInfo, build_forward_batch
 from backend.kv_pool import KVPool, slots_for_free_memory
-from backend.loader import ModelSource, eos_token_ids
+from backend.loader import ModelSource, declared_context_len, eos_token_ids
 from backend.sglang.kernels import torch_ops
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ _BATCH_KWARG = "minisgl_batch"
 _POOL_KWARG = "minisgl_pool"
 _TRACE_KWARG = "minisgl_trace"
 _UNSUPPORTED_KWARGS = ("s_aux",)
-_DEFAULT_CONTEXT_LEN = 4096
 
 
 class UnsupportedModelError(RuntimeError):
@@ -275,18 +274,10 @@ def _model_info(source: ModelSource, model: PreTrainedModel) -> ModelInfo:
     return ModelInfo(
         architecture=architectures[0],
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),
-        max_context_len=_max_context_len(text_config),
+        max_context_len=declared_context_len(text_config),
         eos_token_ids=eos_token_ids(source),
         num_layers=text_config.num_hidden_layers,
         num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim,
     )
 
-
-def _max_context_len(text_config: Any) -> int:
-    for name in ("max_position_embeddings", "n_positions", "seq_length"):
-        value = getattr(text_config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    logger.warning("the model config declares no context length; assuming %d", _DEFAULT_CONTEXT_LEN)
-    return _DEFAULT_CONTEXT_LEN
