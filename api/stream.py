@@ -6,7 +6,8 @@ request per prompt (each with n sequences) and yields their deltas in arrival or
 with the response's choice index (`prompt_index * n + delta.index`). It owns the abort:
 `close()` aborts every engine request still running and is called when the response ends
 for any reason (finished, client gone, timeout, error). It also records the request's
-latencies in the server's metrics.
+latencies in the server's metrics. A `VLMStream` does the same for one job of the
+vision-language service.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from starlette.types import Receive, Scope, Send
 from api.errors import APIError
 from api.metrics import ServerMetrics
 from api.protocol import UsageInfo
+from backend.vlm.runner import VLMPrompt
+from backend.vlm.service import VLMBusy, VLMJob, VLMService
 from engine.engine import Prompt
 from engine.request import StreamDelta, TokenLogprob, Usage
 from engine.sampling_params import InvalidRequestError, SamplingParams
@@ -87,7 +90,7 @@ class DeltaStream:
         metrics.in_flight += 1
 
     def _sink(self, delta: StreamDelta) -> None:
-        """Called on the producer's thread (an engine's)."""
+        """Called on the producer's thread (an engine's, the vision-language worker's)."""
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
             self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
 
@@ -281,6 +284,36 @@ class GenerationStream(DeltaStream):
     def _abort_running(self, rids: list[str]) -> None:
         for rid in rids:
             self._engine.abort(rid)
+
+
+class VLMStream(DeltaStream):
+    """The one sequence a vision-language job produces, behind one HTTP response."""
+
+    def __init__(
+        self, service: VLMService, metrics: ServerMetrics, timeout_s: float, arrival: float
+    ) -> None:
+        super().__init__(metrics, timeout_s, arrival)
+        self._service = service
+        self._job: VLMJob | None = None
+
+    def start(self, prompt: VLMPrompt, params: SamplingParams, rid: str) -> None:
+        """Queue the job; a full queue is a 429 (and closes the stream)."""
+        self._job = VLMJob(rid, prompt, params, self._sink)
+        self._base[rid] = 0
+        self._sequences[0] = _Sequence(prompt=0)
+        try:
+            self._service.submit(self._job)
+        except VLMBusy as exc:
+            self._metrics.failed.labels("busy").inc()
+            self.close()
+            raise APIError(429, str(exc), code="server_busy",
+                           headers={"Retry-After": "1"}) from None
+        self._remaining = 1
+        self._rids.append(rid)
+
+    def _abort_running(self, rids: list[str]) -> None:
+        if self._job is not None:
+            self._job.cancel()
 
 
 def _retrieve_exception(future: asyncio.Future[Any]) -> None:
