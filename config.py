@@ -10,6 +10,7 @@ in docs/CONFIGURATION.md (a test keeps the two in step).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -256,6 +257,46 @@ FLAGS: tuple[Flag, ...] = (
          "Image jobs waiting behind the running one; beyond it the server answers 429."),
     Flag("MAX_IMAGES", "max_images", _int_at_least(1), "4",
          "Most images (`n`) per image request."),
+    # Vision-language chat
+    Flag("VLM_MODEL_NAME", "vlm_model_name", _text, "",
+         "Vision-language model served beside the LLM for chat requests with image parts: "
+         "a Hugging Face hub id (fetched like MODEL_NAME) or a local folder; empty = none."),
+    Flag("VLM_MODEL_LOCAL_DIR", "vlm_model_local_dir", _text, "",
+         "Local folder of the vision-language model; wins over VLM_MODEL_NAME."),
+    Flag("VLM_BACKEND", "vlm_backend", _choice("auto", "hf", "mlx"), "auto",
+         "Runner of the vision-language model: hf = transformers "
+         "(AutoModelForImageTextToText + AutoProcessor), mlx = mlx-vlm; auto = mlx-vlm on "
+         "Apple Silicon when it is installed, else hf."),
+    Flag("VLM_DEVICE", "vlm_device", _choice("auto", "cpu", "cuda", "mps"), "auto",
+         "Device of the hf vision-language runner; auto picks CUDA, then MPS, then CPU."),
+    Flag("VLM_DTYPE", "vlm_dtype", _choice("auto", "float32", "bfloat16", "float16"), "auto",
+         "dtype of the hf vision-language runner; auto = bfloat16 on CUDA, float16 on MPS, "
+         "float32 on CPU."),
+    Flag("VLM_QUEUE", "vlm_queue", _int_at_least(1), "16",
+         "Vision-language requests waiting behind the running one; beyond it the server "
+         "answers 429."),
+    Flag("VLM_MAX_IMAGES", "vlm_max_images", _int_at_least(1), "8",
+         "Most images in one chat request."),
+    Flag("VLM_MAX_IMAGE_BYTES", "vlm_max_image_bytes", _int_at_least(1), "10485760",
+         "Largest image in bytes (decoded data: URL, download, or file), enforced while "
+         "downloading."),
+    Flag("VLM_MAX_IMAGE_PIXELS", "vlm_max_image_pixels", _int_at_least(1), "16777216",
+         "Most pixels (width x height) of one image; larger ones are refused before they "
+         "are decoded (decompression bombs)."),
+    Flag("VLM_IMAGE_HTTP_TIMEOUT_S", "vlm_image_http_timeout_s", _positive_float, "10",
+         "Longest download of one http(s) image, redirects included."),
+    Flag("VLM_IMAGE_MAX_REDIRECTS", "vlm_image_max_redirects", _int_at_least(0), "3",
+         "Most redirects followed for one http(s) image (each hop's address checked)."),
+    Flag("VLM_ALLOW_PRIVATE_IMAGE_URLS", "vlm_allow_private_image_urls", _parse_bool, "0",
+         "Let http(s) image URLs reach loopback, private, link-local and other non-public "
+         "addresses (off: such URLs and redirects to them are refused)."),
+    Flag("VLM_PRIVATE_IMAGE_HOSTS", "vlm_private_image_hosts", _text, "",
+         "Comma-separated hosts (names or IP literals, as written in the URL) that image URLs "
+         "may name although they resolve to non-public addresses; every other host, "
+         "redirect targets included, is still checked."),
+    Flag("ALLOW_FILE_IMAGE_URL", "allow_file_image_url", _parse_bool, "0",
+         "Accept file:// URLs and bare paths as images (files the server process can read; "
+         "still size-capped)."),
     Flag("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "info",
          "Logging level (per-token lines only at debug)."),
 )
@@ -309,6 +350,20 @@ class Config:
     diffusion_cpu_offload: bool = False
     diffusion_queue: int = 8
     max_images: int = 4
+    vlm_model_name: str = ""
+    vlm_model_local_dir: str = ""
+    vlm_backend: str = "auto"
+    vlm_device: str = "auto"
+    vlm_dtype: str = "auto"
+    vlm_queue: int = 16
+    vlm_max_images: int = 8
+    vlm_max_image_bytes: int = 10485760
+    vlm_max_image_pixels: int = 16777216
+    vlm_image_http_timeout_s: float = 10.0
+    vlm_image_max_redirects: int = 3
+    vlm_allow_private_image_urls: bool = False
+    vlm_private_image_hosts: str = ""
+    allow_file_image_url: bool = False
     num_threads: int = 0
     seed: int = 0
     cuda_graph: bool = True
@@ -339,6 +394,11 @@ class Config:
     @property
     def cache_dir(self) -> str:
         return os.path.expanduser(self.model_cache_dir)
+
+    @property
+    def vlm_configured(self) -> bool:
+        """Whether a vision-language model is served beside the LLM."""
+        return bool(self.vlm_model_local_dir or self.vlm_model_name)
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -416,6 +476,14 @@ def _validate(config: Config) -> None:
         raise ConfigError("MAX_N must be <= 16")
     if config.backend_impl == "mlx" and config.device not in ("auto", "cpu", "mps"):
         raise ConfigError("BACKEND_IMPL=mlx runs on CPU or MPS only")
+    if config.vlm_configured and config.vlm_backend == "mlx" and not mlx_vlm_available():
+        raise ConfigError("VLM_BACKEND=mlx needs the mlx-vlm package (pip install mlx-vlm); "
+                          "it is not installed")
+
+
+def mlx_vlm_available() -> bool:
+    """Whether the mlx-vlm package can be imported (without importing it)."""
+    return importlib.util.find_spec("mlx_vlm") is not None
 
 
 def configure_logging(config: Config) -> None:

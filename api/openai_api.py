@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from api.errors import APIError
-from api.logprobs import chat_logprobs, completion_logprobs
+from api.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -27,7 +27,7 @@ from api.protocol import (
     unsupported_fields,
 )
 from api.serving import SSE_DONE, SSE_MEDIA_TYPE, ServingContext, sse
-from api.stream import ClientDisconnected, GenerationResponse, GenerationStream
+from api.stream import ClientDisconnected, DeltaStream, GenerationResponse, GenerationStream
 from engine.engine import Prompt
 from engine.sampling_params import InvalidRequestError
 
@@ -56,9 +56,23 @@ async def chat_completions(
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     stream = ctx.open_stream()
     await stream.start([messages], params_for, rid)
+    texts = ctx.texts if body.logprobs else None
+    return await chat_answer(body, request, stream, rid, ctx.model_name, texts)
+
+
+async def chat_answer(
+    body: ChatCompletionRequest,
+    request: Request,
+    stream: DeltaStream,
+    rid: str,
+    model_name: str,
+    texts: TokenTexts | None,
+) -> Response:
+    """The started `stream` as a chat completion: SSE chunks or one JSON body. `texts` is
+    needed only when the request asked for logprobs."""
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _chat_chunks(stream, ctx, rid, body.n, body.logprobs, include_usage)
+        chunks = _chat_chunks(stream, model_name, texts, rid, body.n, include_usage)
         return GenerationResponse(chunks, stream, SSE_MEDIA_TYPE)
     try:
         results = await stream.collect(request.is_disconnected)
@@ -68,19 +82,25 @@ async def chat_completions(
         ChatChoice(
             index=r.index,
             message=AssistantMessage(content=r.text),
-            logprobs=chat_logprobs(r.logprobs, ctx.texts) if body.logprobs else None,
+            logprobs=chat_logprobs(r.logprobs, texts) if texts is not None else None,
             finish_reason=r.finish_reason,
         )
         for r in results
     ]
-    answer = ChatCompletionResponse(
-        id=rid, model=ctx.model_name, choices=choices, usage=stream.usage()
-    )
+    answer = ChatCompletionResponse(id=rid, model=model_name, choices=choices,
+                                    usage=stream.usage())
     return Response(answer.model_dump_json(), media_type="application/json")
 
 
-def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """The request's messages as the chat template expects them (text content only)."""
+ContentConverter = Callable[[str | list[ContentPart] | None, str], Any]
+
+
+def chat_messages(
+    messages: list[ChatMessage], content: ContentConverter | None = None
+) -> list[dict[str, Any]]:
+    """The request's messages as the chat template expects them; `content(content, where)`
+    converts each message's content (default: text only, parts joined by newlines)."""
+    convert = content or _message_text
     if not messages:
         raise InvalidRequestError("messages must not be empty", "messages")
     converted = []
@@ -95,7 +115,7 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             raise InvalidRequestError(f"{where}.content is required", f"{where}.content")
         entry: dict[str, Any] = {
             "role": "system" if message.role == "developer" else message.role,
-            "content": _message_text(message.content, f"{where}.content"),
+            "content": convert(message.content, f"{where}.content"),
         }
         if message.name:
             entry["name"] = message.name
@@ -123,18 +143,18 @@ def _message_text(content: str | list[ContentPart] | None, where: str) -> str:
 
 
 async def _chat_chunks(
-    stream: GenerationStream,
-    ctx: ServingContext,
+    stream: DeltaStream,
+    model_name: str,
+    texts: TokenTexts | None,
     rid: str,
     n: int,
-    want_logprobs: bool,
     include_usage: bool,
 ) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(choices: list[ChatChunkChoice], usage: Any = None) -> str:
         body = ChatCompletionChunk(
-            id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage
+            id=rid, created=created, model=model_name, choices=choices, usage=usage
         )
         return sse(body)
 
@@ -143,8 +163,8 @@ async def _chat_chunks(
             yield chunk([ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
         async for index, delta in stream.deltas():
             logprobs = None
-            if want_logprobs and delta.logprobs:
-                logprobs = chat_logprobs(delta.logprobs, ctx.texts)
+            if texts is not None and delta.logprobs:
+                logprobs = chat_logprobs(delta.logprobs, texts)
             if not (delta.text or delta.finished or logprobs):
                 continue
             choice = ChatChunkChoice(

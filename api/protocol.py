@@ -117,9 +117,15 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
+class ImageURL(RequestModel):
+    url: str
+    detail: str | None = None
+
+
 class ContentPart(RequestModel):
     type: str
     text: str | None = None
+    image_url: ImageURL | str | None = None
 
 
 class ChatMessage(RequestModel):

@@ -3,7 +3,8 @@
 Start with `uvicorn api.server:app --host H --port P`. The engine is built and warmed up in a
 worker thread after the server starts listening; `GET /health` answers 503 until then.
 Endpoints: `/generate` (NDJSON), `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-`/metrics` (Prometheus text, or JSON with `?format=json`), `/health`.
+`/metrics` (Prometheus text, or JSON with `?format=json`), `/health`. With VLM_MODEL_NAME a
+vision-language model serves chat requests with image parts beside the LLM (api/vlm_api.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from api import generate_api, images_api, openai_api, videos_api
+from api import generate_api, images_api, openai_api, videos_api, vlm_api
 from api.errors import APIError, install_error_handlers, validation_error
 from api.generate_api import HFMode
 from api.images_api import ImageGenerationRequest
@@ -34,11 +35,14 @@ from api.protocol import (
 )
 from api.serving import ServingContext
 from api.videos_api import VideoGenerationRequest
+from api.vlm_api import VLMServing
 from backend.diffusion.service import (
     DiffusionService,
     configured_image_models,
     configured_video_models,
 )
+from backend.vlm.images import ImagePolicy
+from backend.vlm.service import VLMService
 from config import Config, configure_logging, get_config
 from engine.base import MAX_N, EngineBase
 from ipc.zmq_control import ControlServer
@@ -80,6 +84,8 @@ class ServerState:
         self.control: ControlServer | None = None
         self.diffusion: DiffusionService | None = None
         self.diffusion_error: str | None = None
+        self.vlm: VLMServing | None = None
+        self.vlm_error: str | None = None
         self.metrics = ServerMetrics(self._snapshot)
         self.hf = HFMode(config)
 
@@ -105,6 +111,7 @@ class ServerState:
             if self.config.zmq_control:
                 self.control = ControlServer(engine, self.config.zmq_control_endpoint,
                                              self.config.zmq_control_token).start()
+            self._check_vlm_name(engine.model_name)
             self.status = "ready"
             logger.info("model %s ready", engine.model_name)
         except Exception as exc:
@@ -112,11 +119,61 @@ class ServerState:
             self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
 
     async def load_all(self, factory: EngineFactory) -> None:
-        """Image models first, then the LLM engines: never a model load while another model
-        runs steps (loaders patch torch's tensor constructors process-wide while they build
-        modules on the meta device)."""
+        """Image models and the vision-language model first, then the LLM engines: never a
+        model load while another model runs steps (loaders patch torch's tensor constructors
+        process-wide while they build modules on the meta device)."""
         await self.load_diffusion()
+        await self.load_vlm()
         await self.load(factory)
+
+    async def load_vlm(self) -> None:
+        """Load the vision-language model and start its worker, when one is configured."""
+        if not self.config.vlm_configured:
+            return
+        try:
+            service = await asyncio.to_thread(VLMService, self.config)
+        except Exception as exc:
+            logger.exception("the vision-language model failed to load")
+            self.vlm_error = f"{type(exc).__name__}: {exc}"
+            return
+        settings = self.settings
+        self.vlm = VLMServing(
+            service,
+            self.metrics,
+            ImagePolicy.from_config(self.config),
+            timeout_s=settings.request_timeout_s,
+            max_images=self.config.vlm_max_images,
+            max_in_flight=settings.max_pending_requests,
+        )
+        logger.info("vision-language model %s ready", service.name)
+
+    def _check_vlm_name(self, llm_name: str) -> None:
+        """Requests tell the models apart by name: a VLM named like the LLM is not served."""
+        if self.vlm is not None and self.vlm.model_name == llm_name:
+            logger.error("the vision-language model has the LLM's name %r; not serving it",
+                         llm_name)
+            self.vlm_error = f"the vision-language model has the LLM's name {llm_name!r}"
+            self.vlm.service.shutdown()  # its worker is idle: nothing was submitted yet
+            self.vlm = None
+
+    def vlm_ready(self) -> VLMServing:
+        """The loaded VLM; a 503 while it loads or when it failed to."""
+        if self.vlm is not None:
+            return self.vlm
+        if self.vlm_error is not None:
+            message = f"the vision-language model failed to load: {self.vlm_error}"
+        else:
+            message = "the vision-language model is still loading"
+        raise APIError(503, message, code="model_not_ready")
+
+    def model_cards(self) -> list[ModelCard]:
+        """The LLM's card, then the VLM's when it is loaded."""
+        serving = self.ready()
+        cards = [ModelCard(id=serving.model_name, max_model_len=serving.engine.max_context_len)]
+        if self.vlm is not None:
+            cards.append(ModelCard(id=self.vlm.model_name,
+                                   max_model_len=self.vlm.service.max_context_len))
+        return cards
 
     async def load_diffusion(self) -> None:
         """Start the diffusion service and load its default model, when one is configured."""
@@ -133,6 +190,8 @@ class ServerState:
     async def shutdown(self) -> None:
         if self.diffusion is not None:
             await asyncio.to_thread(self.diffusion.shutdown)
+        if self.vlm is not None:
+            await asyncio.to_thread(self.vlm.service.shutdown)
         if self.control is not None:
             await asyncio.to_thread(self.control.stop)
         if self.engine is not None:
@@ -204,16 +263,15 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models")
     async def models() -> Response:
-        serving = state.ready()
-        card = ModelCard(id=serving.model_name, max_model_len=serving.engine.max_context_len)
-        return Response(ModelList(data=[card]).model_dump_json(), media_type="application/json")
+        cards = state.model_cards()
+        return Response(ModelList(data=cards).model_dump_json(), media_type="application/json")
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> Response:
-        serving = state.ready()
-        serving.check_model(model)
-        card = ModelCard(id=serving.model_name, max_model_len=serving.engine.max_context_len)
-        return Response(card.model_dump_json(), media_type="application/json")
+        cards = {card.id: card for card in state.model_cards()}
+        if model not in cards:
+            state.ready().check_model(model)
+        return Response(cards[model].model_dump_json(), media_type="application/json")
 
     @app.get("/metrics")
     async def metrics(format: str = "prometheus") -> Response:
@@ -231,6 +289,15 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await parse_body(request, ChatCompletionRequest)
+        target = vlm_api.chat_target(
+            body.model,
+            vlm_api.first_image_content(body.messages),
+            llm_name=state.serving.model_name if state.serving is not None else None,
+            vlm_name=state.vlm.model_name if state.vlm is not None else None,
+            vlm_configured=state.config.vlm_configured,
+        )
+        if target == "vlm":
+            return await vlm_api.chat_completions(body, request, state.vlm_ready())
         return await openai_api.chat_completions(body, request, state.ready())
 
     def diffusion() -> DiffusionService | None:
@@ -257,6 +324,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await parse_body(request, CompletionRequest)
+        if state.vlm is not None and body.model == state.vlm.model_name:
+            raise APIError(400, f"the vision-language model '{body.model}' serves "
+                                "/v1/chat/completions only", param="model")
         return await openai_api.completions(body, request, state.ready())
 
 

@@ -1,10 +1,13 @@
 """One HTTP request's generation: its engine requests, their merged deltas, abort and timeout.
 
-A `GenerationStream` submits one engine request per prompt (each with n sequences) and yields
-their deltas in arrival order, tagged with the response's choice index
-(`prompt_index * n + delta.index`). It owns the abort: `close()` aborts every engine request
-still running and is called when the response ends for any reason (finished, client gone,
-timeout, error). It also records the request's latencies in the server's metrics.
+`DeltaStream` is what every generation response reads: deltas from a producer's thread,
+the deadline, disconnect checks, usage and metrics. A `GenerationStream` submits one engine
+request per prompt (each with n sequences) and yields their deltas in arrival order, tagged
+with the response's choice index (`prompt_index * n + delta.index`). It owns the abort:
+`close()` aborts every engine request still running and is called when the response ends
+for any reason (finished, client gone, timeout, error). It also records the request's
+latencies in the server's metrics. A `VLMStream` does the same for one job of the
+vision-language service.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from starlette.types import Receive, Scope, Send
 from api.errors import APIError
 from api.metrics import ServerMetrics
 from api.protocol import UsageInfo
+from backend.vlm.runner import VLMPrompt
+from backend.vlm.service import VLMBusy, VLMJob, VLMService
 from engine.engine import Prompt
 from engine.request import StreamDelta, TokenLogprob, Usage
 from engine.sampling_params import InvalidRequestError, SamplingParams
@@ -62,13 +67,12 @@ class _Sequence:
     usage: Usage | None = None
 
 
-class GenerationStream:
-    """The engine requests behind one HTTP response, as one stream of (choice, delta)."""
+class DeltaStream:
+    """The sequences behind one HTTP response, as one stream of (choice, delta): deltas
+    arrive from a producer's thread through `_sink`; subclasses submit the work and say how
+    to abort it (`_abort_running`)."""
 
-    def __init__(
-        self, engine: EnginePool, metrics: ServerMetrics, timeout_s: float, arrival: float
-    ) -> None:
-        self._engine = engine
+    def __init__(self, metrics: ServerMetrics, timeout_s: float, arrival: float) -> None:
         self._metrics = metrics
         self._arrival = arrival
         self._deadline = arrival + timeout_s if timeout_s > 0 else None
@@ -85,67 +89,8 @@ class GenerationStream:
         self.adjusted_max_tokens: int | None = None  # ADAPTIVE_MAX_NEW_TOKENS took effect
         metrics.in_flight += 1
 
-    # ------------------------------------------------------------ submission
-    async def start(self, prompts: Sequence[Prompt], params_for: ParamsFor, rid: str) -> None:
-        """Tokenize every prompt (in a worker thread), then admit each into the pool (waiting
-        for room in its queue) and submit it; raises on a bad request or a full pool."""
-        work = self._loop.run_in_executor(None, self._tokenize_all, list(prompts), params_for)
-        work.add_done_callback(_retrieve_exception)
-        try:
-            prepared = await asyncio.shield(work)
-            for number, (ids, params) in enumerate(prepared):
-                sub_rid = rid if len(prompts) == 1 else f"{rid}-{number}"
-                await self._admit_and_submit(number, ids, params, sub_rid)
-        except BaseException:
-            self.close()
-            raise
-
-    def _tokenize_all(
-        self, prompts: list[Prompt], params_for: ParamsFor
-    ) -> list[tuple[list[int], SamplingParams]]:
-        prepared = []
-        for prompt in prompts:
-            ids = _tokenize(self._engine, prompt)
-            params = params_for(ids)
-            adapted = self._engine.adapt_max_tokens(params.max_new_tokens)
-            if adapted != params.max_new_tokens:
-                self.adjusted_max_tokens = adapted
-                params = replace(params, max_new_tokens=adapted)
-            prepared.append((ids, params))
-        return prepared
-
-    async def _admit_and_submit(
-        self, number: int, ids: list[int], params: SamplingParams, sub_rid: str
-    ) -> None:
-        try:
-            slot = await self._engine.admit(ids, params.n)
-        except PoolBusy as exc:
-            self._metrics.failed.labels("busy").inc()
-            raise APIError(429, str(exc), code="server_busy",
-                           headers={"Retry-After": str(exc.retry_after_s)}) from None
-        except PoolDown as exc:
-            raise APIError(503, str(exc), code="engine_unavailable") from None
-        self._submit(number, ids, params, sub_rid, slot)
-
-    def _submit(
-        self, number: int, ids: list[int], params: SamplingParams, sub_rid: str, slot: EngineSlot
-    ) -> None:
-        with self._lock:
-            if self._closed:
-                self._engine.cancel(slot, params.n)
-                return
-            self._base[sub_rid] = number * params.n
-            for index in range(params.n):
-                self._sequences[number * params.n + index] = _Sequence(prompt=number)
-            try:
-                self._engine.submit(ids, params, self._sink, rid=sub_rid, slot=slot)
-            except PoolDown as exc:
-                raise APIError(503, str(exc), code="engine_unavailable") from None
-            self._remaining += params.n
-            self._rids.append(sub_rid)
-
     def _sink(self, delta: StreamDelta) -> None:
-        """Called on the engine's thread."""
+        """Called on the producer's thread (an engine's, the vision-language worker's)."""
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
             self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
 
@@ -261,8 +206,114 @@ class GenerationStream:
             rids = list(self._rids)
         self._metrics.in_flight -= 1
         if self._remaining:
-            for rid in rids:
-                self._engine.abort(rid)
+            self._abort_running(rids)
+
+    def _abort_running(self, rids: list[str]) -> None:
+        """Stop the producer's work for `rids` (called once, from close)."""
+        raise NotImplementedError
+
+
+class GenerationStream(DeltaStream):
+    """The engine requests behind one HTTP response: one per prompt, each with n sequences."""
+
+    def __init__(
+        self, engine: EnginePool, metrics: ServerMetrics, timeout_s: float, arrival: float
+    ) -> None:
+        super().__init__(metrics, timeout_s, arrival)
+        self._engine = engine
+
+    # ------------------------------------------------------------ submission
+    async def start(self, prompts: Sequence[Prompt], params_for: ParamsFor, rid: str) -> None:
+        """Tokenize every prompt (in a worker thread), then admit each into the pool (waiting
+        for room in its queue) and submit it; raises on a bad request or a full pool."""
+        work = self._loop.run_in_executor(None, self._tokenize_all, list(prompts), params_for)
+        work.add_done_callback(_retrieve_exception)
+        try:
+            prepared = await asyncio.shield(work)
+            for number, (ids, params) in enumerate(prepared):
+                sub_rid = rid if len(prompts) == 1 else f"{rid}-{number}"
+                await self._admit_and_submit(number, ids, params, sub_rid)
+        except BaseException:
+            self.close()
+            raise
+
+    def _tokenize_all(
+        self, prompts: list[Prompt], params_for: ParamsFor
+    ) -> list[tuple[list[int], SamplingParams]]:
+        prepared = []
+        for prompt in prompts:
+            ids = _tokenize(self._engine, prompt)
+            params = params_for(ids)
+            adapted = self._engine.adapt_max_tokens(params.max_new_tokens)
+            if adapted != params.max_new_tokens:
+                self.adjusted_max_tokens = adapted
+                params = replace(params, max_new_tokens=adapted)
+            prepared.append((ids, params))
+        return prepared
+
+    async def _admit_and_submit(
+        self, number: int, ids: list[int], params: SamplingParams, sub_rid: str
+    ) -> None:
+        try:
+            slot = await self._engine.admit(ids, params.n)
+        except PoolBusy as exc:
+            self._metrics.failed.labels("busy").inc()
+            raise APIError(429, str(exc), code="server_busy",
+                           headers={"Retry-After": str(exc.retry_after_s)}) from None
+        except PoolDown as exc:
+            raise APIError(503, str(exc), code="engine_unavailable") from None
+        self._submit(number, ids, params, sub_rid, slot)
+
+    def _submit(
+        self, number: int, ids: list[int], params: SamplingParams, sub_rid: str, slot: EngineSlot
+    ) -> None:
+        with self._lock:
+            if self._closed:
+                self._engine.cancel(slot, params.n)
+                return
+            self._base[sub_rid] = number * params.n
+            for index in range(params.n):
+                self._sequences[number * params.n + index] = _Sequence(prompt=number)
+            try:
+                self._engine.submit(ids, params, self._sink, rid=sub_rid, slot=slot)
+            except PoolDown as exc:
+                raise APIError(503, str(exc), code="engine_unavailable") from None
+            self._remaining += params.n
+            self._rids.append(sub_rid)
+
+    def _abort_running(self, rids: list[str]) -> None:
+        for rid in rids:
+            self._engine.abort(rid)
+
+
+class VLMStream(DeltaStream):
+    """The one sequence a vision-language job produces, behind one HTTP response."""
+
+    def __init__(
+        self, service: VLMService, metrics: ServerMetrics, timeout_s: float, arrival: float
+    ) -> None:
+        super().__init__(metrics, timeout_s, arrival)
+        self._service = service
+        self._job: VLMJob | None = None
+
+    def start(self, prompt: VLMPrompt, params: SamplingParams, rid: str) -> None:
+        """Queue the job; a full queue is a 429 (and closes the stream)."""
+        self._job = VLMJob(rid, prompt, params, self._sink)
+        self._base[rid] = 0
+        self._sequences[0] = _Sequence(prompt=0)
+        try:
+            self._service.submit(self._job)
+        except VLMBusy as exc:
+            self._metrics.failed.labels("busy").inc()
+            self.close()
+            raise APIError(429, str(exc), code="server_busy",
+                           headers={"Retry-After": "1"}) from None
+        self._remaining = 1
+        self._rids.append(rid)
+
+    def _abort_running(self, rids: list[str]) -> None:
+        if self._job is not None:
+            self._job.cancel()
 
 
 def _retrieve_exception(future: asyncio.Future[Any]) -> None:
@@ -280,13 +331,13 @@ def _tokenize(engine: EnginePool, prompt: Prompt) -> list[int]:
 
 
 class GenerationResponse(StreamingResponse):
-    """A streaming response that closes its GenerationStream however the response ends.
+    """A streaming response that closes its DeltaStream however the response ends.
 
     Starlette cancels the body iterator when the client disconnects; closing the stream here
     as well covers a cancellation that lands while a chunk is being sent.
     """
 
-    def __init__(self, content: AsyncIterator[str], stream: GenerationStream, media_type: str):
+    def __init__(self, content: AsyncIterator[str], stream: DeltaStream, media_type: str):
         super().__init__(content, media_type=media_type, headers=NO_BUFFERING)
         self.stream = stream
 

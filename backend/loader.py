@@ -13,6 +13,7 @@ Only the operator's configuration reaches these functions, never a request field
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -116,7 +117,7 @@ def _looks_like_path(raw: str) -> bool:
     return raw.startswith(("/", "./", "../", "~")) or raw.count("/") > 1
 
 
-def _download(repo_id: str, config: Config) -> str:
+def _download(repo_id: str, config: Config, flag: str = "MODEL_NAME") -> str:
     """Fetch a hub model's config, tokenizer and (unless dummy) safetensors weights."""
     from huggingface_hub import snapshot_download
 
@@ -132,10 +133,37 @@ def _download(repo_id: str, config: Config) -> str:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
         raise ModelLoadError(
-            f"cannot fetch MODEL_NAME={repo_id!r} from the Hugging Face hub{hint}: "
-            f"{type(exc).__name__}: {exc}. Point MODEL_LOCAL_DIR at a local folder or "
-            "unset MODEL_NAME to use the embedded SmolLM2-135M-Instruct."
+            f"cannot fetch {flag}={repo_id!r} from the Hugging Face hub{hint}: "
+            f"{type(exc).__name__}: {exc}. {_DOWNLOAD_ADVICE.get(flag, '')}"
         ) from exc
+
+
+_DOWNLOAD_ADVICE = {
+    "MODEL_NAME": "Point MODEL_LOCAL_DIR at a local folder or unset MODEL_NAME to use the "
+    "embedded SmolLM2-135M-Instruct.",
+    "VLM_MODEL_NAME": "Point VLM_MODEL_LOCAL_DIR at a local folder.",
+}
+
+
+def resolve_vlm_model(config: Config) -> tuple[str, str]:
+    """VLM_MODEL_LOCAL_DIR (a folder), else VLM_MODEL_NAME (a folder, or a hub id fetched like
+    MODEL_NAME's): (local folder, the name requests use). Only operator flags reach here."""
+    if config.vlm_model_local_dir:
+        raw, flag = config.vlm_model_local_dir, "VLM_MODEL_LOCAL_DIR"
+    elif config.vlm_model_name:
+        raw, flag = config.vlm_model_name, "VLM_MODEL_NAME"
+    else:
+        raise ModelLoadError("no vision-language model is configured (VLM_MODEL_NAME)")
+    path = Path(raw).expanduser()
+    if path.is_dir():
+        folder, name = str(path.resolve()), path.resolve().name
+    elif flag == "VLM_MODEL_NAME" and not _looks_like_path(raw):
+        weights = dataclasses.replace(config, load_format="auto")  # LOAD_FORMAT is the LLM's
+        folder, name = _download(raw, weights, flag), raw
+    else:
+        raise ModelLoadError(f"{flag}={raw!r} is not a model folder")
+    _check_folder(folder, need_weights=True)
+    return folder, name
 
 
 def _check_folder(path: str, need_weights: bool) -> None:

@@ -1,0 +1,1 @@
+"""Vision-language chat beside the LLM: safe image loading, the runners (hf, mlx), the service."""
