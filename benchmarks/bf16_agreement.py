@@ -20,6 +20,7 @@ JSON beside the other results.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import tempfile
 import time
@@ -46,7 +47,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--kernel-set", default=None,
+                        help="the runner's kernel set (default: the device's)")
+    parser.add_argument("--reference-ops", default="",
+                        help="comma-separated ops taken from the torch reference set instead "
+                             "(bisects which kernel costs precision)")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
     return parser.parse_args(argv)
+
+
+def mixed_kernel_set(base: str, reference_ops: list[str]) -> str:
+    """Register and name a kernel set: `base` with `reference_ops` from torch_ops."""
+    import sys
+    import types
+
+    from backend.sglang import kernels
+    from backend.sglang.kernels import torch_ops
+
+    base_module = importlib.import_module(kernels.KERNEL_SETS[base])
+    mixed = types.ModuleType(f"{base_module.__name__}_with_reference_ops")
+    for name in dir(base_module):
+        if not name.startswith("_"):
+            setattr(mixed, name, getattr(base_module, name))
+    for name in reference_ops:
+        setattr(mixed, name, getattr(torch_ops, name))
+    sys.modules[mixed.__name__] = mixed
+    kernels.KERNEL_SETS[mixed.__name__] = mixed.__name__
+    return mixed.__name__
 
 
 def build_model(config_dir: str, folder: Path, seed: int) -> None:
@@ -116,9 +143,16 @@ def main(argv: list[str] | None = None) -> int:
         hf_low: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
         hf_low = hf_low.to(device).eval()
         config = AutoConfig.from_pretrained(str(folder))
+        kernel_set = args.kernel_set
+        if args.reference_ops:
+            from backend.sglang.kernels import default_kernel_set
+
+            kernel_set = mixed_kernel_set(kernel_set or default_kernel_set(device),
+                                          args.reference_ops.split(","))
         runner = NativeRunner(str(folder), config, dtype=dtype, device=device,
                               num_kv_slots=args.prompt_len + args.new_tokens + 8,
-                              cuda_graph=device.type == "cuda")
+                              kernel_set=kernel_set,
+                              cuda_graph=device.type == "cuda" and not args.eager)
         generator = torch.Generator().manual_seed(args.seed)
         native, hf = Agreement(), Agreement()
         start = time.perf_counter()
@@ -139,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "config": args.config, "device": str(device), "dtype": args.dtype,
         "prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "kernel_set": kernel_set, "cuda_graph": device.type == "cuda" and not args.eager,
         "decisive_margin": DECISIVE_MARGIN, **native.summary(),
         "hf_same_dtype": hf.summary(), "seconds": time.perf_counter() - start,
     }
