@@ -86,15 +86,16 @@ def build_model(config_dir: str, folder: Path, seed: int) -> None:
 
 def teacher_forced_logits(runner: NativeRunner, tokens: list[int], prompt_len: int) -> torch.Tensor:
     """float32 logits [len(tokens) - prompt_len + 1, vocab]: after the prompt, then after each
-    following token, through prefill and decode steps."""
+    following token, through prefill and decode steps. Each row is copied at once: a CUDA
+    graph replay returns a view of its static output, which the next replay overwrites."""
     device = runner.device
     slots = list(range(1, len(tokens) + 1))
     batch = build_forward_batch([tokens[:prompt_len]], [0], [slots[:prompt_len]], [True], device)
-    rows = [runner.forward(batch)[0].float()]
+    rows = [runner.forward(batch)[0].to(torch.float32, copy=True)]
     for position in range(prompt_len, len(tokens)):
         batch = build_forward_batch([[tokens[position]]], [position], [slots[: position + 1]],
                                     [True], device)
-        rows.append(runner.forward(batch)[0].float())
+        rows.append(runner.forward(batch)[0].to(torch.float32, copy=True))
     return torch.stack(rows)
 
 
