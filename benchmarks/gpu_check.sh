@@ -6,10 +6,11 @@
 #   cp ~/.cache/mini-sglang/smollm2-135m-instruct/{tokenizer.json,tokenizer_config.json,chat_template.jinja} .gpu/tokenizer/
 #   cp .gpu/tokenizer/* model_configs/qwen3-0.6b/config.json .gpu/qwen3-dummy/
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux2014_x86_64 -d .gpu/whl pytest pluggy iniconfig pytest-timeout
+#     --platform manylinux2014_x86_64 -d .gpu/whl pytest pluggy iniconfig pytest-timeout \
+#     diffusers importlib_metadata     # diffusers for `image`
 # Usage: benchmarks/gpu_check.sh [kernels] [equivalence] [bf16] [latency] [offline] [shared_prefix] [pool] [image]
-# `image` needs .gpu/z-image-turbo: a diffusers Z-Image-Turbo folder with model_index.json, each
-# component's config.json and the tokenizer (no weights: they are random, --load-format dummy).
+# `image` runs model_configs/z-image-turbo (the pipeline's architecture, no weights: they are
+# random, --load-format dummy) with the carried tokenizer standing in for Qwen's.
 # `pool` needs two GPUs (device kind nvidia-h100-x2): offline on one GPU, then through a pool
 # of one engine per GPU, then shared_prefix through the pool with rr and with cache_aware.
 set -uo pipefail
@@ -39,7 +40,10 @@ for step in $steps; do
       python3 -m benchmarks.bf16_agreement --config model_configs/qwen3-0.6b \
         --results-dir "$OUT" 2>&1 | tee "$OUT/bf16-agreement.txt" ;;
     image)
-      python3 bench_suite.py image --model .gpu/z-image-turbo --load-format dummy \
+      pipeline=/tmp/minisgl-z-image-turbo
+      rm -rf "$pipeline" && cp -r model_configs/z-image-turbo "$pipeline" && \
+        cp -r .gpu/tokenizer "$pipeline/tokenizer"
+      python3 bench_suite.py image --model "$pipeline" --load-format dummy \
         --results-dir "$OUT" 2>&1 | tee "$OUT/image.txt" ;;
     pool)
       bench="python3 bench_suite.py --model $model --load-format dummy --results-dir $OUT --skip-baseline"
