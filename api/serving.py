@@ -68,14 +68,19 @@ class ServingContext:
         return max(1, min(self.max_new_tokens_default, room))
 
     def open_stream(self) -> GenerationStream:
-        if self.max_in_flight and self.metrics.in_flight >= self.max_in_flight:
-            raise APIError(
-                429,
-                f"the server is busy ({self.metrics.in_flight} requests in flight); retry later",
-                code="server_busy",
-                headers={"Retry-After": "1"},
-            )
+        check_in_flight(self.metrics, self.max_in_flight)
         return GenerationStream(self.engine, self.metrics, self.timeout_s, time.monotonic())
+
+
+def check_in_flight(metrics: ServerMetrics, max_in_flight: int) -> None:
+    """A 429 with Retry-After while MAX_INFLIGHT requests (0 = no cap) are open."""
+    if max_in_flight and metrics.in_flight >= max_in_flight:
+        raise APIError(
+            429,
+            f"the server is busy ({metrics.in_flight} requests in flight); retry later",
+            code="server_busy",
+            headers={"Retry-After": "1"},
+        )
 
 
 def sse(payload: BaseModel | dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ from api.errors import APIError
 from api.metrics import ServerMetrics
 from api.openai_api import chat_answer, chat_messages
 from api.protocol import ChatCompletionRequest, ChatMessage, ContentPart, unsupported_fields
+from api.serving import check_in_flight
 from api.stream import VLMStream
 from backend.vlm.images import ImageInputError, ImagePolicy, load_image
 from backend.vlm.service import VLMService
@@ -49,13 +50,7 @@ class VLMServing:
         return self.service.name
 
     def open_stream(self) -> VLMStream:
-        if self.max_in_flight and self.metrics.in_flight >= self.max_in_flight:
-            raise APIError(
-                429,
-                f"the server is busy ({self.metrics.in_flight} requests in flight); retry later",
-                code="server_busy",
-                headers={"Retry-After": "1"},
-            )
+        check_in_flight(self.metrics, self.max_in_flight)
         return VLMStream(self.service, self.metrics, self.timeout_s, time.monotonic())
 
 
