@@ -86,13 +86,27 @@ def pool_devices(config: Config) -> list[str]:
     return [config.device] * max(1, config.num_engines)
 
 
+def use_processes(config: Config, devices: Sequence[str]) -> bool:
+    """ENGINE_PROCESSES: whether each engine runs in its own worker process (auto: more
+    than one engine, all on CUDA)."""
+    if config.engine_processes != "auto":
+        return config.engine_processes == "1"
+    return len(devices) > 1 and all(d.startswith("cuda") for d in devices)
+
+
 def build_engines(config: Config) -> list[EngineBase]:
     """The pool's engines, one per `pool_devices` entry, each built from `config` with its
     own device (and its own seed offset, so sampling noise differs between engines); the
-    engine type follows BACKEND_IMPL (`create_engine`)."""
+    engine type follows BACKEND_IMPL (`create_engine`), in this process or, under
+    ENGINE_PROCESSES, each in a worker process (all started at once)."""
     devices = pool_devices(config)
-    return [create_engine(replace(config, device=device, seed=config.seed + i))
-            for i, device in enumerate(devices)]
+    configs = [replace(config, device=device, seed=config.seed + i)
+               for i, device in enumerate(devices)]
+    if not use_processes(config, devices):
+        return [create_engine(c) for c in configs]
+    from engine.worker import start_workers
+
+    return list(start_workers(configs))
 
 
 class PrefixIndex:
