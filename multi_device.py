@@ -13,6 +13,8 @@ only adds admission control. Each request goes to one engine and stays there.
   to the least-loaded engine, and always to the least-loaded one while loads are too uneven
   (the busiest engine more than BALANCE_ABS_THRESHOLD sequences and BALANCE_REL_THRESHOLD
   times above the idlest).
+- Processes (ENGINE_PROCESSES): a pool of several CUDA engines runs each in its own worker
+  process (`engine.worker.ProcessEngine`) so their loops do not share one GIL.
 - Backpressure: MAX_INFLIGHT_TOTAL and MAX_INFLIGHT_PER_ENGINE cap the sequences in flight
   (0 = no cap); beyond them `admit` waits in a FIFO of at most MAX_QUEUE requests for at most
   QUEUE_TIMEOUT_S, then raises `PoolBusy` (the server's 429 with Retry-After).
