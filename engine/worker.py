@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 SNAPSHOT_PERIOD_S = 0.1
 STOP_TIMEOUT_S = 10.0
 CALL_TIMEOUT_S = 120.0
-CALLS = ("flush_cache", "snapshot")  # engine methods the parent may run in the worker
+WATCH_PERIOD_S = 0.25  # how often an idle worker checks that its engine loop runs
+CALLS = ("flush_cache",)  # engine methods the parent may run in the worker
 
 
 @dataclass
@@ -365,8 +366,12 @@ def _worker_main(conn: Connection, config: Config, source: ModelSource) -> None:
 
 
 def _serve(conn: Connection, engine: EngineBase, outbox: _Outbox) -> None:
-    while True:
+    """Commands from the parent, until "stop", the parent's exit, or the engine loop's death
+    (the worker then exits, which the parent reads as the engine stopping)."""
+    while engine.alive:
         try:
+            if not conn.poll(WATCH_PERIOD_S):
+                continue
             kind, payload = conn.recv()
         except (EOFError, OSError):
             logger.warning("the parent of engine worker went away; stopping")
@@ -380,10 +385,13 @@ def _serve(conn: Connection, engine: EngineBase, outbox: _Outbox) -> None:
         elif kind == "call":
             call_id, name = payload
             try:
-                assert name in CALLS, name
+                if name not in CALLS:
+                    raise ValueError(f"unknown engine call {name!r}")
                 outbox.send(("result", (call_id, True, getattr(engine, name)())))
             except Exception as exc:
                 outbox.send(("result", (call_id, False, exc)))
+    if not engine.alive:
+        logger.error("the engine loop stopped; engine worker exiting")
 
 
 def _submit(engine: EngineBase, outbox: _Outbox, rid: str, ids: list[int],

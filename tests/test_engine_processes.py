@@ -179,6 +179,8 @@ def test_metrics_count_the_workers(live: LiveServer, pool: EnginePool) -> None:
     assert 'minisgl:engine_alive{engine="1"} 1.0' in text
     assert "minisgl:generation_tokens_total" in text
     assert "minisgl:num_requests_running 0.0" in text
+    assert pool.insert_prefix("a shared system prompt") > 0
+    assert pool.flush_cache() > 0  # run in the workers, answered over the pipe
 
 
 def test_a_killed_worker_fails_its_requests_and_the_other_serves_on(
