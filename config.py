@@ -191,6 +191,10 @@ FLAGS: tuple[Flag, ...] = (
          "One engine per CUDA GPU (NUM_ENGINES of them when set)."),
     Flag("DEVICES", "devices", _text, "",
          "Comma-separated device per engine (e.g. cuda:0,cuda:1); overrides the two above."),
+    Flag("ENGINE_PROCESSES", "engine_processes", _choice("auto", "0", "1"), "auto",
+         "Run each engine of the pool in its own worker process (its own GIL): auto = when "
+         "the pool has more than one engine on CUDA, 1 = always (any device), 0 = every "
+         "engine as a thread of the server process."),
     Flag("SCHEDULER_MODE", "scheduler_mode", _choice("rr", "random", "fsfs", "cache_aware"),
          "cache_aware",
          "Routing of requests to engines: round robin, random, fewest sequences in flight, or "
@@ -320,6 +324,7 @@ class Config:
     num_engines: int = 0
     enable_multi_device: bool = False
     devices: str = ""
+    engine_processes: str = "auto"
     scheduler_mode: str = "cache_aware"
     cache_aware_threshold: float = 0.5
     balance_abs_threshold: int = 32

@@ -13,6 +13,8 @@ only adds admission control. Each request goes to one engine and stays there.
   to the least-loaded engine, and always to the least-loaded one while loads are too uneven
   (the busiest engine more than BALANCE_ABS_THRESHOLD sequences and BALANCE_REL_THRESHOLD
   times above the idlest).
+- Processes (ENGINE_PROCESSES): a pool of several CUDA engines runs each in its own worker
+  process (`engine.worker.ProcessEngine`) so their loops do not share one GIL.
 - Backpressure: MAX_INFLIGHT_TOTAL and MAX_INFLIGHT_PER_ENGINE cap the sequences in flight
   (0 = no cap); beyond them `admit` waits in a FIFO of at most MAX_QUEUE requests for at most
   QUEUE_TIMEOUT_S, then raises `PoolBusy` (the server's 429 with Retry-After).
@@ -86,13 +88,27 @@ def pool_devices(config: Config) -> list[str]:
     return [config.device] * max(1, config.num_engines)
 
 
+def use_processes(config: Config, devices: Sequence[str]) -> bool:
+    """ENGINE_PROCESSES: whether each engine runs in its own worker process (auto: more
+    than one engine, all on CUDA)."""
+    if config.engine_processes != "auto":
+        return config.engine_processes == "1"
+    return len(devices) > 1 and all(d.startswith("cuda") for d in devices)
+
+
 def build_engines(config: Config) -> list[EngineBase]:
     """The pool's engines, one per `pool_devices` entry, each built from `config` with its
     own device (and its own seed offset, so sampling noise differs between engines); the
-    engine type follows BACKEND_IMPL (`create_engine`)."""
+    engine type follows BACKEND_IMPL (`create_engine`), in this process or, under
+    ENGINE_PROCESSES, each in a worker process (all started at once)."""
     devices = pool_devices(config)
-    return [create_engine(replace(config, device=device, seed=config.seed + i))
-            for i, device in enumerate(devices)]
+    configs = [replace(config, device=device, seed=config.seed + i)
+               for i, device in enumerate(devices)]
+    if not use_processes(config, devices):
+        return [create_engine(c) for c in configs]
+    from engine.worker import start_workers
+
+    return list(start_workers(configs))
 
 
 class PrefixIndex:

@@ -90,6 +90,12 @@ class EngineBase:
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._reqs: dict[str, list[Req]] = {}
         self._stopped = threading.Event()
+        self._turn_hooks: list[Callable[[], None]] = []
+
+    def add_turn_hook(self, hook: Callable[[], None]) -> None:
+        """Call `hook` on the loop thread after every turn of the loop (a step, or a drain of
+        the inbox while idle): every delta of that turn has gone to its sink by then."""
+        self._turn_hooks.append(hook)
 
     def _start_loop(self, start: Callable[[], None]) -> None:
         """Run `start` then the loop on a new thread; raise what `start` raised."""
@@ -122,6 +128,11 @@ class EngineBase:
     def _fail_all(self, message: str) -> None:
         """A step raised: end every live request with `message` as its error."""
         raise NotImplementedError
+
+    @property
+    def busy(self) -> bool:
+        """Whether the loop has requests to step (read on the loop thread)."""
+        return bool(self._has_work)
 
     def _kv_capacity(self) -> int | None:
         """Most tokens (prompt + output) one sequence may hold; None: no limit but context."""
@@ -162,6 +173,14 @@ class EngineBase:
         """Raise InvalidRequestError for parameters this engine cannot honour."""
         params.validate(MAX_N)
 
+    def prepare(self, prompt: Prompt, params: SamplingParams) -> list[int]:
+        """Validate a request and return its prompt's token ids (InvalidRequestError when it
+        cannot be served: bad parameters, an empty prompt, or one that does not fit)."""
+        self.check_params(params)
+        ids = self.tokenize(prompt)
+        self._check_fits(ids, params)
+        return ids
+
     def submit(
         self,
         prompt: Prompt,
@@ -170,9 +189,7 @@ class EngineBase:
         rid: str | None = None,
     ) -> str:
         """Queue a request; `sink` gets its deltas from the loop thread. Returns its id."""
-        self.check_params(params)
-        ids = self.tokenize(prompt)
-        self._check_fits(ids, params)
+        ids = self.prepare(prompt, params)
         rid = rid or uuid.uuid4().hex
         first = Req(rid=rid, prompt_ids=ids, params=params, sink=sink)
         reqs = [first]
@@ -336,14 +353,20 @@ class EngineBase:
 
     def _loop(self) -> None:
         while not self._stopped.is_set():
-            self._drain(block=not self._has_work)
-            if self._stopped.is_set() or not self._has_work:
-                continue
-            try:
-                self._step()
-            except Exception as exc:  # keep serving: fail what was in flight, go on
-                logger.exception("engine step failed")
-                self._fail_all(f"engine error: {exc}")
+            self._turn()
+            for hook in self._turn_hooks:
+                hook()
+
+    def _turn(self) -> None:
+        """Take what the inbox holds, then run one step if there is work."""
+        self._drain(block=not self._has_work)
+        if self._stopped.is_set() or not self._has_work:
+            return
+        try:
+            self._step()
+        except Exception as exc:  # keep serving: fail what was in flight, go on
+            logger.exception("engine step failed")
+            self._fail_all(f"engine error: {exc}")
 
     def _drain(self, block: bool) -> None:
         try:
