@@ -189,8 +189,28 @@ class EngineBase:
         rid: str | None = None,
     ) -> str:
         """Queue a request; `sink` gets its deltas from the loop thread. Returns its id."""
-        ids = self.prepare(prompt, params)
-        rid = rid or uuid.uuid4().hex
+        [rid] = self.submit_many([(prompt, params, sink, rid)])
+        return rid
+
+    def submit_many(
+        self, requests: Sequence[tuple[Prompt, SamplingParams, Sink, str | None]]
+    ) -> list[str]:
+        """Queue `(prompt, params, sink, rid)` requests together: the loop admits them in
+        one go (all are validated first; a bad one queues none). Returns their ids."""
+        rids: list[str] = []
+        reqs: list[Req] = []
+        for prompt, params, sink, rid in requests:
+            rid = rid or uuid.uuid4().hex
+            rids.append(rid)
+            reqs.extend(self._requests(rid, self.prepare(prompt, params), params, sink))
+        for req in reqs:
+            req.state = self._new_state(req)
+        self._inbox.put(("add", reqs))
+        return rids
+
+    def _requests(self, rid: str, ids: list[int], params: SamplingParams, sink: Sink
+                  ) -> list[Req]:
+        """The request and, for n > 1, its siblings (which wait for its prefill)."""
         first = Req(rid=rid, prompt_ids=ids, params=params, sink=sink)
         reqs = [first]
         for index in range(1, params.n):
@@ -204,10 +224,7 @@ class EngineBase:
                     waits_for=first,
                 )
             )
-        for req in reqs:
-            req.state = self._new_state(req)
-        self._inbox.put(("add", reqs))
-        return rid
+        return reqs
 
     def abort(self, rid: str) -> None:
         """Stop a request (all of its n sequences) within one step; frees its KV."""
@@ -272,7 +289,7 @@ class EngineBase:
                     if pending == 0:
                         done.set()
 
-        rids = [self.submit(p, sp, sink) for p, sp in zip(prompts, plist)]
+        rids = self.submit_many([(p, sp, sink, None) for p, sp in zip(prompts, plist)])
         done.wait()
         return [[outputs[rid][i] for i in sorted(outputs[rid])] for rid in rids]
 

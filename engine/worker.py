@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -155,6 +156,12 @@ class ProcessEngine(EngineBase):
                 raise RuntimeError(f"the engine worker on {self.device_name} has stopped"
                                    ) from exc
         return rid
+
+    def submit_many(
+        self, requests: Sequence[tuple[Prompt, SamplingParams, Sink, str | None]]
+    ) -> list[str]:
+        """One `submit` each: every request reaches the worker in its own message."""
+        return [self.submit(*request) for request in requests]
 
     def abort(self, rid: str) -> None:
         self._send(("abort", rid))
