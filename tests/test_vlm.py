@@ -15,6 +15,7 @@ import base64
 import copy
 import io
 import ipaddress
+import json
 import struct
 import threading
 import zlib
@@ -452,6 +453,16 @@ def test_vlm_backend_mlx_without_mlx_vlm_stops_start_up(tmp_path: Path) -> None:
         pytest.skip("mlx-vlm is installed here")
     with pytest.raises(ConfigError, match="mlx-vlm"):
         load_config({"VLM_BACKEND": "mlx", "VLM_MODEL_LOCAL_DIR": str(tmp_path)})
+
+
+def test_mlx_runner_reads_the_folder_chat_template(vlm_dir: str, tmp_path: Path) -> None:
+    """mlx-vlm's processors do not read a folder's chat template; the runner does."""
+    from backend.vlm.mlx_runner import folder_chat_template
+
+    assert folder_chat_template(vlm_dir) == (Path(vlm_dir) / "chat_template.jinja").read_text()
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "{{ x }}"}))
+    assert folder_chat_template(str(tmp_path)) == "{{ x }}"
+    assert folder_chat_template(str(tmp_path / "missing")) is None
 
 
 def test_cancelled_job_ends_with_abort(vlm_dir: str) -> None:

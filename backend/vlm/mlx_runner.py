@@ -9,7 +9,9 @@ generator: the worker runs one request at a time). Written against mlx-vlm 0.7's
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -31,6 +33,9 @@ class MLXVLMRunner:
 
         self.name = name
         self.model, self.processor = mlx_vlm.load(path, trust_remote_code=config.trust_remote_code)
+        if not getattr(self.processor, "chat_template", None):
+            # mlx-vlm's own processor classes do not read the folder's template file
+            self.processor.chat_template = folder_chat_template(path)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         model_config = self.model.config
         text_config = getattr(model_config, "text_config", model_config)
@@ -87,6 +92,17 @@ class MLXVLMRunner:
                     break
         finally:
             results.close()
+
+
+def folder_chat_template(path: str) -> str | None:
+    """The chat template a model folder ships (chat_template.jinja, or chat_template.json)."""
+    folder = Path(path)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    if (folder / "chat_template.json").is_file():
+        template = json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
 
 
 def _get(config: Any, name: str) -> Any:
