@@ -12,7 +12,8 @@
 # `image` runs model_configs/z-image-turbo (the pipeline's architecture, no weights: they are
 # random, --load-format dummy) with the carried tokenizer standing in for Qwen's.
 # `pool` needs two GPUs (device kind nvidia-h100-x2): offline on one GPU, then through a pool
-# of one engine per GPU, then shared_prefix through the pool with rr and with cache_aware.
+# of one engine per GPU (worker processes, then threads of one process), then shared_prefix
+# through the pool with rr and with cache_aware.
 set -uo pipefail
 OUT=${OUT:-/tmp/minisgl-gpu}
 mkdir -p "$OUT"
@@ -49,6 +50,8 @@ for step in $steps; do
       bench="python3 bench_suite.py --model $model --load-format dummy --results-dir $OUT --skip-baseline"
       $bench offline 2>&1 | tee "$OUT/pool-offline-1gpu.txt"
       ENABLE_MULTI_DEVICE=1 $bench offline 2>&1 | tee "$OUT/pool-offline-2gpu.txt"
+      ENABLE_MULTI_DEVICE=1 ENGINE_PROCESSES=0 $bench offline 2>&1 \
+        | tee "$OUT/pool-offline-2gpu-threads.txt"
       for mode in rr cache_aware; do
         ENABLE_MULTI_DEVICE=1 SCHEDULER_MODE=$mode $bench shared_prefix 2>&1 \
           | tee "$OUT/pool-shared-$mode.txt"
