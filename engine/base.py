@@ -310,8 +310,11 @@ class EngineBase:
         return len(ids)
 
     def warmup(self) -> None:
+        """A short generation through every step kind (a multi-token prefill beside a
+        one-token one, then decode of both), so first requests do not pay for kernels that
+        compile or tune on first use."""
         params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
-        self.generate(["Hello"], params)
+        self.generate(["Hello, " * 20, "Hello"], params)
 
     @property
     def alive(self) -> bool:
