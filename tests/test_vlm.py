@@ -15,7 +15,6 @@ import base64
 import copy
 import io
 import ipaddress
-import json
 import struct
 import threading
 import zlib
@@ -455,14 +454,53 @@ def test_vlm_backend_mlx_without_mlx_vlm_stops_start_up(tmp_path: Path) -> None:
         load_config({"VLM_BACKEND": "mlx", "VLM_MODEL_LOCAL_DIR": str(tmp_path)})
 
 
-def test_mlx_runner_reads_the_folder_chat_template(vlm_dir: str, tmp_path: Path) -> None:
-    """mlx-vlm's processors do not read a folder's chat template; the runner does."""
-    from backend.vlm.mlx_runner import folder_chat_template
+def test_runners_prepare_with_the_folders_transformers_processor(vlm_dir: str) -> None:
+    """The mlx-vlm runner prepares inputs with the transformers class the folder names (not
+    what AutoProcessor maps to once mlx-vlm has registered its own classes)."""
+    from transformers import LlavaProcessor
 
-    assert folder_chat_template(vlm_dir) == (Path(vlm_dir) / "chat_template.jinja").read_text()
-    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "{{ x }}"}))
-    assert folder_chat_template(str(tmp_path)) == "{{ x }}"
-    assert folder_chat_template(str(tmp_path / "missing")) is None
+    from backend.vlm.runner import transformers_processor
+
+    processor = transformers_processor(vlm_dir)
+    assert type(processor) is LlavaProcessor and processor.chat_template
+
+
+def _greedy_tokens(runner: Any, count: int) -> list[int]:
+    from engine.sampling_params import SamplingParams
+
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": "What is this?"}]}]
+    prompt = runner.prepare(messages, [Image.open(io.BytesIO(png_bytes()))])
+    tokens: list[int] = []
+
+    def on_token(token: int) -> bool:
+        tokens.append(token)
+        return len(tokens) >= count
+
+    runner.generate(prompt, SamplingParams(max_new_tokens=count, temperature=0.0), on_token)
+    return tokens
+
+
+def test_mlx_vlm_runner_matches_transformers_greedy(vlm_dir: str, tmp_path: Path) -> None:
+    """Where mlx-vlm is installed: the same greedy tokens as the transformers runner."""
+    pytest.importorskip("mlx_vlm")
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from backend.vlm.hf_runner import HFVLMRunner
+    from backend.vlm.mlx_runner import MLXVLMRunner
+
+    folder = tmp_path / "llava"
+    shutil.copytree(vlm_dir, folder)
+    weights = folder / "model.safetensors"
+    tensors = load_file(str(weights))  # the hub layout (vision_tower.vision_model.*) mlx-vlm reads
+    save_file({("vision_tower.vision_model." + k[len("vision_tower."):]
+                if k.startswith("vision_tower.") else k): v for k, v in tensors.items()},
+              str(weights), metadata={"format": "pt"})
+    config = load_config({"VLM_DTYPE": "float32"})
+    expected = _greedy_tokens(HFVLMRunner(vlm_dir, "hf", config), 8)
+    assert _greedy_tokens(MLXVLMRunner(str(folder), "mlx", config), 8) == expected
 
 
 def test_cancelled_job_ends_with_abort(vlm_dir: str) -> None:

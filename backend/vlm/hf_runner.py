@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from backend.loader import ModelSource, eos_token_ids
-from backend.vlm.runner import Messages, OnToken, VLMPrompt
+from backend.vlm.runner import Messages, OnToken, VLMPrompt, transformers_processor
 from config import Config, resolve_device
 from engine.sampler import RequestHistory, Sampler
 from engine.sampling_params import SamplingParams
@@ -68,13 +68,13 @@ class HFVLMRunner:
     """A transformers image-text-to-text model and its processor on one device."""
 
     def __init__(self, path: str, name: str, config: Config) -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         self.name = name
         self.device = resolve_device(config.vlm_device)
         self.dtype = vlm_dtype(config.vlm_dtype, self.device)
         remote = config.trust_remote_code
-        self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=remote)
+        self.processor = transformers_processor(path, remote)
         model: Any = AutoModelForImageTextToText.from_pretrained(
             path, dtype=self.dtype, trust_remote_code=remote
         )

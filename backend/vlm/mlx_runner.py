@@ -1,22 +1,21 @@
 """mlx-vlm vision-language models (Apple Silicon): `mlx_vlm.load` + `stream_generate`.
 
-The prompt is the processor's chat template (as with the hf runner); `prepare` runs
-`mlx_vlm.prepare_inputs` once to count the prompt's tokens with the image tokens expanded,
-and `generate` hands the same prompt and images to `mlx_vlm.stream_generate`, whose own
-sampler applies temperature, top-p/k, min-p and the penalties (a seed seeds MLX's global
-generator: the worker runs one request at a time). Written against mlx-vlm 0.7's API.
+The folder's transformers processor prepares the inputs, exactly as for the hf runner: its
+chat template, then the processor's token ids (image tokens expanded) and pixel values.
+`generate` hands those arrays to `mlx_vlm.stream_generate` (mlx-vlm's own input preparation
+is skipped: its processors follow transformers' API less closely), whose sampler applies
+temperature, top-p/k, min-p and the penalties (a seed seeds MLX's global generator: the
+worker runs one request at a time). Written against mlx-vlm 0.7's API.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from backend.vlm.runner import Messages, OnToken, VLMPrompt
+from backend.vlm.runner import Messages, OnToken, VLMPrompt, transformers_processor
 from config import Config
 from engine.sampling_params import InvalidRequestError, SamplingParams
 
@@ -26,17 +25,15 @@ DEFAULT_CONTEXT_LEN = 4096
 
 
 class MLXVLMRunner:
-    """An mlx-vlm model and its processor."""
+    """An mlx-vlm model, with the folder's transformers processor preparing its inputs."""
 
     def __init__(self, path: str, name: str, config: Config) -> None:
         import mlx_vlm
 
         self.name = name
+        self.hf_processor = transformers_processor(path, config.trust_remote_code)
         self.model, self.processor = mlx_vlm.load(path, trust_remote_code=config.trust_remote_code)
-        if not getattr(self.processor, "chat_template", None):
-            # mlx-vlm's own processor classes do not read the folder's template file
-            self.processor.chat_template = folder_chat_template(path)
-        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.tokenizer = getattr(self.hf_processor, "tokenizer", self.hf_processor)
         model_config = self.model.config
         text_config = getattr(model_config, "text_config", model_config)
         self.max_context_len = int(_get(text_config, "max_position_embeddings")
@@ -51,19 +48,13 @@ class MLXVLMRunner:
             )
 
     def prepare(self, messages: Messages, images: list[Image.Image]) -> VLMPrompt:
-        import mlx_vlm
-
-        text = self.processor.apply_chat_template(
+        """The processor's chat template and inputs (image tokens expanded), as numpy."""
+        text = self.hf_processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
         )
-        inputs = mlx_vlm.prepare_inputs(
-            self.processor,
-            images=images or None,
-            prompts=text,
-            image_token_index=_get(self.model.config, "image_token_index"),
-        )
-        prompt_ids = [int(t) for t in inputs["input_ids"].tolist()[0]]
-        return VLMPrompt(prompt_ids=prompt_ids, inputs=(text, images))
+        inputs = self.hf_processor(text=text, images=images or None, return_tensors="np")
+        prompt_ids = [int(t) for t in inputs["input_ids"][0]]
+        return VLMPrompt(prompt_ids=prompt_ids, inputs=(text, dict(inputs)))
 
     def generate(self, prompt: VLMPrompt, params: SamplingParams, on_token: OnToken) -> None:
         import mlx.core as mx
@@ -71,12 +62,16 @@ class MLXVLMRunner:
 
         if params.seed is not None:
             mx.random.seed(params.seed % 2**32)
-        text, images = prompt.inputs
+        text, inputs = prompt.inputs
+        prepared = {"input_ids": mx.array(inputs["input_ids"]),
+                    "mask": mx.array(inputs["attention_mask"])}
+        if inputs.get("pixel_values") is not None:
+            prepared["pixel_values"] = mx.array(inputs["pixel_values"])
         results = mlx_vlm.stream_generate(
             self.model,
             self.processor,
             text,
-            image=images or None,
+            **prepared,
             max_tokens=params.max_new_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
@@ -92,17 +87,6 @@ class MLXVLMRunner:
                     break
         finally:
             results.close()
-
-
-def folder_chat_template(path: str) -> str | None:
-    """The chat template a model folder ships (chat_template.jinja, or chat_template.json)."""
-    folder = Path(path)
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
-    if (folder / "chat_template.json").is_file():
-        template = json.loads((folder / "chat_template.json").read_text()).get("chat_template")
-        return template if isinstance(template, str) else None
-    return None
 
 
 def _get(config: Any, name: str) -> Any:

@@ -13,10 +13,12 @@ pictures of the image parts in order.
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from PIL import Image
@@ -59,6 +61,21 @@ class VLMRunner(Protocol):
     def generate(self, prompt: VLMPrompt, params: SamplingParams, on_token: OnToken) -> None:
         """Generate from `prompt`, reporting each token; runs on the service's worker."""
         ...
+
+
+def transformers_processor(path: str, trust_remote_code: bool = False) -> Any:
+    """The folder's transformers processor, by the class its configs name: importing mlx-vlm
+    registers mlx-vlm's own processor classes under AutoProcessor's names."""
+    import transformers
+
+    folder = Path(path)
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        file = folder / name
+        if file.is_file():
+            class_name = json.loads(file.read_text()).get("processor_class")
+            if isinstance(class_name, str) and hasattr(transformers, class_name):
+                return getattr(transformers, class_name).from_pretrained(path)
+    return transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def resolve_vlm_backend(config: Config) -> str:
