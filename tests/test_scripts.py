@@ -183,6 +183,28 @@ def test_report_percentiles_and_files(tmp_path: Path) -> None:
     assert result.table().splitlines()[2].split() == ["x", "1.5"]
 
 
+def test_step_timeline_counts_the_steps_of_a_workload(script_env: dict[str, str]) -> None:
+    """6 requests of 40 prompt and 12 output tokens: the steps forward every prompt token and
+    every output token but the last (6 x 40 + 6 x 11 = 306 tokens, however the prefills fall
+    into steps) in at least 12 steps, decode steps carry at most the 6 requests, and the parts
+    cover every step."""
+    out = run_script(script_env, "-m", "benchmarks.step_timeline", "--num-prompts", "6",
+                     "--max-input", "40", "--max-output", "12", "--parts", "2")
+    assert out.returncode == 0, out.stderr
+    assert "offline: 6 requests, 72 output tokens" in out.stdout
+    rows = {}
+    for line in out.stdout.splitlines():
+        match = re.match(r"(\S.*?)\s+steps\s+(\d+) .* batch\s+([\d.]+)\s+tokens\s+([\d.]+)$",
+                         line)
+        if match:
+            rows[match.group(1)] = (int(match.group(2)), float(match.group(3)),
+                                    float(match.group(4)))
+    kinds = [rows["decode"], rows["prefill/mixed"]]
+    assert round(sum(steps * tokens for steps, _, tokens in kinds)) == 306
+    assert 1 <= rows["decode"][1] <= 6 and sum(steps for steps, _, _ in kinds) >= 12
+    assert rows["part 1/2"][0] + rows["part 2/2"][0] == sum(steps for steps, _, _ in kinds)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_bf16_agreement_report(tmp_path: Path, dtype: str) -> None:
     """The agreement harness: float32 native equals float32 HF exactly; bfloat16 stays close."""
