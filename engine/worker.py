@@ -64,10 +64,10 @@ class WorkerReady:
 
 @dataclass(eq=False)
 class _Open:
-    """An open request in the parent: its sink and how many sequences have not finished."""
+    """An open request in the parent: its sink and the indices of its unfinished sequences."""
 
     sink: Sink
-    remaining: int
+    remaining: set[int]
 
 
 class ProcessEngine(EngineBase):
@@ -148,7 +148,7 @@ class ProcessEngine(EngineBase):
         with self._lock:  # registered first: the worker may answer before submit returns
             if self._closing:
                 raise RuntimeError(f"the engine worker on {self.device_name} has stopped")
-            self._open[rid] = _Open(sink, params.n)
+            self._open[rid] = _Open(sink, set(range(params.n)))
             try:
                 self._conn.send(("submit", (rid, ids, params)))
             except (OSError, ValueError) as exc:
@@ -257,8 +257,8 @@ class ProcessEngine(EngineBase):
             if entry is None:
                 return
             if delta.finished:
-                entry.remaining -= 1
-                if entry.remaining <= 0:
+                entry.remaining.discard(delta.index)
+                if not entry.remaining:
                     del self._open[delta.rid]
         try:
             entry.sink(delta)
@@ -278,7 +278,7 @@ class ProcessEngine(EngineBase):
                          self._process.exitcode, len(stranded))
         message = "the engine worker stopped; retry the request"
         for rid, entry in stranded:
-            for index in range(entry.remaining):
+            for index in sorted(entry.remaining):
                 try:
                     entry.sink(StreamDelta(rid, index, "", [], finish_reason="abort",
                                            usage=Usage(0, 0, 0), error=message,
