@@ -26,6 +26,7 @@ from api.server import create_app
 from backend.diffusion.images import ASPECT_PRESETS, SIZE_MULTIPLE, ImageRequestError, parse_size
 from config import load_config
 from tests.test_server import LiveServer
+from tests.test_vlm import png_declaring
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -264,6 +265,8 @@ def test_image_to_video(live: LiveServer) -> None:
     ({"image_url": "http://127.0.0.1/cat.png"}, "image_url"),
     ({"image_url": "/etc/hosts"}, "image_url"),
     ({"image_url": "data:image/png;base64,not-base64!"}, "image_url"),
+    ({"image_url": "data:image/png;base64,"  # a decompression bomb: 30000 x 30000 declared
+      + base64.b64encode(png_declaring(30000, 30000)).decode()}, "image_url"),
 ])
 def test_bad_video_requests(live: LiveServer, body: dict[str, Any], param: str) -> None:
     response = _video(live.url, **body)

@@ -7,8 +7,6 @@ MPEG-4 Part 2 when the bundled FFmpeg lacks x264) MP4 (`mp4_bytes`, through PyAV
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +16,7 @@ import torch
 from PIL import Image
 
 from backend.diffusion.images import ImageRequestError, check_size, png_bytes
+from backend.vlm.images import ImageInputError, ImagePolicy, data_url_bytes, decode_image
 
 DEFAULT_FRAMES = 81
 MAX_FRAMES = 129
@@ -65,17 +64,15 @@ def validate_video(request: VideoRequest) -> None:
 
 def image_from_data_url(url: str) -> Image.Image:
     """The picture of a `data:image/...;base64,` URL (the only kind accepted: a request never
-    makes the server fetch a remote address or read a file)."""
+    makes the server fetch a remote address or read a file), under the same byte and pixel
+    caps as chat images (`backend.vlm.images`)."""
     if not url.startswith(_DATA_URL_PREFIX) or ";base64," not in url:
         raise ImageRequestError("image_url must be a data:image/...;base64, URL", "image_url")
+    policy = ImagePolicy()
     try:
-        raw = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except (binascii.Error, OSError, ValueError) as exc:
-        raise ImageRequestError(f"image_url does not hold a readable image: {exc}",
-                                "image_url") from None
-    return image.convert("RGB")
+        return decode_image(data_url_bytes(url, policy.max_bytes), policy)
+    except ImageInputError as exc:
+        raise ImageRequestError(f"image_url: {exc}", "image_url") from None
 
 
 def generate_video(pipeline: Any, request: VideoRequest, device: torch.device) -> np.ndarray:
