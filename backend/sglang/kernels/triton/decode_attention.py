@@ -137,8 +137,12 @@ def decode_attention(
     scale: float,
     num_splits: int,
     block_n: int = 64,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
-    """Attention of q [B, Hq, D] (request b's one token is row b) over its slots; [B, Hq, D]."""
+    """Attention of q [B, Hq, D] (request b's one token is row b) over its slots; [B, Hq, D].
+
+    `num_warps`/`num_stages` override Triton's launch defaults (None keeps them)."""
     batch_size, num_q_heads, head_dim = q.shape
     num_kv_heads = k_pool_layer.shape[1]
     group_size = num_q_heads // num_kv_heads
@@ -150,6 +154,7 @@ def decode_attention(
         BLOCK_H=max(MIN_DOT_TILE, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
         BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOTS=upcast_dots(),
     )
+    launch = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v}
     grid = (batch_size, num_kv_heads, num_splits)
     strides = (
         q.stride(0), q.stride(1), k_pool_layer.stride(0), k_pool_layer.stride(1),
@@ -159,7 +164,7 @@ def decode_attention(
         _decode_split_kernel[grid](
             q, k_pool_layer, v_pool_layer, kv_indptr, kv_indices, out, out,
             *strides, out.stride(0), out.stride(1), 0, 0, 0,
-            scale * LOG2E, group_size, head_dim, 1, WRITE_LSE=False, **common,
+            scale * LOG2E, group_size, head_dim, 1, WRITE_LSE=False, **common, **launch,
         )
         return out
     partial = torch.empty(
@@ -170,7 +175,7 @@ def decode_attention(
         q, k_pool_layer, v_pool_layer, kv_indptr, kv_indices, partial, lse,
         *strides, partial.stride(0), partial.stride(1), partial.stride(2),
         lse.stride(0), lse.stride(1),
-        scale * LOG2E, group_size, head_dim, num_splits, WRITE_LSE=True, **common,
+        scale * LOG2E, group_size, head_dim, num_splits, WRITE_LSE=True, **common, **launch,
     )
     _merge_splits_kernel[(batch_size, num_q_heads)](
         partial, lse, out,

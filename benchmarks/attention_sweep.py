@@ -1,0 +1,132 @@
+"""Launch configurations of the paged decode attention kernel against each other (CUDA).
+
+    python3 -m benchmarks.attention_sweep                 # Qwen3-0.6B heads, bfloat16
+    python3 -m benchmarks.attention_sweep --top 5
+
+For each decode batch shape (the offline workload's mid-run batches, a shared-prefix batch, a
+short batch and batch 1) every combination of block size, warps, pipeline stages and split
+factor is timed; the table gives the effective KV read bandwidth (K and V bytes of every
+request's context over the kernel time, merge included) of the default launch and of the best
+ones. Slots are laid out as the pool hands them out: one contiguous run per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backend.sglang.kernels.triton.decode_attention import (  # noqa: E402
+    choose_num_splits,
+    decode_attention,
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    seq_lens: list[int]
+
+
+@dataclass(frozen=True)
+class Launch:
+    block_n: int
+    num_warps: int | None
+    num_stages: int | None
+    split_factor: int
+
+    def label(self) -> str:
+        return (f"block_n={self.block_n} warps={self.num_warps or 'dflt'} "
+                f"stages={self.num_stages or 'dflt'} splits x{self.split_factor}")
+
+
+DEFAULT = Launch(64, None, None, 1)
+
+
+def cases(rng: random.Random) -> list[Case]:
+    return [
+        Case("offline b256", [rng.randint(100, 2048) for _ in range(256)]),
+        Case("offline b128", [rng.randint(100, 2048) for _ in range(128)]),
+        Case("shared b256x2300", [2300] * 256),
+        Case("b64x1024", [1024] * 64),
+        Case("b16x2048", [2048] * 16),
+        Case("b1x512", [512]),
+    ]
+
+
+def launches() -> list[Launch]:
+    grid = itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4), (1, 2, 4))
+    return [DEFAULT] + [Launch(*values) for values in grid]
+
+
+def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> list[str]:
+    from triton.testing import do_bench
+
+    dtype = getattr(torch, args.dtype)
+    total = sum(case.seq_lens)
+    k_pool = torch.randn(total + 1, args.kv_heads, args.head_dim, dtype=dtype, device=device)
+    v_pool = torch.randn_like(k_pool)
+    kv_indptr = torch.tensor([0, *itertools.accumulate(case.seq_lens)], dtype=torch.int32,
+                             device=device)
+    kv_indices = torch.arange(1, total + 1, dtype=torch.int32, device=device)
+    q = torch.randn(len(case.seq_lens), args.q_heads, args.head_dim, dtype=dtype, device=device)
+    nbytes = 2 * k_pool.element_size() * total * args.kv_heads * args.head_dim
+    base_splits = choose_num_splits(len(case.seq_lens), args.kv_heads, 40960, device)
+    reference = decode_attention(q, k_pool, v_pool, kv_indptr, kv_indices, 0.088, base_splits)
+    results: list[tuple[float, Launch]] = []
+    for launch in launches():
+        splits = min(32, base_splits * launch.split_factor)
+
+        def call(launch: Launch = launch, splits: int = splits) -> torch.Tensor:
+            return decode_attention(q, k_pool, v_pool, kv_indptr, kv_indices, 0.088, splits,
+                                    block_n=launch.block_n, num_warps=launch.num_warps,
+                                    num_stages=launch.num_stages)
+
+        try:
+            err = (call() - reference).abs().max().item()
+            ms = float(do_bench(call, warmup=5, rep=args.rep_ms))
+        except Exception as exc:  # noqa: BLE001 - an unlaunchable config is a result too
+            print(f"  {case.name}: {launch.label()} failed: {type(exc).__name__}")
+            continue
+        if err > 0.05:
+            print(f"  {case.name}: {launch.label()} disagrees by {err:.3g}")
+            continue
+        results.append((ms, launch))
+    default_ms = next(ms for ms, launch in results if launch == DEFAULT)
+    lines = [f"{case.name:18s} {'default':52s} {default_ms * 1e3:8.1f} us "
+             f"{nbytes / default_ms / 1e6:7.0f} GB/s  (splits {base_splits})"]
+    for ms, launch in sorted(results, key=lambda r: r[0])[: args.top]:
+        lines.append(f"{'':18s} {launch.label():52s} {ms * 1e3:8.1f} us "
+                     f"{nbytes / ms / 1e6:7.0f} GB/s  {default_ms / ms:5.2f}x")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--q-heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--top", type=int, default=4)
+    parser.add_argument("--rep-ms", type=int, default=30)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    print(torch.cuda.get_device_name(device), args.dtype)
+    table = []
+    for case in cases(random.Random(0)):
+        table += run_case(case, args, device)
+        print("\n".join(table[-args.top - 1:]), flush=True)
+    print("\n=== decode attention launches ===")
+    print("\n".join(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
