@@ -132,6 +132,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("CUDA_GRAPH_MAX_BS", "cuda_graph_max_bs", _int_at_least(1), "256",
          "Largest decode batch run from a CUDA graph (buckets 1, 2, 4, 8, then every 16); "
          "larger batches run eagerly."),
+    Flag("CASCADE_ATTENTION", "cascade_attention", _choice("auto", "0", "1"), "auto",
+         "Cascade decode attention: running requests that share a cached prefix (the same "
+         "radix-cache slots) read it once per group of up to 16 instead of once each; auto = "
+         "where the kernel set has it (triton, CUDA), 1 = required (start-up fails without "
+         "it), 0 = off."),
+    Flag("CASCADE_MIN_PREFIX", "cascade_min_prefix", _int_at_least(16), "256",
+         "Fewest shared prefix tokens for decode requests to be grouped for cascade attention."),
     # KV cache and scheduling
     Flag("KV_CACHE_TOKENS", "kv_cache_tokens", _int_at_least(0), "0",
          "KV pool size in tokens; 0 = sized from KV_CACHE_MEM_FRACTION (CUDA) or "
@@ -373,6 +380,8 @@ class Config:
     seed: int = 0
     cuda_graph: bool = True
     cuda_graph_max_bs: int = 256
+    cascade_attention: str = "auto"
+    cascade_min_prefix: int = 256
     kv_cache_tokens: int = 0
     kv_cache_mem_fraction: float = 0.85
     kv_cache_cpu_tokens: int = 65536

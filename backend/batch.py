@@ -38,6 +38,9 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [S] int64
     seq_lens: list[int]  # host copies for shape decisions
     extend_lens: list[int]
+    # decode batches only: groups of rows sharing a KV prefix, [4, B] int64 (backend/cascade.py);
+    # kernel sets without cascade attention ignore it (the result is the same)
+    cascade: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -112,6 +115,7 @@ def build_forward_batch_from_table(
     rows: list[int],
     sample_mask: list[bool],
     table: SlotTable,
+    cascade: list[int] | None = None,
 ) -> ForwardBatch:
     """Pack a step whose KV slots live in a device-resident `SlotTable`.
 
@@ -119,7 +123,8 @@ def build_forward_batch_from_table(
     `table` row `rows[b]` and the host passes only the slots of its new tokens,
     `out_slots[b]`: host work follows the number of new tokens, not the context lengths.
     The table's staged writes travel in the same host→device copy as the step's inputs and
-    are applied before the KV index list is gathered.
+    are applied before the KV index list is gathered. `cascade` is a decode batch's flat
+    cascade plan (backend/cascade.py), sent in the same copy.
     """
     extend_lens = [len(t) for t in token_ids]
     seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
@@ -143,9 +148,9 @@ def build_forward_batch_from_table(
         raise ValueError("out_slots must hold one slot per new token")
     write_index, write_slots = table.take_writes()
     parts = [flat_ids, positions, flat_out_slots, qo_indptr, kv_indptr, logits_indices, rows,
-             write_index, write_slots]
+             write_index, write_slots, cascade or []]
     (input_ids, positions_t, out_slots_t, qo_indptr_t, kv_indptr_t, logits_t, rows_t,
-     write_index_t, write_slots_t) = to_device_at_once(parts, table.device)
+     write_index_t, write_slots_t, cascade_t) = to_device_at_once(parts, table.device)
     table.apply_writes(write_index_t, write_slots_t)
     return ForwardBatch(
         input_ids=input_ids,
@@ -157,6 +162,7 @@ def build_forward_batch_from_table(
         logits_indices=logits_t,
         seq_lens=seq_lens,
         extend_lens=extend_lens,
+        cascade=cascade_t.view(4, -1) if cascade else None,
     )
 
 

@@ -86,6 +86,7 @@ def create_runner(config: Config, source: ModelSource) -> ModelRunner:
                 cuda_graph=config.cuda_graph,
                 cuda_graph_max_bs=min(config.cuda_graph_max_bs, config.max_running_requests),
                 cpu_kernel=config.cpu_kernel,
+                cascade_attention=config.cascade_attention != "0",
                 kernel_cache_dir=os.path.join(os.path.expanduser(config.model_cache_dir),
                                               "kernels"),
             )

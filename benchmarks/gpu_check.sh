@@ -35,7 +35,7 @@ for step in $steps; do
       python3 benchmarks/kernel_check.py --dtype float32 2>&1 | tee "$OUT/kernels-fp32.txt" ;;
     equivalence)
       MINISGL_TEST_DEVICE=cuda MINISGL_TEST_TOKENIZER=.gpu/tokenizer python3 -m pytest -q \
-        -p no:cacheprovider tests/test_engine.py \
+        -p no:cacheprovider tests/test_engine.py tests/test_cuda_graph.py \
         -k "not smollm2 and not multi_turn and not stop_string and not multibyte and not overlap_changes" 2>&1 \
         | tee "$OUT/equivalence.txt" ;;
     bf16)

@@ -14,6 +14,7 @@ within tolerance; exits 1 when any op disagrees.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import random
 import statistics
@@ -273,7 +274,48 @@ def attention_rows(
 
         call = op_call("paged_attention", q, k_pool, v_pool, batch, scale, s.kv_heads)
         rows.append(compare("paged_attention", label, call, torch_ops, triton_ops, device, iters))
-    return rows
+    return rows + cascade_rows(triton_ops, s, dtype, device, iters)
+
+
+def cascade_rows(
+    triton_ops: Any, s: Shapes, dtype: torch.dtype, device: torch.device, iters: int
+) -> list[Row]:
+    """A decode batch in groups of CASCADE_MAX_ROWS sharing a decode_len prefix (plus 128
+    tokens each of their own), without and with its cascade plan."""
+    from backend.cascade import CASCADE_MAX_ROWS, plan_cascade
+
+    group_rows = min(CASCADE_MAX_ROWS, s.decode_batch)
+    groups, own = max(1, s.decode_batch // group_rows), min(128, s.decode_len)
+    free = list(range(1, groups * (s.decode_len + group_rows * own) + 1))
+    random.Random(1).shuffle(free)
+    lists = []
+    for _ in range(groups):
+        prefix, free = free[: s.decode_len], free[s.decode_len:]
+        for _ in range(group_rows):
+            lists.append(prefix + free[:own])
+            free = free[own:]
+    batch = build_forward_batch([[0]] * len(lists), [len(x) - 1 for x in lists], lists,
+                                [True] * len(lists), device)
+    plan = plan_cascade(lists, min_prefix=16)
+    assert plan is not None
+    planned = dataclasses.replace(
+        batch, cascade=torch.tensor(plan, dtype=torch.int64, device=device).view(4, -1))
+    num_slots = max(max(x) for x in lists)
+    k_pool = torch.randn(num_slots + 1, s.kv_heads, s.head_dim, dtype=dtype, device=device)
+    v_pool = torch.randn_like(k_pool)
+    q = torch.randn(len(lists), s.q_heads, s.head_dim, dtype=dtype, device=device)
+    scale = s.head_dim**-0.5
+
+    def call_with(forward_batch: ForwardBatch) -> Callable[[Any], Any]:
+        def call(ops: Any) -> Any:
+            ops.prepare_attention(forward_batch)
+            return ops.paged_attention(q, k_pool, v_pool, forward_batch, scale, s.kv_heads)
+        return call
+
+    label = f"{groups}x{group_rows} rows share {s.decode_len} (+{own})"
+    return [compare(f"paged_attention {how}", label, call_with(b), torch_ops, triton_ops,
+                    device, iters)
+            for how, b in (("no plan", batch), ("cascade", planned))]
 
 
 def table(rows: list[Row]) -> str:

@@ -19,7 +19,7 @@ import torch
 from backend.batch import ModelRunner, to_device_at_once
 from backend.factory import create_runner
 from backend.loader import ModelSource, eos_token_ids
-from config import Config
+from config import Config, ConfigError
 from engine.base import MAX_N, EngineBase, EngineStats, GenerateOutput, Prompt, TextState
 from engine.request import Req, TokenLogprob
 from engine.sampler import PendingSample, RequestHistory, SampleOutput, Sampler
@@ -79,6 +79,7 @@ class Engine(EngineBase):
             self.runner.num_kv_slots,
             self.runner.device,
             max_context_len=self.max_context_len,
+            cascade_min_prefix=self._cascade_min_prefix(),
         )
         self.sampler = Sampler(self.info.vocab_size, self.runner.device, seed=self.config.seed)
         self.overlap = self.config.overlap_schedule == "on" or (
@@ -89,6 +90,15 @@ class Engine(EngineBase):
         # stall a step for tens of milliseconds.
         gc.collect()
         gc.freeze()
+
+    def _cascade_min_prefix(self) -> int:
+        """CASCADE_MIN_PREFIX where the runner does cascade attention, else 0 (off)."""
+        if getattr(self.runner, "cascade_attention", False):
+            return self.config.cascade_min_prefix
+        if self.config.cascade_attention == "1":
+            raise ConfigError("CASCADE_ATTENTION=1 needs the native runner with a kernel set "
+                              "that has cascade attention (triton)")
+        return 0
 
     # ------------------------------------------------------------- public API
     @property

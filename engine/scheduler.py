@@ -35,6 +35,7 @@ import torch
 
 from backend.batch import ForwardBatch, build_forward_batch_from_table
 from backend.cache import PrefillCache, RadixCache, SlotAllocator
+from backend.cascade import cascade_key, plan_cascade
 from backend.slot_table import SlotTable
 from config import Config
 from engine.request import Req
@@ -64,6 +65,7 @@ class StepPlan:
 class SchedulerStats:
     num_preemptions: int = 0
     num_prefill_cache_hits: int = 0
+    num_cascade_steps: int = 0  # decode steps whose batch carried a cascade plan
 
 
 class Scheduler:
@@ -73,10 +75,14 @@ class Scheduler:
         num_slots: int,
         device: torch.device,
         max_context_len: int | None = None,
+        cascade_min_prefix: int = 0,
     ) -> None:
         """`num_slots` usable KV slots; `max_context_len` (the model's) caps the slot table's
-        width, which the pool size caps too."""
+        width, which the pool size caps too. With `cascade_min_prefix`, decode rows sharing
+        that many leading slots are brought together and their batch carries a cascade
+        plan (backend/cascade.py)."""
         self.config = config
+        self.cascade_min_prefix = cascade_min_prefix
         self.device = device
         self.step_budget = config.resolved_chunked_prefill_size(device)
         self.allocator = SlotAllocator(num_slots)
@@ -122,6 +128,8 @@ class Scheduler:
         decoding = [r for r in self.running
                     if r.num_pending == 1 and not r.future_is_last(self.max_context_len)]
         prefilling = sorted((r for r in self.running if r.num_pending > 1), key=lambda r: r.arrival)
+        if self.cascade_min_prefix:
+            decoding.sort(key=lambda r: cascade_key(r.slots, self.cascade_min_prefix))
         for req in decoding:
             if req.node is None:  # preempted earlier in this step
                 continue
@@ -167,6 +175,7 @@ class Scheduler:
                 rows=[r.row for r in reqs],
                 sample_mask=[r.num_pending == 0 for r in reqs],
                 table=self.table,
+                cascade=self._cascade_plan(scheduled),
             )
         sample_reqs = [r for r in reqs if r.num_pending == 0] + [r for r, _ in hits]
         return StepPlan(
@@ -177,6 +186,16 @@ class Scheduler:
             cached_logits=[logits for _, logits in hits],
             future_inputs=future_inputs,
         )
+
+    def _cascade_plan(self, scheduled: list[tuple[Req, int]]) -> list[int] | None:
+        """A decode step's cascade plan, when cascade attention is on and rows share."""
+        if not self.cascade_min_prefix or len(scheduled) < 2:
+            return None
+        if any(n != 1 for _, n in scheduled):
+            return None
+        plan = plan_cascade([r.slots for r, _ in scheduled], self.cascade_min_prefix)
+        self.stats.num_cascade_steps += plan is not None
+        return plan
 
     def _admit(
         self,

@@ -3,6 +3,7 @@ against eager decode (CUDA only)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,3 +241,45 @@ def test_dummy_qwen3_0_6b_graph_decode_matches_eager(tmp_path: Path) -> None:
     eager, graphed = _runner_pair(tmp_path, config, torch.bfloat16, max_bs=8)
     for batch_size in (1, 3, 8):
         _assert_same_decode(eager, graphed, batch_size, steps=4, tolerance=0.1)
+
+
+def test_cascade_plan_is_padded_and_the_static_forward_matches_eager(tmp_path: Path) -> None:
+    """Three requests sharing a 20-token prefix decode through the padded static batch with
+    its cascade plan (what the cascade graph replays): the plan is copied with the padding
+    rows in no group, and the live rows equal the eager forward without a plan."""
+    from backend.cascade import plan_cascade
+
+    config = _tiny_qwen3()
+    runner = NativeRunner(str(tmp_path), config, dtype=torch.float32, device=DEVICE,
+                          num_kv_slots=256, load_format="dummy", seed=0, kernel_set="triton",
+                          cascade_attention=True)
+    assert runner.cascade_attention
+    shared = list(range(1, 21))
+    own = [[30, 31, 32], [40, 41], [50, 51, 52, 53]]
+    prefill_slots = [shared + o for o in own]
+    runner.forward(build_forward_batch([list(range(5, 25)) + [7] * len(o) for o in own[:1]],
+                                       [0], prefill_slots[:1], [True], DEVICE))
+    runner.forward(build_forward_batch([[8] * len(o) for o in own[1:]], [20, 20],
+                                       prefill_slots[1:], [True, True], DEVICE))
+    decode_slots = [s + [60 + i] for i, s in enumerate(prefill_slots)]
+    plan = plan_cascade(decode_slots, min_prefix=16)
+    assert plan is not None
+    decode = build_forward_batch([[40], [41], [42]], [len(s) for s in prefill_slots],
+                                 decode_slots, [True] * 3, DEVICE)
+    eager = runner.forward(decode).clone()
+
+    inputs = StaticDecodeInputs.allocate(8, 512, DEVICE)
+    inputs.cascade.fill_(99)  # left over from an earlier batch
+    live = dataclasses.replace(decode, cascade=torch.tensor(plan, device=DEVICE).view(4, -1))
+    inputs.load(live, 8, cascade=True)
+    assert inputs.cascade[0, :8].tolist() == [0, 0, 0, -1, -1, -1, -1, -1]
+    assert inputs.cascade[2, :8].tolist() == [3, 0, 0, 0, 0, 0, 0, 0]
+    view = inputs.batch_view(8, runner.info.max_context_len, cascade=True)
+    with torch.inference_mode():
+        padded = runner.model(view.input_ids, view.positions, view, runner.kv_pool)
+    assert inputs.cascade[3, 0].item() == 20  # measured on the device
+    torch.testing.assert_close(padded[:3], eager, atol=1e-4, rtol=1e-4)
+
+    inputs.load(decode, 8, cascade=True)  # a batch without a plan: no group at all
+    assert inputs.cascade[0, :8].tolist() == [-1] * 8
+    assert inputs.cascade[2, :8].tolist() == [0] * 8

@@ -404,3 +404,36 @@ def test_overlap_keeps_unseeded_sampling(tiny_model_factory) -> None:
             engine.shutdown()
     assert outputs["on"] == outputs["off"]
     assert outputs["on"][0][1] == "stop" and len(outputs["on"][1][0]) == 12
+
+
+@pytest.mark.parametrize(("arch", "overlap"), [("qwen3", "on"), ("llama", "off")])
+def test_cascade_attention_matches_hf(tiny_model_factory, arch: str, overlap: str) -> None:
+    """Requests sharing a cached 40-token prefix decode in cascade groups (the triton kernel
+    set; the interpreter on CPU) and still equal HF token for token, next to one that
+    shares nothing."""
+    pytest.importorskip("triton")
+    from transformers import AutoConfig
+
+    from backend.sglang.runner import NativeRunner
+
+    path = tiny_model_factory(arch)
+    runner = NativeRunner(path, AutoConfig.from_pretrained(path), dtype=torch.float32,
+                          device=torch.device(DEVICE), num_kv_slots=2048,
+                          kernel_set="triton", cascade_attention=True,
+                          cuda_graph=DEVICE == "cuda", cuda_graph_max_bs=8)
+    engine = Engine(load_config({"MODEL_LOCAL_DIR": path, "DTYPE": "float32", "DEVICE": DEVICE,
+                                 "CASCADE_MIN_PREFIX": "16", "OVERLAP_SCHEDULE": overlap}),
+                    runner=runner)
+    try:
+        ref = Reference(path)
+        shared = random_prompts(1, 40, 40, seed=12)[0]
+        prompts = [shared + tail for tail in random_prompts(5, 2, 9, seed=13)]
+        prompts.insert(2, random_prompts(1, 30, 30, seed=14)[0])
+        outs = engine.generate(prompts, greedy())
+        assert engine.scheduler.stats.num_cascade_steps >= NEW_TOKENS - 2
+        if runner.cuda_graphs is not None:  # CUDA: the steps replayed cascade graphs
+            assert runner.cuda_graphs.cascade_graphs and runner.cuda_graphs.num_replays
+        for prompt, [out] in zip(prompts, outs):
+            assert out.token_ids == ref.generate(prompt)
+    finally:
+        engine.shutdown()

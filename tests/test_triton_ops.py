@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import sys
@@ -302,3 +303,60 @@ def test_gemv_matches_linear(rows: int, out_features: int, in_features: int,
                                               None if b is None else b.float()).to(dtype)
         for config in (GemvConfig(4, 64, 4), GemvConfig(16, 32, 4)):
             _close(gemv(x, weight, b, config), expected)
+
+
+def _cascade_case() -> tuple[list[list[int]], list[int]]:
+    """Slot lists of a decode batch with groups sharing prefixes, and the prefix each group
+    really shares: rows 0-3 (row 3 shares only 50 of the 70), row 4 alone, rows 5-22 (18
+    rows: groups of 16 and 2), rows 23-24 (alike at the key position, not before it)."""
+    rng = random.Random(11)
+    free = list(range(1, 2000))
+    rng.shuffle(free)
+
+    def take(n: int) -> list[int]:
+        out = free[:n]
+        del free[:n]
+        return out
+
+    a, b = take(70), take(40)
+    lists = [a + take(n) for n in (1, 5, 13)] + [a[:50] + take(9), take(30)]
+    lists += [b + take(1 + i % 7) for i in range(18)]
+    c = take(33)
+    lists += [c, c[:3] + take(1) + c[4:28] + take(2)]
+    return lists, [50, 40, 40, 3]
+
+
+@pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim", "dtype", "num_splits"), [
+    (4, 2, 64, torch.float32, 1), (3, 1, 80, torch.float32, 3), (4, 2, 128, torch.bfloat16, 2),
+])
+def test_cascade_decode_attention_matches_reference(
+    ops: ModuleType, q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+    num_splits: int,
+) -> None:
+    from backend.cascade import plan_cascade
+    from backend.sglang.kernels.triton.cascade_attention import (
+        cascade_decode_attention,
+        measure_shared_prefixes,
+    )
+
+    lists, shared = _cascade_case()
+    plan = plan_cascade(lists, min_prefix=16)
+    assert plan is not None
+    batch = build_forward_batch([[1]] * len(lists), [len(s) - 1 for s in lists], lists,
+                                [True] * len(lists), CPU)
+    cascade = torch.tensor(plan, dtype=torch.int64).view(4, -1)
+    k_pool, v_pool = _pools(2000, kv_heads, head_dim, dtype)
+    q = _randn(len(lists), q_heads, head_dim, dtype=dtype, seed=9)
+    measure_shared_prefixes(batch.kv_indptr, batch.kv_indices, cascade)
+    assert cascade[3, : len(shared)].tolist() == shared
+    assert cascade[2].tolist()[:5] == [4, 16, 2, 2, 0]
+    scale = head_dim**-0.5
+    out = cascade_decode_attention(q, k_pool, v_pool, batch.kv_indptr, batch.kv_indices,
+                                   cascade, scale, num_splits, 3, block_n=16)
+    expected = torch_ops.paged_attention(q, k_pool, v_pool, batch, scale, kv_heads)
+    _close(out, expected)
+    # through the kernel set, with the plan on the batch
+    with_plan = dataclasses.replace(
+        batch, cascade=torch.tensor(plan, dtype=torch.int64).view(4, -1))
+    ops.prepare_attention(with_plan)
+    _close(ops.paged_attention(q, k_pool, v_pool, with_plan, scale, kv_heads), expected)

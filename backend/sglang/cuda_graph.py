@@ -12,7 +12,10 @@ memory pool. A live decode batch of B requests runs the graph of the smallest bu
   at the model's longest context), so host-side choices such as the decode kernel's split
   count hold for any live batch; the kernels read the real lengths on the device;
 - the logits of all N rows land in one static buffer; the live rows are returned as a view
-  of it, valid until the next forward.
+  of it, valid until the next forward;
+- with cascade attention (backend/cascade.py) each bucket gets a second graph, captured with
+  a static cascade plan, for batches whose rows share prefixes; batches without a plan
+  replay the plain graph, which has no cascade work in it.
 
 Graphs need a kernel set whose decode path makes no host-side choice from the live lengths
 and never synchronises: the Triton set (`GRAPH_SAFE_KERNEL_SETS`). Batches that are not pure
@@ -89,6 +92,7 @@ class StaticDecodeInputs:
     kv_indptr: torch.Tensor  # [max_bs + 1]
     kv_indices: torch.Tensor  # [capacity]
     logits_indices: torch.Tensor  # [max_bs] 0, 1, 2, ...
+    cascade: torch.Tensor  # [4, max_bs] a cascade plan (backend/cascade.py)
 
     @classmethod
     def allocate(cls, max_batch_size: int, kv_capacity: int,
@@ -98,6 +102,8 @@ class StaticDecodeInputs:
             return torch.zeros(n, dtype=torch.int64, device=device)
 
         steps = torch.arange(max_batch_size + 1, dtype=torch.int64, device=device)
+        cascade = zeros(4 * max_batch_size).view(4, max_batch_size)
+        cascade[0] = -1
         return cls(
             input_ids=zeros(max_batch_size),
             positions=zeros(max_batch_size),
@@ -106,6 +112,7 @@ class StaticDecodeInputs:
             kv_indptr=steps.clone(),
             kv_indices=zeros(max(kv_capacity, max_batch_size)),
             logits_indices=steps[:-1].clone(),
+            cascade=cascade,
         )
 
     @property
@@ -117,9 +124,11 @@ class StaticDecodeInputs:
         padded = batch.kv_indices.shape[0] + bucket - batch.batch_size
         return padded <= self.kv_indices.shape[0]
 
-    def batch_view(self, bucket: int, capture_seq_len: int) -> ForwardBatch:
+    def batch_view(self, bucket: int, capture_seq_len: int, cascade: bool = False
+                   ) -> ForwardBatch:
         """The ForwardBatch of a bucket's graph: static tensors, and host lists describing
-        the capacity (every request `capture_seq_len` long) rather than any live batch."""
+        the capacity (every request `capture_seq_len` long) rather than any live batch;
+        with `cascade`, the static cascade plan."""
         return ForwardBatch(
             input_ids=self.input_ids[:bucket],
             positions=self.positions[:bucket],
@@ -130,10 +139,12 @@ class StaticDecodeInputs:
             logits_indices=self.logits_indices[:bucket],
             seq_lens=[capture_seq_len] * bucket,
             extend_lens=[1] * bucket,
+            cascade=self.cascade[:, :bucket] if cascade else None,
         )
 
-    def load(self, batch: ForwardBatch, bucket: int) -> None:
-        """Copy a live decode batch into the first `bucket` rows, padding the rest."""
+    def load(self, batch: ForwardBatch, bucket: int, cascade: bool = False) -> None:
+        """Copy a live decode batch into the first `bucket` rows, padding the rest (and its
+        cascade plan, for a graph captured with one)."""
         from backend.sglang.kernels.triton.graph_inputs import pad_decode_inputs
 
         pad_decode_inputs(
@@ -141,6 +152,7 @@ class StaticDecodeInputs:
             batch.kv_indices,
             (self.input_ids[:bucket], self.positions[:bucket], self.out_slots[:bucket],
              self.kv_indptr[: bucket + 1], self.kv_indices),
+            batch.cascade, self.cascade[:, :bucket] if cascade else None,
         )
 
 
@@ -158,8 +170,10 @@ class CudaGraphRunner:
         num_kv_slots: int,
         device: torch.device,
         capture_budget_s: float = DEFAULT_CAPTURE_BUDGET_S,
+        cascade: bool = False,
     ) -> None:
-        """Allocates the static buffers; `capture()` records the graphs."""
+        """Allocates the static buffers; `capture()` records the graphs (two per bucket
+        with `cascade`)."""
         self.model = model
         self.kv_pool = kv_pool
         self.device = device
@@ -170,7 +184,9 @@ class CudaGraphRunner:
         self.inputs = StaticDecodeInputs.allocate(max_batch_size, capacity, device)
         self.logits = torch.zeros(max_batch_size, vocab_size, dtype=torch.float32,
                                   device=device)
+        self.cascade = cascade
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.buckets: list[int] = []  # captured, ascending
         self.num_replays = 0
         # torch.cuda.graph's shared default capture stream lives on whichever GPU made it
@@ -189,16 +205,20 @@ class CudaGraphRunner:
                     logger.warning("CUDA graph capture budget of %.0f s spent; buckets below "
                                    "%d not captured", self.capture_budget_s, bucket + 1)
                     break
-                self.graphs[bucket] = self._capture_bucket(bucket, pool)
+                self.graphs[bucket] = self._capture_bucket(bucket, pool, cascade=False)
+                if self.cascade:
+                    self.cascade_graphs[bucket] = self._capture_bucket(bucket, pool,
+                                                                       cascade=True)
         self.buckets = sorted(self.graphs)
         torch.cuda.synchronize(self.device)
         used = free_before - torch.cuda.mem_get_info(self.device)[0]
-        logger.info("captured %d CUDA graphs (batch sizes %s) in %.1f s, %.0f MiB",
-                    len(self.buckets), _describe(self.buckets), time.perf_counter() - started,
-                    used / 2**20)
+        logger.info("captured %d CUDA graphs (batch sizes %s%s) in %.1f s, %.0f MiB",
+                    len(self.graphs) + len(self.cascade_graphs), _describe(self.buckets),
+                    "; each also with cascade attention" if self.cascade else "",
+                    time.perf_counter() - started, used / 2**20)
 
-    def _capture_bucket(self, bucket: int, pool: Any) -> torch.cuda.CUDAGraph:
-        batch = self.inputs.batch_view(bucket, self.max_context_len)
+    def _capture_bucket(self, bucket: int, pool: Any, cascade: bool) -> torch.cuda.CUDAGraph:
+        batch = self.inputs.batch_view(bucket, self.max_context_len, cascade)
         self._reset_padding(bucket)
         out = self.logits[:bucket]
         out.copy_(self.model(batch.input_ids, batch.positions, batch, self.kv_pool))
@@ -215,6 +235,8 @@ class CudaGraphRunner:
         self.inputs.out_slots[:bucket].zero_()
         self.inputs.kv_indptr[: bucket + 1].copy_(self.inputs.qo_indptr[: bucket + 1])
         self.inputs.kv_indices[:bucket].zero_()
+        self.inputs.cascade[:, :bucket].zero_()
+        self.inputs.cascade[0, :bucket] = -1
 
     def can_run(self, batch: ForwardBatch) -> bool:
         """Whether a captured graph serves this batch."""
@@ -228,8 +250,9 @@ class CudaGraphRunner:
         [len(batch.logits_indices), vocab], a view valid until the next forward."""
         bucket = choose_bucket(self.buckets, batch.batch_size)
         assert bucket is not None
-        self.inputs.load(batch, bucket)
-        self.graphs[bucket].replay()
+        graph = self.cascade_graphs.get(bucket) if batch.cascade is not None else None
+        self.inputs.load(batch, bucket, cascade=graph is not None)
+        (graph or self.graphs[bucket]).replay()
         self.num_replays += 1
         if batch.logits_indices.shape[0] == batch.batch_size:
             return self.logits[: batch.batch_size]
@@ -243,8 +266,8 @@ def _describe(buckets: list[int]) -> str:
 
 
 def capture_decode_graphs(runner: NativeRunner, max_batch_size: int) -> CudaGraphRunner | None:
-    """Capture the decode graphs of a CUDA NativeRunner; None (logged) when its kernel set
-    is not graph-safe."""
+    """Capture the decode graphs of a CUDA NativeRunner (with cascade attention when the
+    runner uses it); None (logged) when its kernel set is not graph-safe."""
     if not uses_graph_safe_kernels(runner.ops):
         logger.warning("CUDA graphs need the triton kernel set; decode runs eagerly")
         return None
@@ -255,6 +278,7 @@ def capture_decode_graphs(runner: NativeRunner, max_batch_size: int) -> CudaGrap
         max_context_len=runner.info.max_context_len,
         num_kv_slots=runner.num_kv_slots,
         device=runner.device,
+        cascade=runner.cascade_attention,
     )
     graphs.capture()
     return graphs

@@ -333,6 +333,7 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
                 kv_pool: KVPool) -> torch.Tensor:
         """float32 logits [len(batch.logits_indices), vocab] of the rows that sample."""
+        self.ops.prepare_attention(batch)
         hidden = self.model.embed_tokens.forward(input_ids)
         residual: torch.Tensor | None = None
         for layer in self.model.layers:

@@ -85,12 +85,15 @@ class NativeRunner:
         cuda_graph_max_bs: int = 256,
         cpu_kernel: str = "torch",
         kernel_cache_dir: str = "",
+        cascade_attention: bool = False,
     ) -> None:
         """`weight_quant` (`none` | `int8` | `int4`, already resolved; see
         backend.sglang.quant) packs every matmul weight once, after loading.
         `num_kv_slots` 0 sizes the pool from `kv_mem_fraction` of the free device memory
         left after the weights. On CUDA, `cuda_graph` captures decode graphs for batches of
-        up to `cuda_graph_max_bs` requests (backend.sglang.cuda_graph)."""
+        up to `cuda_graph_max_bs` requests (backend.sglang.cuda_graph). `cascade_attention`
+        asks for cascade decode attention (backend/cascade.py), which the runner uses when
+        its kernel set has it (`self.cascade_attention`)."""
         if weight_quant not in WEIGHT_QUANT_CHOICES:
             raise ValueError(f"unknown weight_quant {weight_quant!r}; known: "
                              f"{', '.join(WEIGHT_QUANT_CHOICES)}")
@@ -100,6 +103,7 @@ class NativeRunner:
             raise ValueError(f"unknown load_format {load_format!r} (auto | dummy)")
         self.ops: KernelSet = load_kernel_set(kernel_set or default_kernel_set(device))
         self.weight_quant = weight_quant
+        self.cascade_attention = cascade_attention and self.ops.CASCADE_ATTENTION
 
         self.model = model_class(hf_config, self.ops, dtype, device)
         self.model.eval()

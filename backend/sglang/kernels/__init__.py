@@ -63,6 +63,11 @@ class KernelSet(Protocol):
         slots: torch.Tensor,
     ) -> torch.Tensor: ...
 
+    CASCADE_ATTENTION: bool  # whether paged_attention uses ForwardBatch.cascade
+
+    def prepare_attention(self, batch: ForwardBatch) -> None:
+        """Per-step attention work on the device, once before the first layer."""
+
     def paged_attention(
         self,
         q: torch.Tensor,

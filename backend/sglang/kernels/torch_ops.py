@@ -324,6 +324,13 @@ def qkv_prepare(
     return q
 
 
+CASCADE_ATTENTION = False  # cascade plans are ignored: every request reads its whole KV
+
+
+def prepare_attention(batch: ForwardBatch) -> None:
+    """Per-step work before the first layer: none here."""
+
+
 def paged_attention(
     q: torch.Tensor,
     k_pool_layer: torch.Tensor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -30,3 +31,52 @@ def mma(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def attend_slots(
+    q, k_pool_ptr, v_pool_ptr, slot_ptr, lo, hi, kv_head,
+    stride_k_slot, stride_k_head, stride_v_slot, stride_v_head, scale_log2, d, d_mask,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Online-softmax attention of the query tile q [BLOCK_M, BLOCK_D] over the keys whose
+    slots are slot_ptr[lo:hi], one block of BLOCK_N at a time (log2 domain: `scale_log2`
+    includes log2(e)). Returns the float32 output tile and each row's log2-sum-exp (-inf,
+    with a zero output, for a row that saw no key)."""
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_mask = n < hi
+        slots = tl.load(slot_ptr + n, mask=n_mask, other=0)
+        k_ptrs = k_pool_ptr + slots[None, :] * stride_k_slot + kv_head * stride_k_head + d[:, None]
+        k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        scores = mma(q, k, DOT_PRECISION, UPCAST) * scale_log2
+        scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_ptrs = v_pool_ptr + slots[:, None] * stride_v_slot + kv_head * stride_v_head + d[None, :]
+        v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST)
+        m_i = m_new
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    return out, lse
+
+
+LONG_BLOCK_SMEM = 160 * 1024  # two stages of 128-key K and V tiles (head_dim 128, 16 bits)
+
+
+@functools.lru_cache(maxsize=8)
+def has_long_block_smem(device: torch.device) -> bool:
+    """Whether the device's shared memory holds the long-key-block attention launches
+    (A100/H100 class; the CPU interpreter has no limit)."""
+    if device.type != "cuda":
+        return True
+    props = torch.cuda.get_device_properties(device)
+    return int(props.shared_memory_per_multiprocessor) >= LONG_BLOCK_SMEM

@@ -18,14 +18,14 @@ import triton.language as tl
 from backend.sglang.kernels.triton.common import (
     LOG2E,
     MIN_DOT_TILE,
+    attend_slots,
     dot_precision,
-    mma,
     upcast_dots,
 )
 
 _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 32
-_PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 8
 
 
 @triton.jit
@@ -34,14 +34,22 @@ def _decode_split_kernel(
     stride_qt, stride_qh, stride_k_slot, stride_k_head, stride_v_slot, stride_v_head,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     scale_log2, group_size, head_dim, num_splits,
+    row_group_ptr, group_prefix_ptr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr, WRITE_LSE: tl.constexpr,
+    HAS_CASCADE: tl.constexpr,
 ):
     request = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     kv_start = tl.load(kv_indptr_ptr + request)
     seq_len = tl.load(kv_indptr_ptr + request + 1) - kv_start
+    if HAS_CASCADE:  # a grouped row's shared prefix is the cascade kernel's: skip it
+        group = tl.load(row_group_ptr + request)
+        skip = tl.load(group_prefix_ptr + tl.maximum(group, 0))
+        skip = tl.where(group >= 0, skip, 0)
+        kv_start += skip
+        seq_len -= skip
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * split_len
     hi = tl.minimum(lo + split_len, seq_len)
@@ -54,33 +62,15 @@ def _decode_split_kernel(
     q_ptrs = q_ptr + request * stride_qt + heads[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=head_mask[:, None] & d_mask[None, :], other=0.0)
 
-    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        n_mask = n < hi
-        slots = tl.load(kv_indices_ptr + kv_start + n, mask=n_mask, other=0)
-        k_ptrs = k_pool_ptr + slots[None, :] * stride_k_slot + kv_head * stride_k_head + d[:, None]
-        k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        scores = mma(q, k, DOT_PRECISION, UPCAST_DOTS) * scale_log2
-        scores = tl.where(n_mask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_ptrs = v_pool_ptr + slots[:, None] * stride_v_slot + kv_head * stride_v_head + d[None, :]
-        v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOTS)
-        m_i = m_new
-
-    has_keys = l_i > 0.0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    out, lse = attend_slots(
+        q, k_pool_ptr, v_pool_ptr, kv_indices_ptr + kv_start, lo, hi, kv_head,
+        stride_k_slot, stride_k_head, stride_v_slot, stride_v_head, scale_log2, d, d_mask,
+        BLOCK_H, BLOCK_N, BLOCK_D, DOT_PRECISION, UPCAST_DOTS,
+    )
     o_ptrs = out_ptr + request * stride_ob + heads[:, None] * stride_oh + split * stride_os
     o_mask = head_mask[:, None] & d_mask[None, :]
     tl.store(o_ptrs + d[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
     if WRITE_LSE:
-        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + request * stride_lb + heads * stride_lh + split, lse, mask=head_mask)
 
 
@@ -88,13 +78,17 @@ def _decode_split_kernel(
 def _merge_splits_kernel(
     partial_ptr, lse_ptr, out_ptr,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ot, stride_oh,
-    num_splits, head_dim,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_splits, head_dim, row_group_ptr, num_prefix_splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CASCADE: tl.constexpr,
 ):
     request = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
-    s_mask = s < num_splits
+    num_used = num_splits
+    if HAS_CASCADE:  # a grouped row's prefix slices follow its own
+        group = tl.load(row_group_ptr + request)
+        num_used = tl.where(group >= 0, num_splits + num_prefix_splits, num_splits)
+    s_mask = s < num_used
     d = tl.arange(0, BLOCK_D)
     d_mask = d < head_dim
     lse = tl.load(lse_ptr + request * stride_lb + head * stride_lh + s, mask=s_mask,
@@ -110,7 +104,7 @@ def _merge_splits_kernel(
 
 
 @functools.lru_cache(maxsize=8)
-def _multiprocessor_count(device: torch.device) -> int:
+def multiprocessor_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
@@ -119,11 +113,11 @@ def _multiprocessor_count(device: torch.device) -> int:
 def choose_num_splits(
     batch_size: int, num_kv_heads: int, max_seq_len: int, device: torch.device
 ) -> int:
-    """Enough slices to give every multiprocessor about _PROGRAMS_PER_SM programs (each
+    """Enough slices to give every multiprocessor about PROGRAMS_PER_SM programs (each
     streams its slice's keys one block at a time, so bandwidth needs several in flight per
     multiprocessor), none of them tiny."""
     programs = batch_size * num_kv_heads
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * _multiprocessor_count(device), max(programs, 1))
+    wanted = triton.cdiv(PROGRAMS_PER_SM * multiprocessor_count(device), max(programs, 1))
     by_length = triton.cdiv(max_seq_len, _MIN_SPLIT_TOKENS)
     return max(1, min(wanted, by_length, _MAX_SPLITS))
 
@@ -143,45 +137,85 @@ def decode_attention(
     """Attention of q [B, Hq, D] (request b's one token is row b) over its slots; [B, Hq, D].
 
     `num_warps`/`num_stages` override Triton's launch defaults (None keeps them)."""
+    out = torch.empty_like(q)
+    if q.shape[0] == 0:
+        return out
+    # one slice is the output itself; several are merged
+    partial, lse = (out, None) if num_splits == 1 else split_buffers(q, num_splits)
+    decode_slices(q, k_pool_layer, v_pool_layer, kv_indptr, kv_indices, scale, num_splits,
+                  partial, lse, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    if lse is not None:
+        merge_splits(partial, lse, out, num_splits)
+    return out
+
+
+def decode_slices(
+    q: torch.Tensor,
+    k_pool_layer: torch.Tensor,
+    v_pool_layer: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    out: torch.Tensor,
+    lse: torch.Tensor | None,
+    cascade: torch.Tensor | None = None,
+    block_n: int = 64,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> None:
+    """Launch the split kernel: with `lse`, slice s of each request goes to
+    out[b, :, s] ([B, Hq, slices, D] float32) and its log-sum-exp to lse[b, :, s]; without,
+    the one slice is the output ([B, Hq, D]). With a `cascade` plan, grouped rows start after
+    their group's shared prefix."""
     batch_size, num_q_heads, head_dim = q.shape
     num_kv_heads = k_pool_layer.shape[1]
     group_size = num_q_heads // num_kv_heads
-    out = torch.empty((batch_size, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
-    if batch_size == 0:
-        return out
-    block_d = max(MIN_DOT_TILE, triton.next_power_of_2(head_dim))
-    common = dict(
-        BLOCK_H=max(MIN_DOT_TILE, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
-        BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOTS=upcast_dots(),
-    )
     launch = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v}
-    grid = (batch_size, num_kv_heads, num_splits)
     strides = (
         q.stride(0), q.stride(1), k_pool_layer.stride(0), k_pool_layer.stride(1),
         v_pool_layer.stride(0), v_pool_layer.stride(1),
     )
-    if num_splits == 1:
-        _decode_split_kernel[grid](
-            q, k_pool_layer, v_pool_layer, kv_indptr, kv_indices, out, out,
-            *strides, out.stride(0), out.stride(1), 0, 0, 0,
-            scale * LOG2E, group_size, head_dim, 1, WRITE_LSE=False, **common, **launch,
-        )
-        return out
-    partial = torch.empty(
-        (batch_size, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
+    if lse is None:
+        out_strides = (out.stride(0), out.stride(1), 0, 0, 0)
+    else:
+        out_strides = (out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1))
+    _decode_split_kernel[(batch_size, num_kv_heads, num_splits)](
+        q, k_pool_layer, v_pool_layer, kv_indptr, kv_indices, out,
+        lse if lse is not None else out,
+        *strides, *out_strides,
+        scale * LOG2E, group_size, head_dim, num_splits,
+        cascade[0] if cascade is not None else out, cascade[3] if cascade is not None else out,
+        BLOCK_H=max(MIN_DOT_TILE, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
+        BLOCK_D=max(MIN_DOT_TILE, triton.next_power_of_2(head_dim)),
+        DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOTS=upcast_dots(),
+        WRITE_LSE=lse is not None, HAS_CASCADE=cascade is not None, **launch,
     )
-    lse = torch.empty((batch_size, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
-    _decode_split_kernel[grid](
-        q, k_pool_layer, v_pool_layer, kv_indptr, kv_indices, partial, lse,
-        *strides, partial.stride(0), partial.stride(1), partial.stride(2),
-        lse.stride(0), lse.stride(1),
-        scale * LOG2E, group_size, head_dim, num_splits, WRITE_LSE=True, **common, **launch,
-    )
+
+
+def split_buffers(q: torch.Tensor, num_slices: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 partial outputs [B, Hq, slices, D] and their log-sum-exps [B, Hq, slices]."""
+    batch_size, num_q_heads, head_dim = q.shape
+    partial = torch.empty((batch_size, num_q_heads, num_slices, head_dim), dtype=torch.float32,
+                          device=q.device)
+    lse = torch.empty((batch_size, num_q_heads, num_slices), dtype=torch.float32,
+                      device=q.device)
+    return partial, lse
+
+
+def merge_splits(
+    partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, num_splits: int,
+    row_group: torch.Tensor | None = None, num_prefix_splits: int = 0,
+) -> None:
+    """out[b, h] = the softmax-weighted merge of request b's first `num_splits` slices, and
+    of the `num_prefix_splits` after them where `row_group[b] >= 0` (cascade)."""
+    batch_size, num_q_heads, num_slices, head_dim = partial.shape
     _merge_splits_kernel[(batch_size, num_q_heads)](
         partial, lse, out,
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
-        num_splits, head_dim,
-        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        num_splits, head_dim, row_group if row_group is not None else lse, num_prefix_splits,
+        BLOCK_S=triton.next_power_of_2(num_slices),
+        BLOCK_D=max(MIN_DOT_TILE, triton.next_power_of_2(head_dim)),
+        HAS_CASCADE=row_group is not None,
     )
-    return out

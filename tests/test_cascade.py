@@ -1,0 +1,45 @@
+"""The host side of cascade attention: which decode rows are proposed as groups."""
+
+from __future__ import annotations
+
+from backend.cascade import CASCADE_MAX_ROWS, NO_GROUP, cascade_key, plan_cascade
+
+
+def _rows(plan: list[int], batch_size: int) -> list[list[int]]:
+    return [plan[i * batch_size:(i + 1) * batch_size] for i in range(4)]
+
+
+def test_key_is_the_slot_at_the_threshold() -> None:
+    slots = list(range(100, 140))
+    assert cascade_key(slots, 16) == 115
+    assert cascade_key(slots[:16], 16) == NO_GROUP  # too short to share 16 tokens and decode
+
+
+def test_adjacent_rows_sharing_the_key_form_groups() -> None:
+    shared = list(range(1, 21))
+    lists = [shared + [50], shared + [51, 52], list(range(200, 230)), shared + [53, 54, 55],
+             list(range(300, 305))]
+    plan = plan_cascade(lists, min_prefix=16)
+    assert plan is not None
+    row_group, first, rows, prefix = _rows(plan, 5)
+    # rows 0-1 are a group; row 3 shares the key but is not adjacent to them
+    assert row_group == [0, 0, NO_GROUP, NO_GROUP, NO_GROUP]
+    assert (first[0], rows[0], prefix[0]) == (0, 2, 20)  # the shorter member, less its newest
+    assert rows[1:] == [0] * 4
+
+
+def test_large_groups_are_cut_at_the_row_limit_and_singletons_dropped() -> None:
+    shared = list(range(1, 33))
+    lists = [shared + [100 + i] for i in range(2 * CASCADE_MAX_ROWS + 1)]
+    plan = plan_cascade(lists, min_prefix=16)
+    assert plan is not None
+    batch_size = len(lists)
+    row_group, first, rows, _ = _rows(plan, batch_size)
+    assert rows[:3] == [CASCADE_MAX_ROWS, CASCADE_MAX_ROWS, 0]  # the last row stays alone
+    assert first[:2] == [0, CASCADE_MAX_ROWS]
+    assert row_group[-1] == NO_GROUP and row_group[CASCADE_MAX_ROWS] == 1
+
+
+def test_no_plan_without_sharing() -> None:
+    assert plan_cascade([list(range(i * 50, i * 50 + 40)) for i in range(4)], 16) is None
+    assert plan_cascade([[1, 2, 3], [1, 2, 3]], 16) is None  # shorter than the threshold
