@@ -41,6 +41,9 @@ class ForwardBatch:
     # decode batches only: groups of rows sharing a KV prefix, [4, B] int64 (backend/cascade.py);
     # kernel sets without cascade attention ignore it (the result is the same)
     cascade: torch.Tensor | None = None
+    # mixed batches only: [2, n] int64, request index and token row of each request adding
+    # one token (kernel sets may attend those with their decode kernel)
+    single_rows: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -95,6 +98,8 @@ def build_forward_batch(
     def tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
 
+    singles = single_token_rows(extend_lens, qo_indptr)
+
     return ForwardBatch(
         input_ids=tensor(flat_ids),
         positions=tensor(positions),
@@ -105,6 +110,7 @@ def build_forward_batch(
         logits_indices=tensor(logits_indices),
         seq_lens=seq_lens,
         extend_lens=extend_lens,
+        single_rows=tensor(singles).view(2, -1) if singles else None,
     )
 
 
@@ -147,10 +153,11 @@ def build_forward_batch_from_table(
     if len(flat_out_slots) != len(flat_ids):
         raise ValueError("out_slots must hold one slot per new token")
     write_index, write_slots = table.take_writes()
+    singles = single_token_rows(extend_lens, qo_indptr)
     parts = [flat_ids, positions, flat_out_slots, qo_indptr, kv_indptr, logits_indices, rows,
-             write_index, write_slots, cascade or []]
+             write_index, write_slots, cascade or [], singles]
     (input_ids, positions_t, out_slots_t, qo_indptr_t, kv_indptr_t, logits_t, rows_t,
-     write_index_t, write_slots_t, cascade_t) = to_device_at_once(parts, table.device)
+     write_index_t, write_slots_t, cascade_t, singles_t) = to_device_at_once(parts, table.device)
     table.apply_writes(write_index_t, write_slots_t)
     return ForwardBatch(
         input_ids=input_ids,
@@ -163,7 +170,17 @@ def build_forward_batch_from_table(
         seq_lens=seq_lens,
         extend_lens=extend_lens,
         cascade=cascade_t.view(4, -1) if cascade else None,
+        single_rows=singles_t.view(2, -1) if singles else None,
     )
+
+
+def single_token_rows(extend_lens: list[int], qo_indptr: list[int]) -> list[int]:
+    """A mixed batch's requests adding one token: their indices, then their token rows
+    (flat, for a [2, n] tensor); empty unless the batch also extends some request by more."""
+    singles = [b for b, n in enumerate(extend_lens) if n == 1]
+    if not singles or len(singles) == len(extend_lens):
+        return []
+    return singles + [qo_indptr[b] for b in singles]
 
 
 def to_device_at_once(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:

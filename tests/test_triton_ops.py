@@ -360,3 +360,18 @@ def test_cascade_decode_attention_matches_reference(
         batch, cascade=torch.tensor(plan, dtype=torch.int64).view(4, -1))
     ops.prepare_attention(with_plan)
     _close(ops.paged_attention(q, k_pool, v_pool, with_plan, scale, kv_heads), expected)
+
+
+def test_mixed_batch_sends_its_one_token_requests_to_the_decode_kernel(ops: ModuleType) -> None:
+    """single_rows names the one-token requests of a mixed batch (request, token row); the
+    decode kernel attends them (split, for the long one) and the extend kernel the rest."""
+    prefix_lens, extend_lens = [300, 0, 40, 9], [1, 7, 1, 3]
+    batch = _batch(prefix_lens, extend_lens, 400)
+    assert batch.single_rows is not None
+    assert batch.single_rows.tolist() == [[0, 2], [0, 8]]
+    k_pool, v_pool = _pools(400, 2, 64, torch.float32)
+    q = _randn(batch.num_tokens, 4, 64, dtype=torch.float32, seed=4)
+    out = ops.paged_attention(q, k_pool, v_pool, batch, 0.125, 2)
+    _close(out, torch_ops.paged_attention(q, k_pool, v_pool, batch, 0.125, 2))
+    decode_only = _batch([300, 40], [1, 1], 400)
+    assert decode_only.single_rows is None  # all-decode batches need no list

@@ -76,7 +76,9 @@ def paged_attention(
     """Causal attention of the batch's new tokens q [T, Hq, D] over their requests' KV.
 
     K/V of the new tokens must already be stored at `batch.out_slots`. All-decode batches use
-    the split-K decode kernel; anything else (prefill, extend, mixed) the extend kernel.
+    the split-K decode kernel (with their cascade plan, if any); anything else (prefill,
+    extend, mixed) the extend kernel, except that a mixed batch's one-token requests
+    (`batch.single_rows`) go through the decode kernel too.
     Grid sizes come from the batch's host lists; nothing here waits on the device.
     Returns [T, Hq, D].
     """
@@ -107,10 +109,23 @@ def paged_attention(
             q, k_pool_layer, v_pool_layer, batch.kv_indptr, batch.kv_indices, scale,
             num_splits, block_n=block_n,
         )
-    return extend_attention(
+    singles = batch.single_rows
+    out = extend_attention(
         q, k_pool_layer, v_pool_layer, batch.qo_indptr, batch.kv_indptr, batch.kv_indices,
-        scale, max(batch.extend_lens), block_n=block_n,
+        scale, max(batch.extend_lens), block_n=block_n, skip_single=singles is not None,
     )
+    if singles is not None:  # a mixed batch's decodes: split-K, each KV head read once
+        req_ids, token_rows = singles[0], singles[1]
+        num_splits = choose_num_splits(
+            singles.shape[1], num_kv_heads,
+            max(n for n, e in zip(batch.seq_lens, batch.extend_lens) if e == 1), q.device,
+        )
+        decoded = decode_attention(
+            q.index_select(0, token_rows), k_pool_layer, v_pool_layer, batch.kv_indptr,
+            batch.kv_indices, scale, num_splits, block_n=block_n, req_ids=req_ids,
+        )
+        out.index_copy_(0, token_rows, decoded)
+    return out
 
 
 def prepare_attention(batch: ForwardBatch) -> None:

@@ -34,16 +34,20 @@ def _decode_split_kernel(
     stride_qt, stride_qh, stride_k_slot, stride_k_head, stride_v_slot, stride_v_head,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     scale_log2, group_size, head_dim, num_splits,
-    row_group_ptr, group_prefix_ptr,
+    row_group_ptr, group_prefix_ptr, req_ids_ptr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr, WRITE_LSE: tl.constexpr,
-    HAS_CASCADE: tl.constexpr,
+    HAS_CASCADE: tl.constexpr, HAS_REQ_IDS: tl.constexpr,
 ):
     request = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    kv_start = tl.load(kv_indptr_ptr + request)
-    seq_len = tl.load(kv_indptr_ptr + request + 1) - kv_start
+    if HAS_REQ_IDS:  # row r of q is request req_ids[r] of kv_indptr (a mixed batch's decodes)
+        kv_request = tl.load(req_ids_ptr + request)
+    else:
+        kv_request = request.to(tl.int64)
+    kv_start = tl.load(kv_indptr_ptr + kv_request)
+    seq_len = tl.load(kv_indptr_ptr + kv_request + 1) - kv_start
     if HAS_CASCADE:  # a grouped row's shared prefix is the cascade kernel's: skip it
         group = tl.load(row_group_ptr + request)
         skip = tl.load(group_prefix_ptr + tl.maximum(group, 0))
@@ -133,9 +137,11 @@ def decode_attention(
     block_n: int = 64,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    req_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q [B, Hq, D] (request b's one token is row b) over its slots; [B, Hq, D].
 
+    With `req_ids` ([B] int64), row r attends the slots of request req_ids[r] of `kv_indptr`.
     `num_warps`/`num_stages` override Triton's launch defaults (None keeps them)."""
     out = torch.empty_like(q)
     if q.shape[0] == 0:
@@ -143,7 +149,8 @@ def decode_attention(
     # one slice is the output itself; several are merged
     partial, lse = (out, None) if num_splits == 1 else split_buffers(q, num_splits)
     decode_slices(q, k_pool_layer, v_pool_layer, kv_indptr, kv_indices, scale, num_splits,
-                  partial, lse, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+                  partial, lse, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+                  req_ids=req_ids)
     if lse is not None:
         merge_splits(partial, lse, out, num_splits)
     return out
@@ -163,11 +170,12 @@ def decode_slices(
     block_n: int = 64,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    req_ids: torch.Tensor | None = None,
 ) -> None:
     """Launch the split kernel: with `lse`, slice s of each request goes to
     out[b, :, s] ([B, Hq, slices, D] float32) and its log-sum-exp to lse[b, :, s]; without,
     the one slice is the output ([B, Hq, D]). With a `cascade` plan, grouped rows start after
-    their group's shared prefix."""
+    their group's shared prefix. With `req_ids`, row r of q is request req_ids[r]."""
     batch_size, num_q_heads, head_dim = q.shape
     num_kv_heads = k_pool_layer.shape[1]
     group_size = num_q_heads // num_kv_heads
@@ -186,10 +194,12 @@ def decode_slices(
         *strides, *out_strides,
         scale * LOG2E, group_size, head_dim, num_splits,
         cascade[0] if cascade is not None else out, cascade[3] if cascade is not None else out,
+        req_ids if req_ids is not None else out,
         BLOCK_H=max(MIN_DOT_TILE, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
         BLOCK_D=max(MIN_DOT_TILE, triton.next_power_of_2(head_dim)),
         DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOTS=upcast_dots(),
-        WRITE_LSE=lse is not None, HAS_CASCADE=cascade is not None, **launch,
+        WRITE_LSE=lse is not None, HAS_CASCADE=cascade is not None,
+        HAS_REQ_IDS=req_ids is not None, **launch,
     )
 
 

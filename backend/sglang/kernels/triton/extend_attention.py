@@ -29,14 +29,15 @@ def _extend_kernel(
     stride_ot, stride_oh,
     scale_log2, group_size, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr, SKIP_SINGLE: tl.constexpr,
 ):
     request = tl.program_id(0)
     head = tl.program_id(1)
     block_m = tl.program_id(2)
     q_start = tl.load(qo_indptr_ptr + request)
     extend_len = tl.load(qo_indptr_ptr + request + 1) - q_start
-    if block_m * BLOCK_M < extend_len:
+    first_row = 2 if SKIP_SINGLE else 1  # requests adding one token left to the decode kernel
+    if (block_m * BLOCK_M < extend_len) & (extend_len >= first_row):
         kv_start = tl.load(kv_indptr_ptr + request)
         seq_len = tl.load(kv_indptr_ptr + request + 1) - kv_start
         prefix_len = seq_len - extend_len
@@ -91,8 +92,10 @@ def extend_attention(
     max_extend_len: int,
     block_m: int = 64,
     block_n: int = 64,
+    skip_single: bool = False,
 ) -> torch.Tensor:
-    """Causal attention of q [T, Hq, D] (request b owns rows qo_indptr[b]:qo_indptr[b+1])."""
+    """Causal attention of q [T, Hq, D] (request b owns rows qo_indptr[b]:qo_indptr[b+1]).
+    With `skip_single`, the rows of requests adding one token are left unwritten."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_pool_layer.shape[1]
     out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
@@ -108,5 +111,6 @@ def extend_attention(
         BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(MIN_DOT_TILE, triton.next_power_of_2(head_dim)),
         DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOTS=upcast_dots(),
+        SKIP_SINGLE=skip_single,
     )
     return out
