@@ -53,6 +53,9 @@ def create_engine(config: Config, source: ModelSource | None = None) -> EngineBa
     if resolve_backend(config) == "mlx":
         from backend.mlx.engine import MLXEngine
 
+        if config.cascade_attention == "1":
+            raise ConfigError("CASCADE_ATTENTION=1 needs the native runner; the MLX engine "
+                              "has no cascade attention")
         return MLXEngine(config, source=source)
     from engine.engine import Engine
 

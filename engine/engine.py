@@ -80,6 +80,7 @@ class Engine(EngineBase):
             self.runner.device,
             max_context_len=self.max_context_len,
             cascade_min_prefix=self._cascade_min_prefix(),
+            cascade_max_rows=getattr(self.runner, "cascade_max_rows", 0),
         )
         self.sampler = Sampler(self.info.vocab_size, self.runner.device, seed=self.config.seed)
         self.overlap = self.config.overlap_schedule == "on" or (

@@ -35,7 +35,7 @@ import torch
 
 from backend.batch import ForwardBatch, build_forward_batch_from_table
 from backend.cache import PrefillCache, RadixCache, SlotAllocator
-from backend.cascade import cascade_key, plan_cascade
+from backend.cascade import CASCADE_MAX_ROWS, cascade_key, plan_cascade
 from backend.slot_table import SlotTable
 from config import Config
 from engine.request import Req
@@ -76,13 +76,15 @@ class Scheduler:
         device: torch.device,
         max_context_len: int | None = None,
         cascade_min_prefix: int = 0,
+        cascade_max_rows: int = CASCADE_MAX_ROWS,
     ) -> None:
         """`num_slots` usable KV slots; `max_context_len` (the model's) caps the slot table's
         width, which the pool size caps too. With `cascade_min_prefix`, decode rows sharing
         that many leading slots are brought together and their batch carries a cascade
-        plan (backend/cascade.py)."""
+        plan (backend/cascade.py) of groups of up to `cascade_max_rows`."""
         self.config = config
         self.cascade_min_prefix = cascade_min_prefix
+        self.cascade_max_rows = cascade_max_rows
         self.device = device
         self.step_budget = config.resolved_chunked_prefill_size(device)
         self.allocator = SlotAllocator(num_slots)
@@ -128,15 +130,15 @@ class Scheduler:
         decoding = [r for r in self.running
                     if r.num_pending == 1 and not r.future_is_last(self.max_context_len)]
         prefilling = sorted((r for r in self.running if r.num_pending > 1), key=lambda r: r.arrival)
-        if self.cascade_min_prefix:
-            decoding.sort(key=lambda r: cascade_key(r.slots, self.cascade_min_prefix))
-        for req in decoding:
+        for req in decoding:  # oldest first: they keep their slots when memory runs out
             if req.node is None:  # preempted earlier in this step
                 continue
             if self._grow(req, 1, done):
                 scheduled.append((req, 1))
                 done.add(id(req))
                 budget -= 1
+        if self.cascade_min_prefix:  # rows sharing a prefix side by side (backend/cascade.py)
+            scheduled.sort(key=lambda e: cascade_key(e[0].slots, self.cascade_min_prefix))
         for req in prefilling:
             if budget <= 0:
                 break
@@ -193,7 +195,8 @@ class Scheduler:
             return None
         if any(n != 1 for _, n in scheduled):
             return None
-        plan = plan_cascade([r.slots for r, _ in scheduled], self.cascade_min_prefix)
+        plan = plan_cascade([r.slots for r, _ in scheduled], self.cascade_min_prefix,
+                            self.cascade_max_rows)
         self.stats.num_cascade_steps += plan is not None
         return plan
 

@@ -1,8 +1,21 @@
-"""The host side of cascade attention: which decode rows are proposed as groups."""
+"""The host side of cascade attention: which decode rows are proposed as groups, and the
+scheduler's order around it."""
 
 from __future__ import annotations
 
-from backend.cascade import CASCADE_MAX_ROWS, NO_GROUP, cascade_key, plan_cascade
+import torch
+
+from backend.cascade import (
+    CASCADE_MAX_ROWS,
+    NO_GROUP,
+    cascade_key,
+    cascade_rows_per_group,
+    plan_cascade,
+)
+from config import Config
+from engine.request import Req
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
 
 
 def _rows(plan: list[int], batch_size: int) -> list[list[int]]:
@@ -43,3 +56,38 @@ def test_large_groups_are_cut_at_the_row_limit_and_singletons_dropped() -> None:
 def test_no_plan_without_sharing() -> None:
     assert plan_cascade([list(range(i * 50, i * 50 + 40)) for i in range(4)], 16) is None
     assert plan_cascade([[1, 2, 3], [1, 2, 3]], 16) is None  # shorter than the threshold
+
+
+def test_rows_per_group_keep_the_query_tile_bounded() -> None:
+    assert cascade_rows_per_group(16, 8) == CASCADE_MAX_ROWS  # Qwen3-0.6B: 2 heads per KV
+    assert cascade_rows_per_group(28, 4) == 8  # 7 heads per KV head fill a tile of 8
+    assert cascade_rows_per_group(64, 2) == 2
+    assert cascade_rows_per_group(64, 1) == 1  # nothing to share: cascade stays off
+
+
+def test_sorting_for_cascade_keeps_the_oldest_request_when_memory_runs_out() -> None:
+    """Rows are sorted for grouping only after each got its slot, so the older request keeps
+    growing and the newer one is preempted, as without cascade attention."""
+    for min_prefix in (0, 16):
+        scheduler = Scheduler(
+            Config(max_running_requests=4, chunked_prefill_size=64, prefix_cache=False),
+            num_slots=38, device=torch.device("cpu"), max_context_len=64,
+            cascade_min_prefix=min_prefix,
+        )
+        old = Req(rid="old", prompt_ids=list(range(3, 33)),
+                  params=SamplingParams(max_new_tokens=20), sink=lambda d: None)
+        new = Req(rid="new", prompt_ids=list(range(3, 8)),
+                  params=SamplingParams(max_new_tokens=20), sink=lambda d: None)
+        scheduler.add(old)
+        scheduler.add(new)
+        steps = []
+        for _ in range(4):
+            plan = scheduler.schedule()
+            assert plan is not None
+            steps.append(sorted(r.rid for r in plan.reqs))
+            for req in plan.sample_reqs:
+                req.token_ids.append(5)
+            scheduler.cache_prompts(plan, None)
+            scheduler.release_finished(plan.sample_reqs)
+        assert steps[-1] == ["old"], (min_prefix, steps)
+        assert [r.rid for r in scheduler.waiting] == ["new"]

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from transformers import PretrainedConfig
 
 from backend.batch import ForwardBatch, ModelInfo
+from backend.cascade import cascade_rows_per_group
 from backend.kv_pool import KVPool, slots_for_free_memory
 from backend.sglang.cpu_decoder import CPU_KERNEL_CHOICES, CpuDecoder, CpuKernelUnavailable
 from backend.sglang.cuda_graph import CudaGraphRunner, capture_decode_graphs
@@ -103,7 +104,6 @@ class NativeRunner:
             raise ValueError(f"unknown load_format {load_format!r} (auto | dummy)")
         self.ops: KernelSet = load_kernel_set(kernel_set or default_kernel_set(device))
         self.weight_quant = weight_quant
-        self.cascade_attention = cascade_attention and self.ops.CASCADE_ATTENTION
 
         self.model = model_class(hf_config, self.ops, dtype, device)
         self.model.eval()
@@ -114,6 +114,9 @@ class NativeRunner:
         if weight_quant != "none":
             quantize_model(self.model, weight_quant)
         shape = self.model.config
+        self.cascade_max_rows = cascade_rows_per_group(shape.num_heads, shape.num_kv_heads)
+        self.cascade_attention = (cascade_attention and self.ops.CASCADE_ATTENTION
+                                  and self.cascade_max_rows >= 2)
         if num_kv_slots <= 0:
             per_token = KVPool.bytes_per_token(
                 shape.num_layers, shape.num_kv_heads, shape.head_dim, dtype

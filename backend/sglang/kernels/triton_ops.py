@@ -97,7 +97,7 @@ def paged_attention(
             return cascade_decode_attention(
                 q, k_pool_layer, v_pool_layer, batch.kv_indptr, batch.kv_indices,
                 batch.cascade, scale, num_splits,
-                choose_prefix_splits(batch.batch_size, num_kv_heads, q.device),
+                choose_prefix_splits(batch.batch_size, q.shape[1], num_kv_heads, q.device),
                 block_n=block_n, prefix_block_n=2 * block_n if long_blocks else block_n,
             )
         if num_splits == 1 and long_blocks:  # large batches: measured 3-6% faster (H100)

@@ -9,7 +9,8 @@ kernels below are exact whatever the host proposed. Per layer:
   prefix, in `num_splits` slices;
 - the prefix kernel, program (group g, KV head h, slice p), stacks the queries of all of g's
   rows for h's query heads into one tile and attends them over the p-th slice of the shared
-  prefix: its keys and values are read once for up to CASCADE_MAX_ROWS rows;
+  prefix: its keys and values are read once for the group's rows (at most
+  `cascade_rows_per_group`, so that the tile stays within CASCADE_TILE_ROWS query rows);
 - the merge kernel combines every row's slices (prefix slices only for grouped rows).
 """
 
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from backend.cascade import CASCADE_MAX_ROWS
+from backend.cascade import cascade_rows_per_group
 from backend.sglang.kernels.triton.common import (
     LOG2E,
     MIN_DOT_TILE,
@@ -110,11 +111,14 @@ def _cascade_prefix_kernel(
     tl.store(lse_ptr + rows * stride_lb + head * stride_lh + slice_index, lse, mask=row_mask)
 
 
-def choose_prefix_splits(batch_size: int, num_kv_heads: int, device: torch.device) -> int:
+def choose_prefix_splits(
+    batch_size: int, num_q_heads: int, num_kv_heads: int, device: torch.device
+) -> int:
     """Slices of each shared prefix: about one program per multiprocessor when the batch is
-    in groups of CASCADE_MAX_ROWS (each program's tile holds a whole group's queries; on an
+    in groups of the most rows (each program's tile holds a whole group's queries; on an
     H100 more, smaller slices measured slower)."""
-    groups = triton.cdiv(batch_size, CASCADE_MAX_ROWS) * num_kv_heads
+    rows = max(1, cascade_rows_per_group(num_q_heads, num_kv_heads))
+    groups = triton.cdiv(batch_size, rows) * num_kv_heads
     wanted = triton.cdiv(multiprocessor_count(device), groups)
     return max(1, min(wanted, _MAX_PREFIX_SPLITS))
 
@@ -162,7 +166,8 @@ def cascade_decode_attention(
         v_pool_layer.stride(0), v_pool_layer.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         scale * LOG2E, group_size, head_dim, num_splits, num_prefix_splits,
-        GROUP_P2=group_p2, BLOCK_M=max(MIN_DOT_TILE, CASCADE_MAX_ROWS * group_p2),
+        GROUP_P2=group_p2,
+        BLOCK_M=max(MIN_DOT_TILE, cascade_rows_per_group(num_q_heads, num_kv_heads) * group_p2),
         BLOCK_N=prefix_block_n, BLOCK_D=max(MIN_DOT_TILE, triton.next_power_of_2(head_dim)),
         DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOTS=upcast_dots(), num_stages=2,
     )
