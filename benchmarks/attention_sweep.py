@@ -1,13 +1,17 @@
-"""Launch configurations of the paged decode attention kernel against each other (CUDA).
+"""Launch configurations of the paged attention kernels against each other (CUDA).
 
-    python3 -m benchmarks.attention_sweep                 # Qwen3-0.6B heads, bfloat16
+    python3 -m benchmarks.attention_sweep                 # decode, Qwen3-0.6B heads, bf16
+    python3 -m benchmarks.attention_sweep --extend        # the extend (prefill) kernel
     python3 -m benchmarks.attention_sweep --top 5
 
-For each decode batch shape (the offline workload's mid-run batches, a shared-prefix batch, a
+Decode: for each batch shape (the offline workload's mid-run batches, a shared-prefix batch, a
 short batch and batch 1) every combination of block size, warps, pipeline stages and split
 factor is timed; the table gives the effective KV read bandwidth (K and V bytes of every
 request's context over the kernel time, merge included) of the default launch and of the best
-ones. Slots are laid out as the pool hands them out: one contiguous run per request.
+ones. Extend: query and key block sizes, warps and stages for prefill chunks, questions over
+a long cached prefix and chunks over a medium one. Times are CUDA-graph replays
+(`triton.testing.do_bench_cudagraph`): kernel time without the host's launch cost. Slots are
+laid out as the pool hands them out: one contiguous run per request.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from backend.sglang.kernels.triton.decode_attention import (  # noqa: E402
     choose_num_splits,
     decode_attention,
 )
+from backend.sglang.kernels.triton.extend_attention import extend_attention  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ def launches() -> list[Launch]:
 
 
 def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> list[str]:
-    from triton.testing import do_bench
+    from triton.testing import do_bench_cudagraph
 
     dtype = getattr(torch, args.dtype)
     total = sum(case.seq_lens)
@@ -91,7 +96,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> list
 
         try:
             err = (call() - reference).abs().max().item()
-            ms = float(do_bench(call, warmup=5, rep=args.rep_ms))
+            ms = float(do_bench_cudagraph(call, rep=args.rep_ms))
         except Exception as exc:  # noqa: BLE001 - an unlaunchable config is a result too
             print(f"  {case.name}: {launch.label()} failed: {type(exc).__name__}")
             continue
@@ -108,6 +113,87 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> list
     return lines
 
 
+@dataclass(frozen=True)
+class ExtendCase:
+    name: str
+    prefix_lens: list[int]
+    extend_lens: list[int]
+
+
+@dataclass(frozen=True)
+class ExtendLaunch:
+    block_m: int
+    block_n: int
+    num_warps: int | None
+    num_stages: int | None
+
+    def label(self) -> str:
+        return (f"block_m={self.block_m} block_n={self.block_n} "
+                f"warps={self.num_warps or 'dflt'} stages={self.num_stages or 'dflt'}")
+
+
+EXTEND_DEFAULT = ExtendLaunch(64, 64, None, None)
+
+
+def extend_cases() -> list[ExtendCase]:
+    return [
+        ExtendCase("prefill 8x1024", [0] * 8, [1024] * 8),
+        ExtendCase("64 questions 128 over 2048", [2048] * 64, [128] * 64),
+        ExtendCase("16 chunks 512 over 512", [512] * 16, [512] * 16),
+    ]
+
+
+def extend_launches() -> list[ExtendLaunch]:
+    grid = itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3))
+    return [EXTEND_DEFAULT] + [ExtendLaunch(*values) for values in grid]
+
+
+def run_extend_case(case: ExtendCase, args: argparse.Namespace, device: torch.device
+                    ) -> list[str]:
+    from triton.testing import do_bench_cudagraph
+
+    dtype = getattr(torch, args.dtype)
+    seq_lens = [p + e for p, e in zip(case.prefix_lens, case.extend_lens)]
+    total = sum(seq_lens)
+    k_pool = torch.randn(total + 1, args.kv_heads, args.head_dim, dtype=dtype, device=device)
+    v_pool = torch.randn_like(k_pool)
+
+    def indptr(lengths: list[int]) -> torch.Tensor:
+        return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64,
+                            device=device)
+
+    qo_indptr, kv_indptr = indptr(case.extend_lens), indptr(seq_lens)
+    kv_indices = torch.arange(1, total + 1, dtype=torch.int64, device=device)
+    q = torch.randn(sum(case.extend_lens), args.q_heads, args.head_dim, dtype=dtype,
+                    device=device)
+    longest = max(case.extend_lens)
+    reference = extend_attention(q, k_pool, v_pool, qo_indptr, kv_indptr, kv_indices, 0.088,
+                                 longest)
+    results: list[tuple[float, ExtendLaunch]] = []
+    for launch in extend_launches():
+        def call(launch: ExtendLaunch = launch) -> torch.Tensor:
+            return extend_attention(q, k_pool, v_pool, qo_indptr, kv_indptr, kv_indices, 0.088,
+                                    longest, block_m=launch.block_m, block_n=launch.block_n,
+                                    num_warps=launch.num_warps, num_stages=launch.num_stages)
+
+        try:
+            err = (call() - reference).abs().max().item()
+            ms = float(do_bench_cudagraph(call, rep=args.rep_ms))
+        except Exception as exc:  # noqa: BLE001 - an unlaunchable config is a result too
+            print(f"  {case.name}: {launch.label()} failed: {type(exc).__name__}")
+            continue
+        if err > 0.05:
+            print(f"  {case.name}: {launch.label()} disagrees by {err:.3g}")
+            continue
+        results.append((ms, launch))
+    default_ms = next(ms for ms, launch in results if launch == EXTEND_DEFAULT)
+    lines = [f"{case.name:28s} {'default':48s} {default_ms * 1e3:8.1f} us"]
+    for ms, launch in sorted(results, key=lambda r: r[0])[: args.top]:
+        lines.append(f"{'':28s} {launch.label():48s} {ms * 1e3:8.1f} us "
+                     f"{default_ms / ms:5.2f}x")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="bfloat16")
@@ -116,14 +202,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--top", type=int, default=4)
     parser.add_argument("--rep-ms", type=int, default=30)
+    parser.add_argument("--extend", action="store_true",
+                        help="sweep the extend kernel instead of the decode kernel")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     print(torch.cuda.get_device_name(device), args.dtype)
     table = []
-    for case in cases(random.Random(0)):
-        table += run_case(case, args, device)
-        print("\n".join(table[-args.top - 1:]), flush=True)
-    print("\n=== decode attention launches ===")
+    if args.extend:
+        for extend_case in extend_cases():
+            table += run_extend_case(extend_case, args, device)
+            print("\n".join(table[-args.top - 1:]), flush=True)
+    else:
+        for case in cases(random.Random(0)):
+            table += run_case(case, args, device)
+            print("\n".join(table[-args.top - 1:]), flush=True)
+    print(f"\n=== {'extend' if args.extend else 'decode'} attention launches ===")
     print("\n".join(table))
     return 0
 

@@ -64,6 +64,7 @@ for step in $steps; do
       done ;;
     latency|offline|shared_prefix)
       python3 bench_suite.py "$step" --model "$model" --load-format dummy \
-        --results-dir "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$step.txt" ;;
+        --results-dir "$OUT" ${BENCH_ARGS:---baseline-num-prompts 64} 2>&1 \
+        | tee "$OUT/$step.txt" ;;
   esac
 done

@@ -93,9 +93,12 @@ def extend_attention(
     block_m: int = 64,
     block_n: int = 64,
     skip_single: bool = False,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] (request b owns rows qo_indptr[b]:qo_indptr[b+1]).
-    With `skip_single`, the rows of requests adding one token are left unwritten."""
+    With `skip_single`, the rows of requests adding one token are left unwritten.
+    `num_warps`/`num_stages` override Triton's launch defaults (None keeps them)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_pool_layer.shape[1]
     out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
@@ -112,5 +115,6 @@ def extend_attention(
         BLOCK_D=max(MIN_DOT_TILE, triton.next_power_of_2(head_dim)),
         DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOTS=upcast_dots(),
         SKIP_SINGLE=skip_single,
+        **{k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v},
     )
     return out
