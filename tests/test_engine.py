@@ -410,7 +410,7 @@ def test_overlap_keeps_unseeded_sampling(tiny_model_factory) -> None:
 def test_cascade_attention_matches_hf(tiny_model_factory, arch: str, overlap: str) -> None:
     """Requests sharing a cached 40-token prefix decode in cascade groups (the triton kernel
     set; the interpreter on CPU) and still equal HF token for token, next to one that
-    shares nothing."""
+    shares nothing and a long one whose chunked prefill makes some of those steps mixed."""
     pytest.importorskip("triton")
     from transformers import AutoConfig
 
@@ -422,15 +422,18 @@ def test_cascade_attention_matches_hf(tiny_model_factory, arch: str, overlap: st
                           kernel_set="triton", cascade_attention=True,
                           cuda_graph=DEVICE == "cuda", cuda_graph_max_bs=8)
     engine = Engine(load_config({"MODEL_LOCAL_DIR": path, "DTYPE": "float32", "DEVICE": DEVICE,
-                                 "CASCADE_MIN_PREFIX": "16", "OVERLAP_SCHEDULE": overlap}),
+                                 "CASCADE_MIN_PREFIX": "16", "OVERLAP_SCHEDULE": overlap,
+                                 "CHUNKED_PREFILL_SIZE": "32"}),
                     runner=runner)
     try:
         ref = Reference(path)
         shared = random_prompts(1, 40, 40, seed=12)[0]
         prompts = [shared + tail for tail in random_prompts(5, 2, 9, seed=13)]
         prompts.insert(2, random_prompts(1, 30, 30, seed=14)[0])
+        prompts.append(random_prompts(1, 150, 150, seed=15)[0])
         outs = engine.generate(prompts, greedy())
-        assert engine.scheduler.stats.num_cascade_steps >= NEW_TOKENS - 2
+        stats = engine.scheduler.stats
+        assert stats.num_cascade_steps >= NEW_TOKENS - 2 and stats.num_cascade_mixed_steps
         if runner.cuda_graphs is not None:  # CUDA: the steps replayed cascade graphs
             assert runner.cuda_graphs.cascade_graphs and runner.cuda_graphs.num_replays
         for prompt, [out] in zip(prompts, outs):

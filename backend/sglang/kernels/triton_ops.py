@@ -78,7 +78,7 @@ def paged_attention(
     K/V of the new tokens must already be stored at `batch.out_slots`. All-decode batches use
     the split-K decode kernel (with their cascade plan, if any); anything else (prefill,
     extend, mixed) the extend kernel, except that a mixed batch's one-token requests
-    (`batch.single_rows`) go through the decode kernel too.
+    (`batch.single_rows`) go through the decode kernel too (with the plan, if any).
     Grid sizes come from the batch's host lists; nothing here waits on the device.
     Returns [T, Hq, D].
     """
@@ -120,15 +120,30 @@ def paged_attention(
             singles.shape[1], num_kv_heads,
             max(n for n, e in zip(batch.seq_lens, batch.extend_lens) if e == 1), q.device,
         )
-        decoded = decode_attention(
-            q.index_select(0, token_rows), k_pool_layer, v_pool_layer, batch.kv_indptr,
-            batch.kv_indices, scale, num_splits, block_n=block_n, req_ids=req_ids,
-        )
+        q_singles = q.index_select(0, token_rows)
+        if batch.cascade is not None:
+            decoded = cascade_decode_attention(
+                q_singles, k_pool_layer, v_pool_layer, batch.kv_indptr, batch.kv_indices,
+                batch.cascade, scale, num_splits,
+                choose_prefix_splits(singles.shape[1], q.shape[1], num_kv_heads, q.device),
+                block_n=block_n, prefix_block_n=2 * block_n if long_blocks else block_n,
+                req_ids=req_ids,
+            )
+        else:
+            decoded = decode_attention(
+                q_singles, k_pool_layer, v_pool_layer, batch.kv_indptr, batch.kv_indices,
+                scale, num_splits, block_n=block_n, req_ids=req_ids,
+            )
         out.index_copy_(0, token_rows, decoded)
     return out
 
 
 def prepare_attention(batch: ForwardBatch) -> None:
     """Per-step work before the first layer: measure a cascade plan's shared prefixes."""
-    if batch.cascade is not None and batch.is_decode and batch.batch_size:
+    if batch.cascade is None or not batch.batch_size:
+        return
+    if batch.is_decode:
         measure_shared_prefixes(batch.kv_indptr, batch.kv_indices, batch.cascade)
+    elif batch.single_rows is not None:
+        measure_shared_prefixes(batch.kv_indptr, batch.kv_indices, batch.cascade,
+                                req_ids=batch.single_rows[0])
