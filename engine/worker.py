@@ -21,9 +21,11 @@ its own process (ENGINE_PROCESSES), as SGLang and vLLM do.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import logging
 import multiprocessing
+import operator
 import queue
 import threading
 import time
@@ -48,6 +50,9 @@ STOP_TIMEOUT_S = 10.0
 CALL_TIMEOUT_S = 120.0
 WATCH_PERIOD_S = 0.25  # how often an idle worker checks that its engine loop runs
 CALLS = ("flush_cache",)  # engine methods the parent may run in the worker
+# deltas cross the pipe as plain tuples of their fields: pickling a step's worth of
+# dataclass instances cost ~5x more, on the worker's engine loop thread
+_DELTA_FIELDS = operator.attrgetter(*(f.name for f in dataclasses.fields(StreamDelta)))
 
 
 @dataclass
@@ -239,8 +244,8 @@ class ProcessEngine(EngineBase):
             deltas, snapshot = payload
             if snapshot is not None:
                 self._snapshot = snapshot
-            for delta in deltas:
-                self._deliver_delta(delta)
+            for fields in deltas:
+                self._deliver_delta(StreamDelta(*fields))
         elif kind == "result":
             call_id, ok, value = payload
             waiting = self._results.get(call_id)
@@ -337,7 +342,10 @@ class _Outbox:
             snapshot = self.engine.snapshot()
             self.last_snapshot = now
             self.idle_sent = idle
-        self.send(("deltas", (deltas, snapshot)))
+        self.send_deltas(deltas, snapshot)
+
+    def send_deltas(self, deltas: list[StreamDelta], snapshot: Any = None) -> None:
+        self.send(("deltas", ([_DELTA_FIELDS(d) for d in deltas], snapshot)))
 
     def send(self, message: tuple[str, Any]) -> None:
         with self.lock:
@@ -410,7 +418,7 @@ def _submit(engine: EngineBase, outbox: _Outbox, rid: str, ids: list[int],
     except InvalidRequestError as exc:
         failed = [StreamDelta(rid, i, "", [], finish_reason="abort", usage=Usage(0, 0, 0),
                               error=str(exc), error_status=400) for i in range(params.n)]
-        outbox.send(("deltas", (failed, None)))
+        outbox.send_deltas(failed)
 
 
 # ---------------------------------------------------------------- interpreter exit
