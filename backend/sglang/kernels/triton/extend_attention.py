@@ -4,7 +4,8 @@ Program (request b, query head h, query block m) reads rows `qo_indptr[b] + m * 
 of q and every KV slot they may see through `kv_indices`: the cached prefix and the new tokens
 up to the block's last row (causal within the new tokens). The K/V of the new tokens must
 already be in the pool. A request adding one token (decode) is one short block, so mixed
-batches need nothing special.
+batches can run here whole; `skip_single` leaves those requests to the decode kernel, which
+reads each KV head once for all its query heads (triton_ops.paged_attention does).
 """
 
 from __future__ import annotations
