@@ -9,7 +9,7 @@
 #     --platform manylinux2014_x86_64 -d .gpu/whl pytest pluggy iniconfig pytest-timeout \
 #     diffusers importlib_metadata     # diffusers for `image`
 # Usage: benchmarks/gpu_check.sh [kernels] [equivalence] [bf16] [latency] [offline] [shared_prefix]
-#        [timeline] [pool] [image]
+#        [sweep] [timeline] [pool] [image]
 # `image` runs model_configs/z-image-turbo (the pipeline's architecture, no weights: they are
 # random, --load-format dummy) with the carried tokenizer standing in for Qwen's.
 # `pool` needs two GPUs (device kind nvidia-h100-x2): offline on one GPU, then through a pool
@@ -41,6 +41,9 @@ for step in $steps; do
     bf16)
       python3 -m benchmarks.bf16_agreement --config model_configs/qwen3-0.6b \
         --results-dir "$OUT" 2>&1 | tee "$OUT/bf16-agreement.txt" ;;
+    sweep)
+      python3 -m benchmarks.attention_sweep 2>&1 | tee "$OUT/sweep-decode.txt"
+      python3 -m benchmarks.attention_sweep --extend 2>&1 | tee "$OUT/sweep-extend.txt" ;;
     timeline)
       for workload in offline shared_prefix; do
         python3 -m benchmarks.step_timeline --workload $workload --model "$model" \
