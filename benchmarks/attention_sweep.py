@@ -17,11 +17,14 @@ laid out as the pool hands them out: one contiguous run per request.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -71,9 +74,36 @@ def launches() -> list[Launch]:
     return [DEFAULT] + [Launch(*values) for values in grid]
 
 
-def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> list[str]:
+class _Launch(Protocol):
+    def label(self) -> str: ...
+
+
+L = TypeVar("L", bound=_Launch)
+
+
+def time_launches(name: str, candidates: list[L], call: Callable[[L], torch.Tensor],
+                  reference: torch.Tensor, rep_ms: int) -> list[tuple[float, L]]:
+    """(ms, launch) of every candidate that runs and agrees with the reference; CUDA-graph
+    replays, so the host's launch cost is not in the figure."""
     from triton.testing import do_bench_cudagraph
 
+    results: list[tuple[float, L]] = []
+    for launch in candidates:
+        label = launch.label()
+        try:
+            err = (call(launch) - reference).abs().max().item()
+            ms = float(do_bench_cudagraph(functools.partial(call, launch), rep=rep_ms))
+        except Exception as exc:  # noqa: BLE001 - an unlaunchable config is a result too
+            print(f"  {name}: {label} failed: {type(exc).__name__}")
+            continue
+        if err > 0.05:
+            print(f"  {name}: {label} disagrees by {err:.3g}")
+            continue
+        results.append((ms, launch))
+    return results
+
+
+def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> list[str]:
     dtype = getattr(torch, args.dtype)
     total = sum(case.seq_lens)
     k_pool = torch.randn(total + 1, args.kv_heads, args.head_dim, dtype=dtype, device=device)
@@ -85,25 +115,13 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> list
     nbytes = 2 * k_pool.element_size() * total * args.kv_heads * args.head_dim
     base_splits = choose_num_splits(len(case.seq_lens), args.kv_heads, 40960, device)
     reference = decode_attention(q, k_pool, v_pool, kv_indptr, kv_indices, 0.088, base_splits)
-    results: list[tuple[float, Launch]] = []
-    for launch in launches():
+    def call(launch: Launch) -> torch.Tensor:
         splits = min(32, base_splits * launch.split_factor)
+        return decode_attention(q, k_pool, v_pool, kv_indptr, kv_indices, 0.088, splits,
+                                block_n=launch.block_n, num_warps=launch.num_warps,
+                                num_stages=launch.num_stages)
 
-        def call(launch: Launch = launch, splits: int = splits) -> torch.Tensor:
-            return decode_attention(q, k_pool, v_pool, kv_indptr, kv_indices, 0.088, splits,
-                                    block_n=launch.block_n, num_warps=launch.num_warps,
-                                    num_stages=launch.num_stages)
-
-        try:
-            err = (call() - reference).abs().max().item()
-            ms = float(do_bench_cudagraph(call, rep=args.rep_ms))
-        except Exception as exc:  # noqa: BLE001 - an unlaunchable config is a result too
-            print(f"  {case.name}: {launch.label()} failed: {type(exc).__name__}")
-            continue
-        if err > 0.05:
-            print(f"  {case.name}: {launch.label()} disagrees by {err:.3g}")
-            continue
-        results.append((ms, launch))
+    results = time_launches(case.name, launches(), call, reference, args.rep_ms)
     default_ms = next(ms for ms, launch in results if launch == DEFAULT)
     lines = [f"{case.name:18s} {'default':52s} {default_ms * 1e3:8.1f} us "
              f"{nbytes / default_ms / 1e6:7.0f} GB/s  (splits {base_splits})"]
@@ -150,8 +168,6 @@ def extend_launches() -> list[ExtendLaunch]:
 
 def run_extend_case(case: ExtendCase, args: argparse.Namespace, device: torch.device
                     ) -> list[str]:
-    from triton.testing import do_bench_cudagraph
-
     dtype = getattr(torch, args.dtype)
     seq_lens = [p + e for p, e in zip(case.prefix_lens, case.extend_lens)]
     total = sum(seq_lens)
@@ -169,23 +185,12 @@ def run_extend_case(case: ExtendCase, args: argparse.Namespace, device: torch.de
     longest = max(case.extend_lens)
     reference = extend_attention(q, k_pool, v_pool, qo_indptr, kv_indptr, kv_indices, 0.088,
                                  longest)
-    results: list[tuple[float, ExtendLaunch]] = []
-    for launch in extend_launches():
-        def call(launch: ExtendLaunch = launch) -> torch.Tensor:
-            return extend_attention(q, k_pool, v_pool, qo_indptr, kv_indptr, kv_indices, 0.088,
-                                    longest, block_m=launch.block_m, block_n=launch.block_n,
-                                    num_warps=launch.num_warps, num_stages=launch.num_stages)
+    def call(launch: ExtendLaunch) -> torch.Tensor:
+        return extend_attention(q, k_pool, v_pool, qo_indptr, kv_indptr, kv_indices, 0.088,
+                                longest, block_m=launch.block_m, block_n=launch.block_n,
+                                num_warps=launch.num_warps, num_stages=launch.num_stages)
 
-        try:
-            err = (call() - reference).abs().max().item()
-            ms = float(do_bench_cudagraph(call, rep=args.rep_ms))
-        except Exception as exc:  # noqa: BLE001 - an unlaunchable config is a result too
-            print(f"  {case.name}: {launch.label()} failed: {type(exc).__name__}")
-            continue
-        if err > 0.05:
-            print(f"  {case.name}: {launch.label()} disagrees by {err:.3g}")
-            continue
-        results.append((ms, launch))
+    results = time_launches(case.name, extend_launches(), call, reference, args.rep_ms)
     default_ms = next(ms for ms, launch in results if launch == EXTEND_DEFAULT)
     lines = [f"{case.name:28s} {'default':48s} {default_ms * 1e3:8.1f} us"]
     for ms, launch in sorted(results, key=lambda r: r[0])[: args.top]:
