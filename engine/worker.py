@@ -48,8 +48,9 @@ logger = logging.getLogger(__name__)
 SNAPSHOT_PERIOD_S = 0.1
 STOP_TIMEOUT_S = 10.0
 CALL_TIMEOUT_S = 120.0
+WARMUP_TIMEOUT_S = 900.0  # first kernel compiles on a fresh GPU included
 WATCH_PERIOD_S = 0.25  # how often an idle worker checks that its engine loop runs
-CALLS = ("flush_cache",)  # engine methods the parent may run in the worker
+CALLS = ("flush_cache", "warmup")  # engine methods the parent may run in the worker
 # deltas cross the pipe as plain tuples of their fields: pickling a step's worth of
 # dataclass instances cost ~5x more, on the worker's engine loop thread
 _DELTA_FIELDS = operator.attrgetter(*(f.name for f in dataclasses.fields(StreamDelta)))
@@ -178,6 +179,10 @@ class ProcessEngine(EngineBase):
     def flush_cache(self) -> int:
         return int(self._call("flush_cache"))
 
+    def warmup(self) -> None:
+        """The worker engine's own warm-up (its cascade part included), in the worker."""
+        self._call("warmup", WARMUP_TIMEOUT_S)
+
     @property
     def alive(self) -> bool:
         """False once the worker has stopped (its open requests have been failed first)."""
@@ -213,14 +218,14 @@ class ProcessEngine(EngineBase):
                 return False
         return True
 
-    def _call(self, name: str) -> Any:
+    def _call(self, name: str, timeout_s: float = CALL_TIMEOUT_S) -> Any:
         call_id = next(self._call_ids)
         result: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
         self._results[call_id] = result
         try:
             if not self._send(("call", (call_id, name))):
                 raise RuntimeError(f"the engine worker on {self.device_name} has stopped")
-            ok, value = result.get(timeout=CALL_TIMEOUT_S)
+            ok, value = result.get(timeout=timeout_s)
         finally:
             self._results.pop(call_id, None)
         if not ok:
