@@ -18,6 +18,7 @@ Slot 0 of the pool is a padding slot that no request owns.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -58,6 +59,12 @@ class ForwardBatch:
     def is_decode(self) -> bool:
         """Every request adds exactly one token (the CUDA-graph case)."""
         return all(n == 1 for n in self.extend_lens)
+
+    @functools.cached_property
+    def max_single_seq_len(self) -> int:
+        """The longest context among the requests adding one token (0 when none); worked out
+        once per batch, however many layers ask."""
+        return max((s for s, e in zip(self.seq_lens, self.extend_lens) if e == 1), default=0)
 
     @property
     def prefix_lens(self) -> list[int]:

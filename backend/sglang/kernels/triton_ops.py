@@ -87,55 +87,53 @@ def paged_attention(
     _check_shapes(q, k_pool_layer, v_pool_layer, num_kv_heads)
     if batch.batch_size == 0:
         return torch.empty_like(q)
-    block_n = 64 if q.shape[-1] <= 128 else 32
-    long_blocks = q.shape[-1] <= 128 and has_long_block_smem(q.device)
     if batch.is_decode:
-        num_splits = choose_num_splits(
-            batch.batch_size, num_kv_heads, max(batch.seq_lens), q.device
-        )
-        if batch.cascade is not None:
-            return cascade_decode_attention(
-                q, k_pool_layer, v_pool_layer, batch.kv_indptr, batch.kv_indices,
-                batch.cascade, scale, num_splits,
-                choose_prefix_splits(batch.batch_size, q.shape[1], num_kv_heads, q.device),
-                block_n=block_n, prefix_block_n=2 * block_n if long_blocks else block_n,
-            )
-        if num_splits == 1 and long_blocks:  # large batches: measured 3-6% faster (H100)
-            return decode_attention(
-                q, k_pool_layer, v_pool_layer, batch.kv_indptr, batch.kv_indices, scale,
-                1, block_n=2 * block_n, num_stages=2,
-            )
-        return decode_attention(
-            q, k_pool_layer, v_pool_layer, batch.kv_indptr, batch.kv_indices, scale,
-            num_splits, block_n=block_n,
-        )
+        return _one_token_attention(q, k_pool_layer, v_pool_layer, batch, scale, num_kv_heads)
     singles = batch.single_rows
     out = extend_attention(
         q, k_pool_layer, v_pool_layer, batch.qo_indptr, batch.kv_indptr, batch.kv_indices,
-        scale, max(batch.extend_lens), block_n=block_n, skip_single=singles is not None,
+        scale, max(batch.extend_lens), block_n=_block_n(q), skip_single=singles is not None,
     )
     if singles is not None:  # a mixed batch's decodes: split-K, each KV head read once
         req_ids, token_rows = singles[0], singles[1]
-        num_splits = choose_num_splits(
-            singles.shape[1], num_kv_heads,
-            max(n for n, e in zip(batch.seq_lens, batch.extend_lens) if e == 1), q.device,
-        )
-        q_singles = q.index_select(0, token_rows)
-        if batch.cascade is not None:
-            decoded = cascade_decode_attention(
-                q_singles, k_pool_layer, v_pool_layer, batch.kv_indptr, batch.kv_indices,
-                batch.cascade, scale, num_splits,
-                choose_prefix_splits(singles.shape[1], q.shape[1], num_kv_heads, q.device),
-                block_n=block_n, prefix_block_n=2 * block_n if long_blocks else block_n,
-                req_ids=req_ids,
-            )
-        else:
-            decoded = decode_attention(
-                q_singles, k_pool_layer, v_pool_layer, batch.kv_indptr, batch.kv_indices,
-                scale, num_splits, block_n=block_n, req_ids=req_ids,
-            )
+        decoded = _one_token_attention(q.index_select(0, token_rows), k_pool_layer,
+                                       v_pool_layer, batch, scale, num_kv_heads, req_ids)
         out.index_copy_(0, token_rows, decoded)
     return out
+
+
+def _block_n(q: torch.Tensor) -> int:
+    return 64 if q.shape[-1] <= 128 else 32
+
+
+def _one_token_attention(
+    q: torch.Tensor,
+    k_pool_layer: torch.Tensor,
+    v_pool_layer: torch.Tensor,
+    batch: ForwardBatch,
+    scale: float,
+    num_kv_heads: int,
+    req_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The split-K decode kernel for requests adding one token: every row of a decode batch,
+    or (with `req_ids`, row r being request req_ids[r]) a mixed batch's `single_rows`; with
+    the batch's cascade plan when it has one."""
+    rows = q.shape[0]
+    block_n = _block_n(q)
+    long_blocks = q.shape[-1] <= 128 and has_long_block_smem(q.device)
+    num_splits = choose_num_splits(rows, num_kv_heads, batch.max_single_seq_len, q.device)
+    kv = (k_pool_layer, v_pool_layer, batch.kv_indptr, batch.kv_indices)
+    if batch.cascade is not None:
+        return cascade_decode_attention(
+            q, *kv, batch.cascade, scale, num_splits,
+            choose_prefix_splits(rows, q.shape[1], num_kv_heads, q.device),
+            block_n=block_n, prefix_block_n=2 * block_n if long_blocks else block_n,
+            req_ids=req_ids,
+        )
+    if num_splits == 1 and long_blocks:  # large batches: measured 3-6% faster (H100)
+        return decode_attention(q, *kv, scale, 1, block_n=2 * block_n, num_stages=2,
+                                req_ids=req_ids)
+    return decode_attention(q, *kv, scale, num_splits, block_n=block_n, req_ids=req_ids)
 
 
 def prepare_attention(batch: ForwardBatch) -> None:
