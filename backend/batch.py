@@ -39,9 +39,8 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [S] int64
     seq_lens: list[int]  # host copies for shape decisions
     extend_lens: list[int]
-    # groups of one-token requests sharing a KV prefix (all rows of a decode batch, the
-    # single_rows of a mixed one), [4, n] int64 (backend/cascade.py); kernel sets without
-    # cascade attention ignore it (the result is the same)
+    # decode batches only: groups of rows sharing a KV prefix, [4, B] int64 (backend/cascade.py);
+    # kernel sets without cascade attention ignore it (the result is the same)
     cascade: torch.Tensor | None = None
     # mixed batches only: [2, n] int64, request index and token row of each request adding
     # one token (kernel sets may attend those with their decode kernel)
@@ -137,8 +136,8 @@ def build_forward_batch_from_table(
     `table` row `rows[b]` and the host passes only the slots of its new tokens,
     `out_slots[b]`: host work follows the number of new tokens, not the context lengths.
     The table's staged writes travel in the same host→device copy as the step's inputs and
-    are applied before the KV index list is gathered. `cascade` is the flat cascade plan of
-    the step's one-token requests (backend/cascade.py), sent in the same copy.
+    are applied before the KV index list is gathered. `cascade` is a decode batch's flat
+    cascade plan (backend/cascade.py), sent in the same copy.
     """
     extend_lens = [len(t) for t in token_ids]
     seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]

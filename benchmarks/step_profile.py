@@ -3,6 +3,8 @@ the forward, for one batch of greedy requests.
 
     python3 -m benchmarks.step_profile --model model_configs/qwen3-0.6b --load-format dummy
     python3 -m benchmarks.step_profile --batch 64 --top 30      # the embedded model, CPU
+    python3 -m benchmarks.step_profile --model ... --batch 256 --shared-prefix 2048 \
+        --group-size 16 --new-tokens 128 --kernels 30   # the shared_prefix workload's steps
 
 The host side is cProfile on the engine's loop thread (enabled through `Engine.call`, so only
 that thread is measured) over the whole run; figures are per step. On CUDA, events around
@@ -35,6 +37,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1, help="concurrent requests")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--shared-prefix", type=int, default=0,
+                        help="tokens each group of --group-size requests shares before its "
+                             "own --prompt-len (cached beforehand: the radix cache's case)")
+    parser.add_argument("--group-size", type=int, default=16)
     parser.add_argument("--top", type=int, default=25, help="functions to list")
     parser.add_argument("--kernels", type=int, default=0,
                         help="on CUDA, also list the N kernels with the most device time over "
@@ -75,10 +81,11 @@ def main() -> None:
     try:
         vocab = engine.info.vocab_size
         generator = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(100, vocab - 1, (args.prompt_len,), generator=generator).tolist()
-                   for _ in range(args.batch)]
+        prompts = make_prompts(args, vocab, generator)
         params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
-        engine.generate(prompts[:1], SamplingParams(max_new_tokens=8, temperature=0.0))
+        # warm-up; with --shared-prefix, one request per group puts its prefix in the cache
+        engine.generate(prompts[:: max(1, args.group_size)] if args.shared_prefix
+                        else prompts[:1], SamplingParams(max_new_tokens=8, temperature=0.0))
         timer = ForwardTimer(engine.runner) if engine.runner.device.type == "cuda" else None
         profiler = cProfile.Profile()
         steps_before = engine.stats.num_steps
@@ -95,10 +102,28 @@ def main() -> None:
         engine.shutdown()
 
 
+def make_prompts(args: argparse.Namespace, vocab: int,
+                 generator: torch.Generator) -> list[list[int]]:
+    """`--batch` random prompts of `--prompt-len` tokens, each group of `--group-size` after a
+    shared prefix of `--shared-prefix` tokens of its own."""
+    def tokens(n: int) -> list[int]:
+        return torch.randint(100, vocab - 1, (n,), generator=generator).tolist()
+
+    prompts: list[list[int]] = []
+    prefix: list[int] = []
+    for index in range(args.batch):
+        if args.shared_prefix and index % max(1, args.group_size) == 0:
+            prefix = tokens(args.shared_prefix)
+        prompts.append(prefix + tokens(args.prompt_len))
+    return prompts
+
+
 def report(args: argparse.Namespace, engine: Engine, profiler: cProfile.Profile, steps: int,
            wall: float, timer: ForwardTimer | None) -> None:
+    shared = (f" after {args.shared_prefix} shared by {args.group_size}"
+              if args.shared_prefix else "")
     print(f"{engine.model_name} on {engine.runner.device}, batch {args.batch}, "
-          f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens, overlap "
+          f"{args.prompt_len}-token prompts{shared}, {args.new_tokens} new tokens, overlap "
           f"{'on' if engine.overlap else 'off'}")
     print(f"steps {steps}, wall {wall * 1000 / steps:.3f} ms/step (profiled)")
     if timer is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,14 +21,11 @@ from backend.factory import create_runner
 from backend.loader import ModelSource, eos_token_ids
 from config import Config, ConfigError
 from engine.base import MAX_N, EngineBase, EngineStats, GenerateOutput, Prompt, TextState
-from engine.request import Req, StreamDelta, TokenLogprob
+from engine.request import Req, TokenLogprob
 from engine.sampler import PendingSample, RequestHistory, SampleOutput, Sampler
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, StepPlan
 
 logger = logging.getLogger(__name__)
-
-WARMUP_TIMEOUT_S = 120.0
 
 __all__ = ["MAX_N", "Engine", "EngineStats", "GenerateOutput", "Prompt"]
 
@@ -95,47 +91,6 @@ class Engine(EngineBase):
         # stall a step for tens of milliseconds.
         gc.collect()
         gc.freeze()
-
-    def warmup(self) -> None:
-        """The base warm-up, then (cascade attention on) a mixed step with a cascade plan."""
-        super().warmup()
-        if self.scheduler.cascade_min_prefix:
-            self._warm_cascade()
-
-    def _warm_cascade(self) -> None:
-        """Two requests sharing a prefix decode as a cascade group while a third prompt is
-        prefilled beside them, so the kernels of a mixed step with a plan compile now rather
-        than in the first such step of real traffic (the decode-only ones compiled when the
-        graphs were captured)."""
-        unit = self.tokenize("Hello, ")
-        shared = unit * (self.scheduler.cascade_min_prefix // len(unit) + 2)
-        if len(shared) + 64 > self.max_context_len:
-            return
-        params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
-        lock = threading.Lock()
-        tokens: dict[str, int] = {}
-        ended: set[str] = set()
-        decoding, finished = threading.Event(), threading.Event()
-
-        def sink(delta: StreamDelta) -> None:
-            with lock:
-                tokens[delta.rid] = tokens.get(delta.rid, 0) + len(delta.token_ids)
-                if len(tokens) == 2 and min(tokens.values()) >= 2:
-                    decoding.set()  # both past their prefill: decoding side by side
-                if delta.finished:
-                    ended.add(delta.rid)
-                    if len(ended) == 2:
-                        finished.set()
-                        decoding.set()
-
-        self.submit_many([(shared + unit[:1], params, sink, None),
-                          (shared + unit[-1:], params, sink, None)])
-        if decoding.wait(WARMUP_TIMEOUT_S):
-            novel = self.tokenize("A prompt of its own, prefilled beside them.")
-            self.generate([novel], SamplingParams(max_new_tokens=1, temperature=0.0,
-                                                  ignore_eos=True))
-        if not finished.wait(WARMUP_TIMEOUT_S):
-            logger.warning("cascade warm-up did not finish in %.0f s", WARMUP_TIMEOUT_S)
 
     def _cascade_min_prefix(self) -> int:
         """CASCADE_MIN_PREFIX where the runner does cascade attention, else 0 (off)."""

@@ -180,7 +180,7 @@ class ProcessEngine(EngineBase):
         return int(self._call("flush_cache"))
 
     def warmup(self) -> None:
-        """The worker engine's own warm-up (its cascade part included), in the worker."""
+        """The worker engine's own warm-up, in the worker (its kernels compile there)."""
         self._call("warmup", WARMUP_TIMEOUT_S)
 
     @property
