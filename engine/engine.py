@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +22,15 @@ from backend.factory import create_runner
 from backend.loader import ModelSource, eos_token_ids
 from config import Config, ConfigError
 from engine.base import MAX_N, EngineBase, EngineStats, GenerateOutput, Prompt, TextState
-from engine.request import Req, TokenLogprob
+from engine.request import Req, StreamDelta, TokenLogprob
 from engine.sampler import PendingSample, RequestHistory, SampleOutput, Sampler
+from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, StepPlan
 
 logger = logging.getLogger(__name__)
+
+WARMUP_LONG_TOKENS = 300  # a context the split-K decode kernel splits (over its 256-token slice)
+WARMUP_TIMEOUT_S = 600.0  # first kernel compiles on a fresh GPU included
 
 __all__ = ["MAX_N", "Engine", "EngineStats", "GenerateOutput", "Prompt"]
 
@@ -91,6 +96,37 @@ class Engine(EngineBase):
         # stall a step for tens of milliseconds.
         gc.collect()
         gc.freeze()
+
+    def warmup(self) -> None:
+        """The base warm-up; on CUDA also a prefill alone and a prefill beside a request
+        decoding a long context, so the launches of those step kinds (the extend kernel
+        without one-token rows, the split-K kernel for a mixed step's long one-token row)
+        compile here and not in the first such step of real traffic."""
+        super().warmup()
+        if self.runner.device.type == "cuda":
+            self._warm_prefill_beside_long_decode()
+
+    def _warm_prefill_beside_long_decode(self) -> None:
+        unit = self.tokenize("Hello, ")
+        long_prompt = unit * (WARMUP_LONG_TOKENS // len(unit) + 1)
+        if len(long_prompt) + 64 > min(self.max_context_len, self.runner.num_kv_slots // 2):
+            return
+        params = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
+        decoding, finished = threading.Event(), threading.Event()
+
+        def sink(delta: StreamDelta) -> None:
+            if delta.token_ids:
+                decoding.set()
+            if delta.finished:
+                finished.set()
+                decoding.set()
+
+        self.submit(long_prompt, params, sink)  # alone in its step: a prefill with no decodes
+        if decoding.wait(WARMUP_TIMEOUT_S):
+            self.generate([self.tokenize("A prompt of its own.")],
+                          SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True))
+        if not finished.wait(WARMUP_TIMEOUT_S):
+            logger.warning("warm-up did not finish in %.0f s", WARMUP_TIMEOUT_S)
 
     def _cascade_min_prefix(self) -> int:
         """CASCADE_MIN_PREFIX where the runner does cascade attention, else 0 (off)."""

@@ -288,6 +288,24 @@ def test_abort_frees_slots(tiny_model_factory, overlap: str) -> None:
         engine.shutdown()
 
 
+def test_warmup_leaves_nothing_behind(tiny_model_factory) -> None:
+    """Warm-up (on CUDA: also a prefill beside a long decoding request) frees every slot it
+    used and changes no later output."""
+    path = tiny_model_factory("qwen3")
+    engine = make_engine(path, PREFIX_CACHE="0")
+    try:
+        engine.warmup()
+        engine._warm_prefill_beside_long_decode()  # its CUDA part, on any device
+        snap = engine.snapshot()
+        assert snap["num_running"] == 0 and snap["kv_used_slots"] == 0
+        assert snap["num_finished"] >= 4
+        prompt = random_prompts(1, 20, 20, seed=1)[0]
+        [[out]] = engine.generate([prompt], greedy())
+        assert out.token_ids == Reference(path).generate(prompt)
+    finally:
+        engine.shutdown()
+
+
 def test_context_errors(arch_setup: tuple[Engine, Reference]) -> None:
     engine, _ = arch_setup
     too_long = [5] * engine.max_context_len

@@ -68,7 +68,7 @@ def _shared_prefix_kernel(
     tl.atomic_min(group_prefix_ptr + slot_group, common.to(tl.int64), mask=active)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("stride_lb", "stride_lh", "first_split", "num_prefix_splits"))
 def _cascade_prefix_kernel(
     q_ptr, k_pool_ptr, v_pool_ptr, kv_indptr_ptr, kv_indices_ptr,
     group_first_ptr, group_rows_ptr, group_prefix_ptr, out_ptr, lse_ptr,

@@ -24,12 +24,16 @@ from backend.sglang.kernels.triton.common import (
     upcast_dots,
 )
 
+# arguments that change with the batch (slice counts, and the log-sum-exp strides that
+# follow them): not specialised on, so a new slice count reuses the compiled kernel rather
+# than compiling another in the middle of traffic
+SPLIT_ARGS = ("num_splits", "stride_lb", "stride_lh")
 _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 32
 PROGRAMS_PER_SM = 8
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SPLIT_ARGS)
 def _decode_split_kernel(
     q_ptr, k_pool_ptr, v_pool_ptr, kv_indptr_ptr, kv_indices_ptr, out_ptr, lse_ptr,
     stride_qt, stride_qh, stride_k_slot, stride_k_head, stride_v_slot, stride_v_head,
@@ -76,7 +80,7 @@ def _decode_split_kernel(
         tl.store(lse_ptr + request * stride_lb + heads * stride_lh + split, lse, mask=head_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SPLIT_ARGS + ("num_prefix_splits",))
 def _merge_splits_kernel(
     partial_ptr, lse_ptr, out_ptr,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ot, stride_oh,
