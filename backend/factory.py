@@ -56,6 +56,9 @@ def create_engine(config: Config, source: ModelSource | None = None) -> EngineBa
         if config.cascade_attention == "1":
             raise ConfigError("CASCADE_ATTENTION=1 needs the native runner; the MLX engine "
                               "has no cascade attention")
+        if config.kv_cache_dtype != "auto":
+            raise ConfigError(f"KV_CACHE_DTYPE={config.kv_cache_dtype} needs the native "
+                              "runner; the MLX engine keeps mlx-lm's own cache")
         return MLXEngine(config, source=source)
     from engine.engine import Engine
 
@@ -90,6 +93,7 @@ def create_runner(config: Config, source: ModelSource) -> ModelRunner:
                 cuda_graph_max_bs=min(config.cuda_graph_max_bs, config.max_running_requests),
                 cpu_kernel=config.cpu_kernel,
                 cascade_attention=config.cascade_attention != "0",
+                kv_dtype=config.resolved_kv_dtype(),
                 kernel_cache_dir=os.path.join(os.path.expanduser(config.model_cache_dir),
                                               "kernels"),
             )
@@ -97,6 +101,9 @@ def create_runner(config: Config, source: ModelSource) -> ModelRunner:
             if impl != "auto":
                 raise
             logger.warning("native runner unavailable (%s); using the transformers runner", exc)
+    if config.kv_cache_dtype != "auto":
+        raise ConfigError(f"KV_CACHE_DTYPE={config.kv_cache_dtype} needs the native runner; "
+                          "the transformers runner keeps K/V in DTYPE")
     from backend.hf.runner import HFRunner
 
     return HFRunner(

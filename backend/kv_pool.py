@@ -8,6 +8,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+KV_FP8 = torch.float8_e4m3fn  # KV_CACHE_DTYPE=fp8_e4m3: K/V stored unscaled (±448 saturates)
+
 
 class KVPool:
     """K/V storage for `num_slots` tokens; slot 0 is padding and never handed out."""

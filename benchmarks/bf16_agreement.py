@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated ops taken from the torch reference set instead "
                              "(bisects which kernel costs precision)")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--kv-dtype", default="auto", choices=["auto", "fp8_e4m3"],
+                        help="the native runner's KV pool (KV_CACHE_DTYPE)")
     return parser.parse_args(argv)
 
 
@@ -153,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         runner = NativeRunner(str(folder), config, dtype=dtype, device=device,
                               num_kv_slots=args.prompt_len + args.new_tokens + 8,
                               kernel_set=kernel_set,
-                              cuda_graph=device.type == "cuda" and not args.eager)
+                              cuda_graph=device.type == "cuda" and not args.eager,
+                              kv_dtype=torch.float8_e4m3fn if args.kv_dtype == "fp8_e4m3"
+                              else None)
         generator = torch.Generator().manual_seed(args.seed)
         native, hf = Agreement(), Agreement()
         start = time.perf_counter()
@@ -173,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             hf.add(hf_logits, ref_logits, expected)
     result = {
         "config": args.config, "device": str(device), "dtype": args.dtype,
+        "kv_dtype": args.kv_dtype,
         "prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "kernel_set": kernel_set, "cuda_graph": device.type == "cuda" and not args.eager,
         "decisive_margin": DECISIVE_MARGIN, **native.summary(),

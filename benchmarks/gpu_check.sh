@@ -9,9 +9,10 @@
 #     --platform manylinux2014_x86_64 -d .gpu/whl pytest pluggy iniconfig pytest-timeout \
 #     diffusers importlib_metadata     # diffusers for `image`
 # Usage: benchmarks/gpu_check.sh [kernels] [equivalence] [bf16] [latency] [offline] [shared_prefix]
-#        [sweep] [timeline] [pool] [image]
+#        [sweep] [timeline] [pool] [image] [fp8]
 # `image` runs model_configs/z-image-turbo (the pipeline's architecture, no weights: they are
 # random, --load-format dummy) with the carried tokenizer standing in for Qwen's.
+# `fp8` runs the bf16 agreement and the three workloads with K/V in 8 bits (KV_CACHE_DTYPE).
 # `pool` needs two GPUs (device kind nvidia-h100-x2): offline on one GPU, then through a pool
 # of one engine per GPU (worker processes, then threads of one process), then shared_prefix
 # through the pool with rr and with cache_aware.
@@ -64,6 +65,13 @@ for step in $steps; do
       for mode in rr cache_aware; do
         ENABLE_MULTI_DEVICE=1 SCHEDULER_MODE=$mode $bench shared_prefix 2>&1 \
           | tee "$OUT/pool-shared-$mode.txt"
+      done ;;
+    fp8)
+      python3 -m benchmarks.bf16_agreement --config model_configs/qwen3-0.6b --kv-dtype fp8_e4m3 \
+        --results-dir "$OUT" 2>&1 | tee "$OUT/fp8-agreement.txt"
+      for workload in latency offline shared_prefix; do
+        KV_CACHE_DTYPE=fp8_e4m3 python3 bench_suite.py $workload --model "$model" \
+          --load-format dummy --results-dir "$OUT" --skip-baseline 2>&1 | tee "$OUT/fp8-$workload.txt"
       done ;;
     latency|offline|shared_prefix)
       python3 bench_suite.py "$step" --model "$model" --load-format dummy \

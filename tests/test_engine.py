@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from config import load_config
+from config import ConfigError, load_config
 from engine.engine import Engine
 from engine.sampling_params import InvalidRequestError, SamplingParams
 
@@ -178,6 +178,30 @@ def test_smollm2_batch_prefix_and_chunks(smollm2_engine: tuple[Engine, Reference
     for prompt, [out] in zip(prompts, outs):
         assert out.token_ids == ref.generate(prompt, 16)
         assert out.usage.cached_tokens > 0  # the shared system prompt of the template
+
+
+def test_smollm2_fp8_kv_cache(smollm2_dir: str,
+                              smollm2_engine: tuple[Engine, Reference]) -> None:
+    """KV_CACHE_DTYPE=fp8_e4m3: the pool holds 8-bit K/V, and greedy decoding of a real model
+    stays on HF's float32 path (the answer and its opening tokens)."""
+    _, ref = smollm2_engine
+    engine = make_engine(smollm2_dir, KV_CACHE_DTYPE="fp8_e4m3")
+    try:
+        pool = engine.runner.kv_pool  # type: ignore[attr-defined]  # the native runner's
+        assert pool.k[0].dtype == torch.float8_e4m3fn
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        prompt = engine.tokenize(messages)
+        [[out]] = engine.generate([messages], SamplingParams(max_new_tokens=24, temperature=0.0))
+        expected = ref.generate(prompt, 24, stop_at_eos=True)
+        assert out.token_ids[:8] == expected[:8]
+        assert "Paris" in out.text
+    finally:
+        engine.shutdown()
+
+
+def test_fp8_kv_cache_needs_the_native_runner(tiny_model_factory) -> None:
+    with pytest.raises(ConfigError, match="KV_CACHE_DTYPE"):
+        make_engine(tiny_model_factory("llama"), BACKEND_IMPL="hf", KV_CACHE_DTYPE="fp8_e4m3")
 
 
 def test_n_sequences_share_the_prompt(tiny_model_factory) -> None:

@@ -28,7 +28,7 @@ if _IMPORTED_FOR_CUDA:
 from transformers import Qwen3Config  # noqa: E402
 
 from backend.batch import ForwardBatch, build_forward_batch  # noqa: E402
-from backend.kv_pool import KVPool  # noqa: E402
+from backend.kv_pool import KV_FP8, KVPool  # noqa: E402
 from backend.sglang.kernels import load_kernel_set, torch_ops  # noqa: E402
 from backend.sglang.kernels.triton.decode_attention import decode_attention  # noqa: E402
 from backend.sglang.kernels.triton.extend_attention import extend_attention  # noqa: E402
@@ -375,3 +375,79 @@ def test_mixed_batch_sends_its_one_token_requests_to_the_decode_kernel(ops: Modu
     _close(out, torch_ops.paged_attention(q, k_pool, v_pool, batch, 0.125, 2))
     decode_only = _batch([300, 40], [1, 1], 400)
     assert decode_only.single_rows is None  # all-decode batches need no list
+
+
+# --- K/V in 8 bits (KV_CACHE_DTYPE=fp8_e4m3) ---------------------------------------------
+
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+def test_store_kv_into_fp8_rounds_as_torch_does(ops: ModuleType, kv_dtype: torch.dtype) -> None:
+    """Nearest e4m3 value, ties to even, saturating at ±448: the same bits as torch's cast."""
+    pools = [KVPool(1, 12, 2, 80, KV_FP8, CPU) for _ in range(2)]
+    kv = _randn(4, 2 * 2 * 80, dtype=kv_dtype) * 200  # some beyond ±448, some subnormal
+    k = kv[:, : 2 * 80].view(4, 2, 80)
+    v = kv[:, 2 * 80 :].view(4, 2, 80)
+    slots = torch.tensor([9, 2, 11, 5])
+    ops.store_kv(pools[0].k[0], pools[0].v[0], slots, k, v)
+    pools[1].store(0, slots, k, v)
+    for mine, theirs in ((pools[0].k[0], pools[1].k[0]), (pools[0].v[0], pools[1].v[0])):
+        assert mine.dtype == KV_FP8
+        assert torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8))
+    assert pools[0].k[0].float().abs().max() == 448  # saturated, not NaN
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qkv_prepare_into_fp8_pools(ops: ModuleType, dtype: torch.dtype) -> None:
+    """The fused kernel's K/V stores into an 8-bit pool match the torch ops' (bit for bit in
+    float32; within one e4m3 step in bfloat16, where the interpreter's own bfloat16 rounding
+    of K can differ from torch's)."""
+    num_tokens, q_heads, kv_heads, head_dim = 5, 4, 2, 64
+    cache = ops.build_rope_cache(head_dim, 64, 10000.0, None, CPU)
+    qkv = _randn(num_tokens, (q_heads + 2 * kv_heads) * head_dim, dtype=dtype) * 3
+    norm = _randn(head_dim, dtype=dtype, seed=1)
+    positions = torch.tensor([0, 7, 3, 63, 12])
+    slots = torch.tensor([9, 2, 11, 5, 1])
+    pools = [KVPool(1, 12, kv_heads, head_dim, KV_FP8, CPU) for _ in range(2)]
+    for kernels, pool in ((ops, pools[0]), (torch_ops, pools[1])):
+        kernels.qkv_prepare(qkv, q_heads, kv_heads, positions, cache, norm, norm, EPS,
+                            pool.k[0], pool.v[0], slots)
+    assert torch.equal(pools[0].v[0].view(torch.uint8), pools[1].v[0].view(torch.uint8))
+    if dtype == torch.float32:
+        assert torch.equal(pools[0].k[0].view(torch.uint8), pools[1].k[0].view(torch.uint8))
+    else:
+        torch.testing.assert_close(pools[0].k[0].float(), pools[1].k[0].float(),
+                                   rtol=0.125, atol=2.0**-9)
+    assert pools[0].k[0][[0, 3, 4]].float().abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("prefix_lens", "extend_lens"), [
+    ([0, 70, 9], [1, 1, 1]),  # decode
+    ([0, 30, 5], [17, 4, 1]),  # prefill, extend and a one-token request: a mixed batch
+])
+def test_attention_over_fp8_pools(
+    ops: ModuleType, dtype: torch.dtype, prefix_lens: list[int], extend_lens: list[int]
+) -> None:
+    """The kernels read an 8-bit pool's K/V in q's dtype: the torch reference's result."""
+    num_slots = sum(prefix_lens) + sum(extend_lens) + 7
+    batch = _batch(prefix_lens, extend_lens, num_slots)
+    k_pool, v_pool = (pool.mul(4).to(KV_FP8) for pool in _pools(num_slots, 2, 64, dtype))
+    q = _randn(batch.num_tokens, 4, 64, dtype=dtype, seed=7)
+    out = ops.paged_attention(q, k_pool, v_pool, batch, 0.125, 2)
+    _close(out, torch_ops.paged_attention(q, k_pool, v_pool, batch, 0.125, 2))
+
+
+def test_cascade_attention_over_fp8_pools(ops: ModuleType) -> None:
+    from backend.cascade import plan_cascade
+
+    lists, _ = _cascade_case()
+    plan = plan_cascade(lists, min_prefix=16)
+    assert plan is not None
+    batch = build_forward_batch([[1]] * len(lists), [len(s) - 1 for s in lists], lists,
+                                [True] * len(lists), CPU)
+    batch = dataclasses.replace(batch, cascade=torch.tensor(plan, dtype=torch.int64).view(4, -1))
+    k_pool, v_pool = (pool.to(KV_FP8) for pool in _pools(2000, 2, 64, torch.bfloat16))
+    q = _randn(len(lists), 4, 64, dtype=torch.bfloat16, seed=9)
+    ops.prepare_attention(batch)
+    out = ops.paged_attention(q, k_pool, v_pool, batch, 0.125, 2)
+    _close(out, torch_ops.paged_attention(q, k_pool, v_pool, batch, 0.125, 2))

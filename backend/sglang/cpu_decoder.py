@@ -235,8 +235,10 @@ def unsupported_reason(model: CausalLM, kv_pool: KVPool) -> str | None:
     weight = model.model.embed_tokens.weight
     if weight.device.type != "cpu":
         return f"the model runs on {weight.device.type}, not the CPU"
-    if weight.dtype != torch.float32 or kv_pool.k[0].dtype != torch.float32:
+    if weight.dtype != torch.float32:
         return f"activations are {weight.dtype}; the C decoder runs float32 activations"
+    if kv_pool.k[0].dtype != torch.float32:
+        return f"the KV pool holds {kv_pool.k[0].dtype}; the C decoder reads float32 K/V"
     for linear in model.decoder_linears():
         quantized = linear.quantized
         if quantized is None or quantized.method != "int8" or quantized.int8_activations:

@@ -87,6 +87,7 @@ class NativeRunner:
         cpu_kernel: str = "torch",
         kernel_cache_dir: str = "",
         cascade_attention: bool = False,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         """`weight_quant` (`none` | `int8` | `int4`, already resolved; see
         backend.sglang.quant) packs every matmul weight once, after loading.
@@ -94,7 +95,8 @@ class NativeRunner:
         left after the weights. On CUDA, `cuda_graph` captures decode graphs for batches of
         up to `cuda_graph_max_bs` requests (backend.sglang.cuda_graph). `cascade_attention`
         asks for cascade decode attention (backend/cascade.py), which the runner uses when
-        its kernel set has it (`self.cascade_attention`)."""
+        its kernel set has it (`self.cascade_attention`). `kv_dtype` is the KV pool's dtype
+        (default: `dtype`; float8 e4m3 stores K/V in 8 bits)."""
         if weight_quant not in WEIGHT_QUANT_CHOICES:
             raise ValueError(f"unknown weight_quant {weight_quant!r}; known: "
                              f"{', '.join(WEIGHT_QUANT_CHOICES)}")
@@ -117,14 +119,15 @@ class NativeRunner:
         self.cascade_max_rows = cascade_rows_per_group(shape.num_heads, shape.num_kv_heads)
         self.cascade_attention = (cascade_attention and self.ops.CASCADE_ATTENTION
                                   and self.cascade_max_rows >= 2)
+        kv_dtype = kv_dtype or dtype
         if num_kv_slots <= 0:
             per_token = KVPool.bytes_per_token(
-                shape.num_layers, shape.num_kv_heads, shape.head_dim, dtype
+                shape.num_layers, shape.num_kv_heads, shape.head_dim, kv_dtype
             )
             num_kv_slots = slots_for_free_memory(per_token, kv_mem_fraction, device)
         self.num_kv_slots = num_kv_slots
         self.kv_pool = KVPool(
-            shape.num_layers, num_kv_slots, shape.num_kv_heads, shape.head_dim, dtype, device
+            shape.num_layers, num_kv_slots, shape.num_kv_heads, shape.head_dim, kv_dtype, device
         )
         config = self.model.config
         self.info = ModelInfo(

@@ -350,8 +350,8 @@ def paged_attention(
         return _decode_attention(q, k_pool_layer, v_pool_layer, plan, scale)
     out = torch.empty_like(q)
     for span in plan.extends:
-        k = k_pool_layer.index_select(0, span.kv_slots).unsqueeze(0)
-        v = v_pool_layer.index_select(0, span.kv_slots).unsqueeze(0)
+        k = k_pool_layer.index_select(0, span.kv_slots).unsqueeze(0).to(q.dtype)
+        v = v_pool_layer.index_select(0, span.kv_slots).unsqueeze(0).to(q.dtype)
         q_span = q[span.q_start : span.q_end].unsqueeze(0)
         causal = span.causal_mask is None
         out[span.q_start : span.q_end] = _attend(q_span, k, v, span.causal_mask, scale, causal)[0]
@@ -383,6 +383,7 @@ def _decode_attention(
         k = k_pool_layer.index_select(0, flat_slots).view(shape)
         v = v_pool_layer.index_select(0, flat_slots).view(shape)
     grouped_q = q.view(batch_size, num_kv_heads, -1, head_dim)
+    k, v = k.to(q.dtype), v.to(q.dtype)  # an 8-bit pool's K/V in the compute dtype
     out = F.scaled_dot_product_attention(
         grouped_q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.decode_mask, scale=scale
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from backend.batch import ForwardBatch
+from backend.kv_pool import KV_FP8
 from backend.sglang.kernels.torch_ops import build_rope_cache
 from backend.sglang.kernels.triton.cascade_attention import (
     cascade_decode_attention,
@@ -59,8 +60,10 @@ def _check_shapes(
         raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads}")
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {head_dim} exceeds the supported {MAX_HEAD_DIM}")
-    if k_pool_layer.dtype != q.dtype or v_pool_layer.dtype != q.dtype:
-        raise ValueError(f"KV pool dtype {k_pool_layer.dtype} differs from q's {q.dtype}")
+    if v_pool_layer.dtype != k_pool_layer.dtype or k_pool_layer.dtype not in (q.dtype,
+                                                                              KV_FP8):
+        raise ValueError(f"KV pool dtype {k_pool_layer.dtype} is neither q's {q.dtype} "
+                         f"nor {KV_FP8}")
     if k_pool_layer.stride(-1) != 1 or v_pool_layer.stride(-1) != 1:
         raise ValueError("KV pool rows must be contiguous in head_dim")
 

@@ -24,6 +24,36 @@ def upcast_dots() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def emulate_fp8(pool: torch.Tensor) -> bool:
+    """Whether stores into `pool` must round to float8 e4m3 themselves: Triton's CPU
+    interpreter converts to float8 wrongly (a rounding that carries into the exponent loses
+    it), so there kernels round first and the conversion that follows is exact."""
+    return upcast_dots() and pool.dtype == torch.float8_e4m3fn
+
+
+@triton.jit
+def to_pool(x, pool_ptr, EMULATE_FP8: tl.constexpr):
+    """`x` in the element type of `pool_ptr` (a KV pool: the model dtype or float8 e4m3,
+    saturating at ±448 like torch's conversion)."""
+    if EMULATE_FP8:
+        x = _round_to_e4m3(x.to(tl.float32))
+    return x.to(pool_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _round_to_e4m3(x):
+    """x rounded to the nearest float8 e4m3 value (ties to even), saturating at ±448."""
+    magnitude = tl.minimum(tl.abs(x), 448.0)
+    exponent = tl.maximum(tl.floor(tl.log2(tl.maximum(magnitude, 1e-30))), -6.0)
+    step = tl.exp2(exponent - 3.0)  # three mantissa bits; subnormals below 2^-6
+    scaled = magnitude / step
+    whole = tl.floor(scaled)
+    frac = scaled - whole
+    up = (frac > 0.5) | ((frac == 0.5) & (whole % 2 == 1))
+    rounded = tl.where(up, whole + 1.0, whole) * step
+    return tl.where(x < 0, -rounded, rounded)
+
+
 @triton.jit
 def mma(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """`a @ b` accumulated in float32."""
@@ -52,7 +82,7 @@ def attend_slots(
         n_mask = n < hi
         slots = tl.load(slot_ptr + n, mask=n_mask, other=0)
         k_ptrs = k_pool_ptr + slots[None, :] * stride_k_slot + kv_head * stride_k_head + d[:, None]
-        k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0).to(q.dtype)
         scores = mma(q, k, DOT_PRECISION, UPCAST) * scale_log2
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -60,7 +90,7 @@ def attend_slots(
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_ptrs = v_pool_ptr + slots[:, None] * stride_v_slot + kv_head * stride_v_head + d[None, :]
-        v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST)
         m_i = m_new
     has_keys = l_i > 0.0

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from backend.sglang.kernels.triton.common import emulate_fp8, to_pool
+
 _SILU_BLOCK = 1024
 
 
@@ -108,7 +110,7 @@ def _store_kv_kernel(
     stride_kp_slot, stride_kp_head, stride_vp_slot, stride_vp_head,
     stride_kt, stride_kh, stride_vt, stride_vh,
     num_heads, head_dim,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_FP8: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + token)
@@ -119,8 +121,8 @@ def _store_kv_kernel(
     v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + offs, mask=mask)
     k_dst = k_pool_ptr + slot * stride_kp_slot + heads * stride_kp_head + offs
     v_dst = v_pool_ptr + slot * stride_vp_slot + heads * stride_vp_head + offs
-    tl.store(k_dst, k.to(k_pool_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_dst, v.to(v_pool_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_dst, to_pool(k, k_pool_ptr, EMULATE_FP8), mask=mask)
+    tl.store(v_dst, to_pool(v, v_pool_ptr, EMULATE_FP8), mask=mask)
 
 
 def store_kv(
@@ -149,6 +151,7 @@ def store_kv(
             num_heads, head_dim,
             BLOCK_H=triton.next_power_of_2(num_heads),
             BLOCK_D=triton.next_power_of_2(head_dim),
+            EMULATE_FP8=emulate_fp8(k_pool_layer),
         )
 
 
@@ -185,7 +188,7 @@ def _qkv_prepare_kernel(
     stride_t, stride_cache, stride_kp, stride_vp,
     num_q_heads, num_kv_heads, half, eps,
     HAS_NORM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, EMULATE_FP8: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token)
@@ -208,14 +211,15 @@ def _qkv_prepare_kernel(
                                         HAS_NORM, BLOCK_HK, BLOCK_HALF)
     kv_heads = tl.arange(0, BLOCK_HK)[:, None]
     k_dst = k_pool_ptr + slot * stride_kp + kv_heads * head_dim + offs[None, :]
-    pool_dtype = k_pool_ptr.dtype.element_ty
-    tl.store(k_dst, k1.to(q_dtype).to(pool_dtype), mask=k_mask)
-    tl.store(k_dst + half, k2.to(q_dtype).to(pool_dtype), mask=k_mask)
+    # K rounds to the model dtype first, as the torch path's K does before its pool cast
+    tl.store(k_dst, to_pool(k1.to(q_dtype), k_pool_ptr, EMULATE_FP8), mask=k_mask)
+    tl.store(k_dst + half, to_pool(k2.to(q_dtype), k_pool_ptr, EMULATE_FP8), mask=k_mask)
     v_src = k_src + num_kv_heads * head_dim + kv_heads * head_dim + offs[None, :]
     v_dst = v_pool_ptr + slot * stride_vp + kv_heads * head_dim + offs[None, :]
-    v_pool_dtype = v_pool_ptr.dtype.element_ty
-    tl.store(v_dst, tl.load(v_src, mask=k_mask).to(v_pool_dtype), mask=k_mask)
-    tl.store(v_dst + half, tl.load(v_src + half, mask=k_mask).to(v_pool_dtype), mask=k_mask)
+    v1 = tl.load(v_src, mask=k_mask)
+    v2 = tl.load(v_src + half, mask=k_mask)
+    tl.store(v_dst, to_pool(v1, v_pool_ptr, EMULATE_FP8), mask=k_mask)
+    tl.store(v_dst + half, to_pool(v2, v_pool_ptr, EMULATE_FP8), mask=k_mask)
 
 
 def qkv_prepare(
@@ -259,5 +263,6 @@ def qkv_prepare(
             BLOCK_HQ=triton.next_power_of_2(num_q_heads),
             BLOCK_HK=triton.next_power_of_2(num_kv_heads),
             BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+            EMULATE_FP8=emulate_fp8(k_pool_layer),
         )
     return q_out

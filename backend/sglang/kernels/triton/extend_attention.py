@@ -62,7 +62,7 @@ def _extend_kernel(
             slots = tl.load(kv_indices_ptr + kv_start + n, mask=n_mask, other=0)
             k_ptrs = (k_pool_ptr + slots[None, :] * stride_k_slot + kv_head * stride_k_head
                       + d[:, None])
-            k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+            k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0).to(q.dtype)
             scores = mma(q, k, DOT_PRECISION, UPCAST_DOTS) * scale_log2
             visible = n_mask[None, :] & (n[None, :] <= last_visible[:, None])
             scores = tl.where(visible, scores, float("-inf"))
@@ -72,7 +72,7 @@ def _extend_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v_ptrs = (v_pool_ptr + slots[:, None] * stride_v_slot + kv_head * stride_v_head
                       + d[None, :])
-            v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)
             acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOTS)
             m_i = m_new
 
