@@ -12,7 +12,8 @@
 #        [sweep] [timeline] [pool] [image] [fp8]
 # `image` runs model_configs/z-image-turbo (the pipeline's architecture, no weights: they are
 # random, --load-format dummy) with the carried tokenizer standing in for Qwen's.
-# `fp8` runs the bf16 agreement and the three workloads with K/V in 8 bits (KV_CACHE_DTYPE).
+# `fp8` runs the kernel checks, the bf16 agreement and the three workloads with K/V in 8 bits
+# (KV_CACHE_DTYPE=fp8_e4m3).
 # `pool` needs two GPUs (device kind nvidia-h100-x2): offline on one GPU, then through a pool
 # of one engine per GPU (worker processes, then threads of one process), then shared_prefix
 # through the pool with rr and with cache_aware.
@@ -67,6 +68,7 @@ for step in $steps; do
           | tee "$OUT/pool-shared-$mode.txt"
       done ;;
     fp8)
+      python3 benchmarks/kernel_check.py --kv-dtype fp8_e4m3 2>&1 | tee "$OUT/kernels-fp8.txt"
       python3 -m benchmarks.bf16_agreement --config model_configs/qwen3-0.6b --kv-dtype fp8_e4m3 \
         --results-dir "$OUT" 2>&1 | tee "$OUT/fp8-agreement.txt"
       for workload in latency offline shared_prefix; do

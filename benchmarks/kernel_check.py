@@ -32,7 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backend.batch import ForwardBatch, build_forward_batch  # noqa: E402
 from backend.sglang.kernels import torch_ops  # noqa: E402
 
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+# float8 e4m3 (an 8-bit KV pool): one step of its 3-bit mantissa, where the two sides round
+# K to the model dtype differently before the pool cast
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3,
+             torch.float8_e4m3fn: 0.125}
 
 
 @dataclass(frozen=True)
@@ -128,19 +131,21 @@ class TorchStore:
     @staticmethod
     def store_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
                  k: torch.Tensor, v: torch.Tensor) -> None:
-        k_pool[slots] = k
-        v_pool[slots] = v
+        k_pool[slots] = k.to(k_pool.dtype)
+        v_pool[slots] = v.to(v_pool.dtype)
 
 
 def store_call(
-    slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_shape: tuple[int, ...]
+    slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_shape: tuple[int, ...],
+    kv_dtype: torch.dtype,
 ) -> Callable[[Any], Any]:
     """Store into pools of its own per kernel set and return them."""
     pools: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def call(ops: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if id(ops) not in pools:
-            pools[id(ops)] = (k.new_zeros(pool_shape), v.new_zeros(pool_shape))
+            pools[id(ops)] = (k.new_zeros(pool_shape, dtype=kv_dtype),
+                              v.new_zeros(pool_shape, dtype=kv_dtype))
         k_pool, v_pool = pools[id(ops)]
         ops.store_kv(k_pool, v_pool, slots, k, v)
         return k_pool, v_pool
@@ -150,14 +155,16 @@ def store_call(
 
 def qkv_prepare_call(
     qkv: torch.Tensor, s: Shapes, positions: torch.Tensor, cache: torch.Tensor,
-    head_weight: torch.Tensor, slots: torch.Tensor, pool_shape: tuple[int, ...]
+    head_weight: torch.Tensor, slots: torch.Tensor, pool_shape: tuple[int, ...],
+    kv_dtype: torch.dtype,
 ) -> Callable[[Any], Any]:
     """q/k norms + rotary + K/V store (one op), into pools of its own per kernel set."""
     pools: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def call(ops: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if id(ops) not in pools:
-            pools[id(ops)] = (qkv.new_zeros(pool_shape), qkv.new_zeros(pool_shape))
+            pools[id(ops)] = (qkv.new_zeros(pool_shape, dtype=kv_dtype),
+                              qkv.new_zeros(pool_shape, dtype=kv_dtype))
         k_pool, v_pool = pools[id(ops)]
         q = ops.qkv_prepare(qkv, s.q_heads, s.kv_heads, positions, cache, head_weight,
                             head_weight, 1e-6, k_pool, v_pool, slots)
@@ -180,7 +187,8 @@ def paged_batch(
 
 
 def elementwise_rows(
-    triton_ops: Any, s: Shapes, dtype: torch.dtype, device: torch.device, iters: int
+    triton_ops: Any, s: Shapes, dtype: torch.dtype, device: torch.device, iters: int,
+    kv_dtype: torch.dtype,
 ) -> list[Row]:
     rows = []
     num_slots = s.decode_batch * s.decode_len
@@ -212,9 +220,10 @@ def elementwise_rows(
             ("silu_and_mul", f"{tokens}x{2 * s.intermediate}", torch_ops,
              op_call("silu_and_mul", gate_up)),
             ("store_kv", f"{tokens}x{s.kv_heads}x{s.head_dim}", TorchStore,
-             store_call(slots, k, v, pool_shape)),
+             store_call(slots, k, v, pool_shape, kv_dtype)),
             ("qkv_prepare", f"{tokens}x{qkv_width}", torch_ops,
-             qkv_prepare_call(qkv, s, positions, cache, head_weight, slots, pool_shape)),
+             qkv_prepare_call(qkv, s, positions, cache, head_weight, slots, pool_shape,
+                              kv_dtype)),
         ]
         for op, shape, reference_ops, call in cases:
             rows.append(compare(f"{op} ({label})", shape, call, reference_ops, triton_ops,
@@ -248,7 +257,8 @@ def linear_rows(
 
 
 def attention_rows(
-    triton_ops: Any, s: Shapes, dtype: torch.dtype, device: torch.device, iters: int
+    triton_ops: Any, s: Shapes, dtype: torch.dtype, device: torch.device, iters: int,
+    kv_dtype: torch.dtype,
 ) -> list[Row]:
     half = s.extend_batch // 2 or 1
     mixed_decodes = s.decode_batch // 2 or 1
@@ -268,17 +278,23 @@ def attention_rows(
     for label, (prefix_lens, extend_lens) in batches.items():
         num_slots = sum(prefix_lens) + sum(extend_lens) + 16
         batch = paged_batch(prefix_lens, extend_lens, num_slots, device)
-        k_pool = torch.randn(num_slots + 1, s.kv_heads, s.head_dim, dtype=dtype, device=device)
-        v_pool = torch.randn_like(k_pool)
+        k_pool, v_pool = random_pools((num_slots + 1, s.kv_heads, s.head_dim), kv_dtype, device)
         q = torch.randn(batch.num_tokens, s.q_heads, s.head_dim, dtype=dtype, device=device)
 
         call = op_call("paged_attention", q, k_pool, v_pool, batch, scale, s.kv_heads)
         rows.append(compare("paged_attention", label, call, torch_ops, triton_ops, device, iters))
-    return rows + cascade_rows(triton_ops, s, dtype, device, iters)
+    return rows + cascade_rows(triton_ops, s, dtype, device, iters, kv_dtype)
+
+
+def random_pools(shape: tuple[int, ...], kv_dtype: torch.dtype, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    k_pool = torch.randn(shape, device=device).to(kv_dtype)
+    return k_pool, torch.randn(shape, device=device).to(kv_dtype)
 
 
 def cascade_rows(
-    triton_ops: Any, s: Shapes, dtype: torch.dtype, device: torch.device, iters: int
+    triton_ops: Any, s: Shapes, dtype: torch.dtype, device: torch.device, iters: int,
+    kv_dtype: torch.dtype,
 ) -> list[Row]:
     """A decode batch in groups of CASCADE_MAX_ROWS sharing a decode_len prefix (plus 128
     tokens each of their own), without and with its cascade plan."""
@@ -301,8 +317,7 @@ def cascade_rows(
     planned = dataclasses.replace(
         batch, cascade=torch.tensor(plan, dtype=torch.int64, device=device).view(4, -1))
     num_slots = max(max(x) for x in lists)
-    k_pool = torch.randn(num_slots + 1, s.kv_heads, s.head_dim, dtype=dtype, device=device)
-    v_pool = torch.randn_like(k_pool)
+    k_pool, v_pool = random_pools((num_slots + 1, s.kv_heads, s.head_dim), kv_dtype, device)
     q = torch.randn(len(lists), s.q_heads, s.head_dim, dtype=dtype, device=device)
     scale = s.head_dim**-0.5
 
@@ -335,18 +350,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--small", action="store_true", help="tiny shapes (interpreter runs)")
+    parser.add_argument("--kv-dtype", default="auto", choices=["auto", "fp8_e4m3"],
+                        help="the KV pools of store_kv, qkv_prepare and attention")
     args = parser.parse_args(argv)
     from backend.sglang.kernels import triton_ops
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    kv_dtype = torch.float8_e4m3fn if args.kv_dtype == "fp8_e4m3" else dtype
     shapes = Shapes.small() if args.small else Shapes()
     torch.manual_seed(0)
-    rows = elementwise_rows(triton_ops, shapes, dtype, device, args.iters)
-    rows += attention_rows(triton_ops, shapes, dtype, device, args.iters)
+    rows = elementwise_rows(triton_ops, shapes, dtype, device, args.iters, kv_dtype)
+    rows += attention_rows(triton_ops, shapes, dtype, device, args.iters, kv_dtype)
     rows += linear_rows(triton_ops, shapes, dtype, device, args.iters)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{name}, {args.dtype}, {shapes}")
+    print(f"{name}, {args.dtype}, KV {kv_dtype}, {shapes}")
     print(table(rows))
     return 0 if all(r.ok for r in rows) else 1
 

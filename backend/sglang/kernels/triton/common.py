@@ -34,9 +34,11 @@ def emulate_fp8(pool: torch.Tensor) -> bool:
 @triton.jit
 def to_pool(x, pool_ptr, EMULATE_FP8: tl.constexpr):
     """`x` in the element type of `pool_ptr` (a KV pool: the model dtype or float8 e4m3,
-    saturating at ±448 like torch's conversion)."""
+    saturating at ±448 like torch's conversion). Through float32, which holds any model
+    dtype exactly: a single rounding, and a conversion to float8 every card has."""
+    x = x.to(tl.float32)
     if EMULATE_FP8:
-        x = _round_to_e4m3(x.to(tl.float32))
+        x = _round_to_e4m3(x)
     return x.to(pool_ptr.dtype.element_ty)
 
 
