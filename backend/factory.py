@@ -74,6 +74,8 @@ def create_runner(config: Config, source: ModelSource) -> ModelRunner:
     if impl == "mlx":
         raise ConfigError("BACKEND_IMPL=mlx runs in its own engine: build engines with "
                           "backend.factory.create_engine (the server and pool do)")
+    if config.kv_cache_dtype != "auto" and device.type == "mps":
+        raise ConfigError(f"KV_CACHE_DTYPE={config.kv_cache_dtype}: MPS has no float8 tensors")
     if impl in ("auto", "sgl", "torch"):
         from backend.sglang.quant import resolve_weight_quant
         from backend.sglang.runner import NativeRunner, UnsupportedModelError
