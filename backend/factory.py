@@ -33,6 +33,19 @@ def kv_cache_tokens(config: Config, device: torch.device) -> int:
     return config.kv_cache_cpu_tokens
 
 
+def check_kv_cache_dtype(config: Config, device: torch.device) -> None:
+    """KV_CACHE_DTYPE=fp8_e4m3 needs float8 on the device: CUDA cards of compute capability
+    8.9 or later (Ada, Hopper and newer; Triton has no float8 e4m3 before), or the CPU."""
+    if config.kv_cache_dtype == "auto":
+        return
+    if device.type == "mps":
+        raise ConfigError(f"KV_CACHE_DTYPE={config.kv_cache_dtype}: MPS has no float8 tensors")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ConfigError(f"KV_CACHE_DTYPE={config.kv_cache_dtype} needs a GPU of compute "
+                          f"capability 8.9 or later (this one: "
+                          f"{torch.cuda.get_device_capability(device)})")
+
+
 def resolve_backend(config: Config) -> str:
     """BACKEND_IMPL with `auto` settled between mlx and the torch runners: "mlx" when forced
     (MLX must import, else a ConfigError says how to install it) or, under auto, on Apple
@@ -74,8 +87,7 @@ def create_runner(config: Config, source: ModelSource) -> ModelRunner:
     if impl == "mlx":
         raise ConfigError("BACKEND_IMPL=mlx runs in its own engine: build engines with "
                           "backend.factory.create_engine (the server and pool do)")
-    if config.kv_cache_dtype != "auto" and device.type == "mps":
-        raise ConfigError(f"KV_CACHE_DTYPE={config.kv_cache_dtype}: MPS has no float8 tensors")
+    check_kv_cache_dtype(config, device)
     if impl in ("auto", "sgl", "torch"):
         from backend.sglang.quant import resolve_weight_quant
         from backend.sglang.runner import NativeRunner, UnsupportedModelError

@@ -9,6 +9,15 @@ import torch
 logger = logging.getLogger(__name__)
 
 KV_FP8 = torch.float8_e4m3fn  # KV_CACHE_DTYPE=fp8_e4m3: K/V stored unscaled (±448 saturates)
+FP8_MAX = 448.0
+
+
+def to_pool_dtype(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """x cast for storing in `pool`; into float8, saturated at ±448 first (some torch
+    versions turn larger values into NaN rather than the largest finite one)."""
+    if pool.dtype == KV_FP8:
+        x = x.clamp(-FP8_MAX, FP8_MAX)
+    return x.to(pool.dtype)
 
 
 class KVPool:
@@ -37,8 +46,8 @@ class KVPool:
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [T, num_kv_heads, head_dim] into `slots` [T] of `layer`."""
-        self.k[layer][slots] = k.to(self.k[layer].dtype)
-        self.v[layer][slots] = v.to(self.v[layer].dtype)
+        self.k[layer][slots] = to_pool_dtype(k, self.k[layer])
+        self.v[layer][slots] = to_pool_dtype(v, self.v[layer])
 
 
 def slots_for_free_memory(bytes_per_token: int, fraction: float, device: torch.device) -> int:

@@ -30,7 +30,7 @@ from engine.scheduler import Scheduler, StepPlan
 logger = logging.getLogger(__name__)
 
 WARMUP_LONG_TOKENS = 300  # a context the split-K decode kernel splits (over its 256-token slice)
-WARMUP_TIMEOUT_S = 600.0  # first kernel compiles on a fresh GPU included
+WARMUP_TIMEOUT_S = 300.0  # per warm-up request pair, first kernel compiles included
 
 __all__ = ["MAX_N", "Engine", "EngineStats", "GenerateOutput", "Prompt"]
 
@@ -98,35 +98,47 @@ class Engine(EngineBase):
         gc.freeze()
 
     def warmup(self) -> None:
-        """The base warm-up; on CUDA also a prefill alone and a prefill beside a request
-        decoding a long context, so the launches of those step kinds (the extend kernel
-        without one-token rows, the split-K kernel for a mixed step's long one-token row)
-        compile here and not in the first such step of real traffic."""
+        """The base warm-up; on CUDA also, beside a request decoding a short and then a long
+        context, a prompt prefilled in the same steps (mixed steps whose one-token row takes
+        the split-K kernel with one slice, then with several), so those launches compile
+        here and not in the first such step of real traffic."""
         super().warmup()
         if self.runner.device.type == "cuda":
-            self._warm_prefill_beside_long_decode()
+            for context in (8, WARMUP_LONG_TOKENS):
+                self._warm_prefill_beside_decode(context)
 
-    def _warm_prefill_beside_long_decode(self) -> None:
+    def _warm_prefill_beside_decode(self, context: int) -> None:
+        """A prompt of about `context` tokens, alone in its prefill step, then decoding; at
+        its first token a second prompt is queued from the loop thread, so that it is
+        prefilled while the first still decodes. At most WARMUP_TIMEOUT_S in all."""
         unit = self.tokenize("Hello, ")
-        long_prompt = unit * (WARMUP_LONG_TOKENS // len(unit) + 1)
-        if len(long_prompt) + 64 > min(self.max_context_len, self.runner.num_kv_slots // 2):
+        first = unit * (context // len(unit) + 1)
+        if len(first) + 64 > min(self.max_context_len, self.runner.num_kv_slots // 2):
             return
-        params = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
-        decoding, finished = threading.Event(), threading.Event()
+        second = self.tokenize("A prompt of its own, prefilled beside a decoding one.")
+        queued, first_done, second_done = (threading.Event() for _ in range(3))
 
-        def sink(delta: StreamDelta) -> None:
-            if delta.token_ids:
-                decoding.set()
+        def second_sink(delta: StreamDelta) -> None:
             if delta.finished:
-                finished.set()
-                decoding.set()
+                second_done.set()
 
-        self.submit(long_prompt, params, sink)  # alone in its step: a prefill with no decodes
-        if decoding.wait(WARMUP_TIMEOUT_S):
-            self.generate([self.tokenize("A prompt of its own.")],
-                          SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True))
-        if not finished.wait(WARMUP_TIMEOUT_S):
-            logger.warning("warm-up did not finish in %.0f s", WARMUP_TIMEOUT_S)
+        def first_sink(delta: StreamDelta) -> None:  # on the loop thread
+            if delta.token_ids and not delta.finished and not queued.is_set():
+                queued.set()
+                self.submit(second, SamplingParams(max_new_tokens=2, temperature=0.0,
+                                                   ignore_eos=True), second_sink)
+            if delta.finished:
+                if not queued.is_set():
+                    second_done.set()  # nothing was queued beside it
+                first_done.set()
+
+        self.submit(first, SamplingParams(max_new_tokens=32, temperature=0.0,
+                                          ignore_eos=True), first_sink)
+        deadline = time.monotonic() + WARMUP_TIMEOUT_S
+        for event in (first_done, second_done):
+            if not event.wait(max(0.0, deadline - time.monotonic())):
+                logger.warning("warm-up did not finish in %.0f s", WARMUP_TIMEOUT_S)
+                return
 
     def _cascade_min_prefix(self) -> int:
         """CASCADE_MIN_PREFIX where the runner does cascade attention, else 0 (off)."""

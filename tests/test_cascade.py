@@ -91,3 +91,45 @@ def test_sorting_for_cascade_keeps_the_oldest_request_when_memory_runs_out() -> 
             scheduler.release_finished(plan.sample_reqs)
         assert steps[-1] == ["old"], (min_prefix, steps)
         assert [r.rid for r in scheduler.waiting] == ["new"]
+
+
+def test_decode_steps_carry_a_plan_and_mixed_steps_none() -> None:
+    """Two requests sharing a cached prefix decode in a group; while a third prompt is
+    prefilled beside them (mixed steps) the batch carries no plan, its one-token requests
+    named in single_rows for the plain split-K kernel."""
+    scheduler = Scheduler(
+        Config(max_running_requests=8, chunked_prefill_size=16, prefix_cache=True),
+        num_slots=400, device=torch.device("cpu"), max_context_len=256, cascade_min_prefix=16,
+    )
+    shared = list(range(3, 43))
+
+    def request(rid: str, prompt: list[int]) -> Req:
+        return Req(rid=rid, prompt_ids=prompt, params=SamplingParams(max_new_tokens=30),
+                   sink=lambda d: None)
+
+    scheduler.add(request("a", shared + [50]))
+    scheduler.add(request("b", shared + [60, 61]))
+    kinds = []
+    for step in range(40):
+        if step == 12:
+            scheduler.add(request("c", list(range(100, 160))))
+        plan = scheduler.schedule()
+        if plan is None:
+            break
+        assert plan.batch is not None
+        mixed = not plan.batch.is_decode
+        if mixed:
+            assert plan.batch.cascade is None
+        elif len(plan.reqs) > 1:
+            assert plan.batch.cascade is not None
+        if mixed and any(n == 1 for n in plan.batch.extend_lens):
+            assert plan.batch.single_rows is not None
+            kinds.append("mixed with decodes")
+        elif not mixed and plan.batch.cascade is not None:
+            kinds.append("grouped decode")
+        for req in plan.sample_reqs:
+            req.token_ids.append(5)
+        scheduler.cache_prompts(plan, None)
+        scheduler.release_finished(plan.sample_reqs)
+    assert "mixed with decodes" in kinds and "grouped decode" in kinds
+    assert scheduler.stats.num_cascade_steps == kinds.count("grouped decode")

@@ -380,11 +380,12 @@ def test_mixed_batch_sends_its_one_token_requests_to_the_decode_kernel(ops: Modu
 # --- K/V in 8 bits (KV_CACHE_DTYPE=fp8_e4m3) ---------------------------------------------
 
 
-@pytest.mark.parametrize("kv_dtype", DTYPES)
-def test_store_kv_into_fp8_rounds_as_torch_does(ops: ModuleType, kv_dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("input_dtype", DTYPES)
+def test_store_kv_into_fp8_rounds_as_torch_does(ops: ModuleType, input_dtype: torch.dtype
+                                                ) -> None:
     """Nearest e4m3 value, ties to even, saturating at ±448: the same bits as torch's cast."""
     pools = [KVPool(1, 12, 2, 80, KV_FP8, CPU) for _ in range(2)]
-    kv = _randn(4, 2 * 2 * 80, dtype=kv_dtype) * 200  # some beyond ±448, some subnormal
+    kv = _randn(4, 2 * 2 * 80, dtype=input_dtype) * 200  # some beyond ±448, some subnormal
     k = kv[:, : 2 * 80].view(4, 2, 80)
     v = kv[:, 2 * 80 :].view(4, 2, 80)
     slots = torch.tensor([9, 2, 11, 5])

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from backend.batch import ForwardBatch
+from backend.kv_pool import to_pool_dtype
 
 _ROPE_TYPE_KEYS = ("rope_type", "type")
 _T = TypeVar("_T")
@@ -289,8 +290,8 @@ def store_kv(
     v: torch.Tensor,
 ) -> None:
     """Write k, v [T, Hkv, D] into the pool rows `slots` [T] (cast to the pool's dtype)."""
-    k_pool_layer[slots] = k.to(k_pool_layer.dtype)
-    v_pool_layer[slots] = v.to(v_pool_layer.dtype)
+    k_pool_layer[slots] = to_pool_dtype(k, k_pool_layer)
+    v_pool_layer[slots] = to_pool_dtype(v, v_pool_layer)
 
 
 def qkv_prepare(

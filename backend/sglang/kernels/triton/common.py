@@ -34,11 +34,14 @@ def emulate_fp8(pool: torch.Tensor) -> bool:
 @triton.jit
 def to_pool(x, pool_ptr, EMULATE_FP8: tl.constexpr):
     """`x` in the element type of `pool_ptr` (a KV pool: the model dtype or float8 e4m3,
-    saturating at ±448 like torch's conversion). Through float32, which holds any model
-    dtype exactly: a single rounding, and a conversion to float8 every card has."""
+    saturating at ±448 like the torch stores). Through float32, which holds any model dtype
+    exactly: a single rounding, and the float8 conversion Triton has (compute capability
+    8.9 and later; backend.factory refuses the 8-bit pool on older cards)."""
     x = x.to(tl.float32)
-    if EMULATE_FP8:
-        x = _round_to_e4m3(x)
+    if pool_ptr.dtype.element_ty == tl.float8e4nv:
+        x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+        if EMULATE_FP8:
+            x = _round_to_e4m3(x)
     return x.to(pool_ptr.dtype.element_ty)
 
 

@@ -25,8 +25,9 @@ from backend.sglang.kernels.triton.common import (
 )
 
 # arguments that change with the batch (slice counts, and the log-sum-exp strides that
-# follow them): not specialised on, so a new slice count reuses the compiled kernel rather
-# than compiling another in the middle of traffic
+# follow them): not specialised on, so a new slice count reuses the compiled split kernel
+# rather than compiling another in the middle of traffic (the merge kernel still compiles
+# once per power-of-two slice block; graph capture goes through those)
 SPLIT_ARGS = ("num_splits", "stride_lb", "stride_lh")
 _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 32
