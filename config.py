@@ -146,7 +146,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("KV_CACHE_DTYPE", "kv_cache_dtype", _choice("auto", "fp8_e4m3"), "auto",
          "K/V storage; auto = DTYPE; fp8_e4m3 = 8-bit floats: twice the tokens in the same "
          "memory and half the bytes for attention to read, at a small cost in accuracy "
-         "(stored unscaled, beyond ±448 saturates; native runner only)."),
+         "(stored unscaled, beyond ±448 saturates; native runner, on CUDA cards of compute "
+         "capability 8.9 or later, or the CPU)."),
     Flag("KV_CACHE_MEM_FRACTION", "kv_cache_mem_fraction", _fraction, "0.85",
          "Fraction of free accelerator memory, after weights, for the KV pool."),
     Flag("KV_CACHE_CPU_TOKENS", "kv_cache_cpu_tokens", _int_at_least(16), "65536",
