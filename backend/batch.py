@@ -18,6 +18,7 @@ Slot 0 of the pool is a padding slot that no request owns.
 
 from __future__ import annotations
 
+import array
 import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -159,13 +160,14 @@ def build_forward_batch_from_table(
             logits_indices.append(qo_indptr[-1] - 1)
     if len(flat_out_slots) != len(flat_ids):
         raise ValueError("out_slots must hold one slot per new token")
-    write_index, write_slots = table.take_writes()
+    write_starts, write_lengths, write_slots = table.take_writes()
     singles = single_token_rows(extend_lens, qo_indptr)
     parts = [flat_ids, positions, flat_out_slots, qo_indptr, kv_indptr, logits_indices, rows,
-             write_index, write_slots, cascade or [], singles]
+             write_starts, write_lengths, write_slots, cascade or [], singles]
     (input_ids, positions_t, out_slots_t, qo_indptr_t, kv_indptr_t, logits_t, rows_t,
-     write_index_t, write_slots_t, cascade_t, singles_t) = to_device_at_once(parts, table.device)
-    table.apply_writes(write_index_t, write_slots_t)
+     write_starts_t, write_lengths_t, write_slots_t, cascade_t, singles_t) = to_device_at_once(
+        parts, table.device)
+    table.apply_writes(write_starts_t, write_lengths_t, write_slots_t)
     return ForwardBatch(
         input_ids=input_ids,
         positions=positions_t,
@@ -193,14 +195,19 @@ def single_token_rows(extend_lens: list[int], qo_indptr: list[int]) -> list[int]
 def to_device_at_once(parts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
     """int64 device tensors of `parts` through one host→device copy (pinned on CUDA); each
     starts 16-byte aligned, as a tensor of its own would."""
-    packed: list[int] = []
+    packed = array.array("q")  # C int64s: ~4x faster to fill and wrap than torch.tensor(list)
     bounds: list[tuple[int, int]] = []
     for values in parts:
         start = len(packed)
         packed.extend(values)
         bounds.append((start, len(packed)))
-        packed.extend([0] * (len(values) % 2))
-    host = torch.tensor(packed, dtype=torch.int64, pin_memory=device.type == "cuda")
+        if len(values) % 2:
+            packed.append(0)
+    if not packed:
+        packed.append(0)  # frombuffer needs a non-empty buffer
+    host = torch.frombuffer(packed, dtype=torch.int64)  # shares (and keeps alive) `packed`
+    if device.type == "cuda":  # an asynchronous copy needs pinned host memory
+        host = torch.empty_like(host, pin_memory=True).copy_(host)
     on_device = host.to(device, non_blocking=True)
     return [on_device[start:end] for start, end in bounds]
 

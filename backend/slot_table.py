@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
+from backend.batch import to_device_at_once
+
 logger = logging.getLogger(__name__)
 
 PADDING_ROW = 0
@@ -99,37 +101,41 @@ class SlotTable:
         """Staged slot writes not yet applied."""
         return sum(len(c) for chunks in self._pending.values() for _, c in chunks)
 
-    def take_writes(self) -> tuple[list[int], list[int]]:
-        """The staged writes as (flat index into `table.view(-1)`, slot) lists; clears them.
-        The caller applies them with `apply_writes` before the width can change."""
-        flat: list[int] = []
+    def take_writes(self) -> tuple[list[int], list[int], list[int]]:
+        """The staged writes as runs: each run's first flat index into `table.view(-1)`, its
+        length, and all runs' slots back to back; clears them. The caller applies them with
+        `apply_writes` before the width can change. Runs rather than one index per slot:
+        admitting a request with a long cached prefix writes thousands of slots."""
+        starts: list[int] = []
+        lengths: list[int] = []
         values: list[int] = []
         width = self.width
         for row, chunks in self._pending.items():
             for start, slots in chunks:
-                base = row * width + start
-                flat.extend(range(base, base + len(slots)))
+                starts.append(row * width + start)
+                lengths.append(len(slots))
                 values.extend(slots)
         self._pending.clear()
-        return flat, values
+        return starts, lengths, values
 
-    def apply_writes(self, flat: torch.Tensor, values: torch.Tensor) -> None:
+    def apply_writes(self, starts: torch.Tensor, lengths: torch.Tensor,
+                     values: torch.Tensor) -> None:
         """Apply writes from `take_writes`, given as int64 tensors on the table's device."""
-        if flat.numel():
-            self.table.view(-1).index_copy_(0, flat, values.to(torch.int32))
+        total = values.numel()
+        if not total:
+            return
+        # flat index of value i: its run's start plus its place in the run (no host sync:
+        # the output size is known here)
+        run_offsets = torch.cumsum(lengths, 0) - lengths
+        flat = (torch.repeat_interleave(starts - run_offsets, lengths, output_size=total)
+                + torch.arange(total, device=values.device))
+        self.table.view(-1).index_copy_(0, flat, values.to(torch.int32))
 
     def flush(self) -> None:
         """Apply the staged writes now, with their own host→device copy."""
-        flat, values = self.take_writes()
-        if not flat:
-            return
-        packed = torch.tensor(flat + values, dtype=torch.int64, pin_memory=self._pin)
-        on_device = packed.to(self.device, non_blocking=True)
-        self.apply_writes(on_device[: len(flat)], on_device[len(flat) :])
-
-    @property
-    def _pin(self) -> bool:
-        return self.device.type == "cuda"
+        starts, lengths, values = self.take_writes()
+        if values:
+            self.apply_writes(*to_device_at_once([starts, lengths, values], self.device))
 
     def _grow(self, needed: int) -> None:
         if needed > self.max_width:
