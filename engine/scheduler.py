@@ -262,7 +262,9 @@ class Scheduler:
         if end >= len(req.prompt_ids):
             return False
         head = req.token_ids[:end]
-        return any(len(ids) > end and ids[:end] == head for ids in prefilling)
+        last = head[-1]  # a cheap test first: most prompts differ at that token already
+        return any(len(ids) > end and ids[end - 1] == last and ids[:end] == head
+                   for ids in prefilling)
 
     # ------------------------------------------------------------- KV slots
     def _alloc(self, n: int) -> list[int] | None:
