@@ -183,6 +183,15 @@ def test_report_percentiles_and_files(tmp_path: Path) -> None:
     assert result.table().splitlines()[2].split() == ["x", "1.5"]
 
 
+def test_scheduler_profile_reports_both_step_kinds(script_env: dict[str, str]) -> None:
+    result = run_script(script_env, "-m", "benchmarks.scheduler_profile", "--num-prompts",
+                        "32", "--top", "3")
+    assert result.returncode == 0, result.stderr
+    counts = {line.split()[0]: int(line.split()[2]) for line in result.stdout.splitlines()
+              if line.startswith(("mixed ", "decode "))}
+    assert counts["mixed"] > 0 and counts["decode"] >= 100  # 128 new tokens each
+
+
 def test_step_timeline_counts_the_steps_of_a_workload(script_env: dict[str, str]) -> None:
     """6 requests of 40 prompt and 12 output tokens: the steps forward every prompt token and
     every output token but the last (6 x 40 + 6 x 11 = 306 tokens, however the prefills fall
