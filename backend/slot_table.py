@@ -105,7 +105,8 @@ class SlotTable:
         """The staged writes as runs: each run's first flat index into `table.view(-1)`, its
         length, and all runs' slots back to back; clears them. The caller applies them with
         `apply_writes` before the width can change. Runs rather than one index per slot:
-        admitting a request with a long cached prefix writes thousands of slots."""
+        admitting a request with a long cached prefix writes thousands of slots. When every
+        run is one slot (a decode step's), `lengths` is empty and `starts` are the indices."""
         starts: list[int] = []
         lengths: list[int] = []
         values: list[int] = []
@@ -116,6 +117,8 @@ class SlotTable:
                 lengths.append(len(slots))
                 values.extend(slots)
         self._pending.clear()
+        if len(starts) == len(values):
+            return starts, [], values
         return starts, lengths, values
 
     def apply_writes(self, starts: torch.Tensor, lengths: torch.Tensor,
@@ -124,11 +127,12 @@ class SlotTable:
         total = values.numel()
         if not total:
             return
-        # flat index of value i: its run's start plus its place in the run (no host sync:
-        # the output size is known here)
-        run_offsets = torch.cumsum(lengths, 0) - lengths
-        flat = (torch.repeat_interleave(starts - run_offsets, lengths, output_size=total)
-                + torch.arange(total, device=values.device))
+        flat = starts
+        if lengths.numel():  # flat index of value i: its run's start plus its place in the
+            # run (no host sync: the output size is known here)
+            run_offsets = torch.cumsum(lengths, 0) - lengths
+            flat = (torch.repeat_interleave(starts - run_offsets, lengths, output_size=total)
+                    + torch.arange(total, device=values.device))
         self.table.view(-1).index_copy_(0, flat, values.to(torch.int32))
 
     def flush(self) -> None:

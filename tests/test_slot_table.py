@@ -66,6 +66,26 @@ def test_staged_writes_land_on_flush_and_only_then() -> None:
     assert row_of(table, 0, 4) == [0, 0, 0, 0]
 
 
+def test_writes_travel_as_runs_or_as_single_slots() -> None:
+    """A long write is one run (start, length); a step of one-slot writes (decode) sends the
+    indices alone. Either way the table ends up the same."""
+    table = SlotTable(3, 64, CPU)
+    a, b = table.assign(), table.assign()
+    table.write(a, 0, list(range(100, 140)))
+    table.write(b, 5, [7])
+    starts, lengths, values = table.take_writes()
+    assert lengths == [40, 1] and len(starts) == 2 and len(values) == 41
+    table.apply_writes(torch.tensor(starts), torch.tensor(lengths), torch.tensor(values))
+    table.write(a, 40, [41])
+    table.write(b, 6, [8])
+    starts, lengths, values = table.take_writes()
+    assert lengths == [] and starts == [a * table.width + 40, b * table.width + 6]
+    table.apply_writes(torch.tensor(starts), torch.tensor(lengths, dtype=torch.int64),
+                       torch.tensor(values))
+    assert row_of(table, a, 41) == list(range(100, 140)) + [41]
+    assert row_of(table, b, 7) == [0, 0, 0, 0, 0, 7, 8]
+
+
 def test_prefix_rewrite_overrides_earlier_slots_even_when_staged() -> None:
     table = SlotTable(2, 64, CPU)
     row = table.assign()
