@@ -207,7 +207,7 @@ def to_device_at_once(parts: list[list[int]], device: torch.device) -> list[torc
         packed.append(0)  # frombuffer needs a non-empty buffer
     host = torch.frombuffer(packed, dtype=torch.int64)  # shares (and keeps alive) `packed`
     if device.type == "cuda":  # an asynchronous copy needs pinned host memory
-        host = torch.empty_like(host, pin_memory=True).copy_(host)
+        host = torch.empty(host.shape, dtype=torch.int64, pin_memory=True).copy_(host)
     on_device = host.to(device, non_blocking=True)
     return [on_device[start:end] for start, end in bounds]
 
