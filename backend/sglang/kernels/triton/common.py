@@ -34,12 +34,11 @@ def emulate_fp8(pool: torch.Tensor) -> bool:
 @triton.jit
 def to_pool(x, pool_ptr, EMULATE_FP8: tl.constexpr):
     """`x` in the element type of `pool_ptr` (a KV pool: the model dtype or float8 e4m3,
-    saturating at ±448 like the torch stores). Through float32, which holds any model dtype
-    exactly: a single rounding, and the float8 conversion Triton has (compute capability
-    8.9 and later; backend.factory refuses the 8-bit pool on older cards)."""
-    x = x.to(tl.float32)
+    saturating at ±448 like the torch stores). Into float8 through float32, which holds any
+    model dtype exactly: one rounding, by the conversion Triton has (compute capability 8.9
+    and later; backend.factory refuses the 8-bit pool on older cards)."""
     if pool_ptr.dtype.element_ty == tl.float8e4nv:
-        x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
         if EMULATE_FP8:
             x = _round_to_e4m3(x)
     return x.to(pool_ptr.dtype.element_ty)
@@ -47,8 +46,8 @@ def to_pool(x, pool_ptr, EMULATE_FP8: tl.constexpr):
 
 @triton.jit
 def _round_to_e4m3(x):
-    """x rounded to the nearest float8 e4m3 value (ties to even), saturating at ±448."""
-    magnitude = tl.minimum(tl.abs(x), 448.0)
+    """x (float32, within ±448) rounded to the nearest float8 e4m3 value, ties to even."""
+    magnitude = tl.abs(x)
     exponent = tl.maximum(tl.floor(tl.log2(tl.maximum(magnitude, 1e-30))), -6.0)
     step = tl.exp2(exponent - 3.0)  # three mantissa bits; subnormals below 2^-6
     scaled = magnitude / step
@@ -102,17 +101,6 @@ def attend_slots(
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     return out, lse
-
-
-@triton.jit
-def request_of(row, req_ids_ptr, HAS_REQ_IDS: tl.constexpr):
-    """The `kv_indptr` request of kernel row `row`: req_ids[row] when the rows are a subset
-    of the batch (a mixed batch's one-token requests), else the row itself."""
-    if HAS_REQ_IDS:
-        request = tl.load(req_ids_ptr + row)
-    else:
-        request = row.to(tl.int64)
-    return request
 
 
 LONG_BLOCK_SMEM = 160 * 1024  # two stages of 128-key K and V tiles (head_dim 128, 16 bits)
