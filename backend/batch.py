@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -160,9 +161,43 @@ def build_forward_batch_from_table(
             logits_indices.append(qo_indptr[-1] - 1)
     if len(flat_out_slots) != len(flat_ids):
         raise ValueError("out_slots must hold one slot per new token")
+    return _table_batch(flat_ids, positions, flat_out_slots, qo_indptr, kv_indptr,
+                        logits_indices, rows, seq_lens, extend_lens, table, cascade,
+                        single_token_rows(extend_lens, qo_indptr))
+
+
+def build_one_token_batch_from_table(
+    token_ids: list[int],
+    seq_lens: list[int],
+    out_slots: list[int],
+    rows: list[int],
+    sample_mask: list[bool],
+    table: SlotTable,
+    cascade: list[int] | None = None,
+) -> ForwardBatch:
+    """`build_forward_batch_from_table` for a step adding one token to each request (a
+    decode step): request b's token `token_ids[b]` at position `seq_lens[b] - 1` into slot
+    `out_slots[b]`, with no per-request lists."""
+    batch_size = len(token_ids)
+    if not len(seq_lens) == len(out_slots) == len(rows) == len(sample_mask) == batch_size:
+        raise ValueError("one token, length, slot, row and sample flag per request")
+    positions = [n - 1 for n in seq_lens]
+    qo_indptr = list(range(batch_size + 1))
+    kv_indptr = [0, *itertools.accumulate(seq_lens)]
+    logits_indices = list(itertools.compress(range(batch_size), sample_mask))
+    return _table_batch(token_ids, positions, out_slots, qo_indptr, kv_indptr, logits_indices,
+                        rows, seq_lens, [1] * batch_size, table, cascade, [])
+
+
+def _table_batch(
+    flat_ids: list[int], positions: list[int], out_slots: list[int], qo_indptr: list[int],
+    kv_indptr: list[int], logits_indices: list[int], rows: list[int], seq_lens: list[int],
+    extend_lens: list[int], table: SlotTable, cascade: list[int] | None, singles: list[int],
+) -> ForwardBatch:
+    """The packed step of both table builders: the table's staged writes and the step's
+    inputs in one host→device copy, then the KV indices gathered on the device."""
     write_starts, write_lengths, write_slots = table.take_writes()
-    singles = single_token_rows(extend_lens, qo_indptr)
-    parts = [flat_ids, positions, flat_out_slots, qo_indptr, kv_indptr, logits_indices, rows,
+    parts = [flat_ids, positions, out_slots, qo_indptr, kv_indptr, logits_indices, rows,
              write_starts, write_lengths, write_slots, cascade or [], singles]
     (input_ids, positions_t, out_slots_t, qo_indptr_t, kv_indptr_t, logits_t, rows_t,
      write_starts_t, write_lengths_t, write_slots_t, cascade_t, singles_t) = to_device_at_once(

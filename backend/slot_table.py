@@ -96,6 +96,23 @@ class SlotTable:
             chunks = self._pending.setdefault(row, [])
         chunks.append((start, list(slots)))
 
+    def append(self, rows: Sequence[int], starts: Sequence[int], slots: Sequence[int]) -> None:
+        """Stage `table[rows[i], starts[i]] = slots[i]` for each i: one new slot per row, just
+        past every slot that row holds or has staged (a decode step's), so it overlaps nothing
+        and needs none of `write`'s checks."""
+        if not rows:
+            return
+        end = max(starts) + 1
+        if end > self.width:
+            self._grow(end)
+        pending = self._pending
+        for row, start, slot in zip(rows, starts, slots):
+            chunks = pending.get(row)
+            if chunks is None:
+                pending[row] = [(start, [slot])]
+            else:
+                chunks.append((start, [slot]))
+
     @property
     def num_pending(self) -> int:
         """Staged slot writes not yet applied."""

@@ -103,11 +103,19 @@ def time_launches(name: str, candidates: list[L], call: Callable[[L], torch.Tens
     return results
 
 
+def random_pools(total: int, args: argparse.Namespace, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V pools of `total` slots (plus the padding slot), in --kv-dtype."""
+    kv_dtype = getattr(torch, args.kv_dtype or args.dtype)
+    shape = (total + 1, args.kv_heads, args.head_dim)
+    k_pool = torch.randn(shape, dtype=getattr(torch, args.dtype), device=device)
+    return k_pool.to(kv_dtype), torch.randn_like(k_pool).to(kv_dtype)
+
+
 def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> list[str]:
     dtype = getattr(torch, args.dtype)
     total = sum(case.seq_lens)
-    k_pool = torch.randn(total + 1, args.kv_heads, args.head_dim, dtype=dtype, device=device)
-    v_pool = torch.randn_like(k_pool)
+    k_pool, v_pool = random_pools(total, args, device)
     kv_indptr = torch.tensor([0, *itertools.accumulate(case.seq_lens)], dtype=torch.int32,
                              device=device)
     kv_indices = torch.arange(1, total + 1, dtype=torch.int32, device=device)
@@ -171,8 +179,7 @@ def run_extend_case(case: ExtendCase, args: argparse.Namespace, device: torch.de
     dtype = getattr(torch, args.dtype)
     seq_lens = [p + e for p, e in zip(case.prefix_lens, case.extend_lens)]
     total = sum(seq_lens)
-    k_pool = torch.randn(total + 1, args.kv_heads, args.head_dim, dtype=dtype, device=device)
-    v_pool = torch.randn_like(k_pool)
+    k_pool, v_pool = random_pools(total, args, device)
 
     def indptr(lengths: list[int]) -> torch.Tensor:
         return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64,
@@ -202,6 +209,8 @@ def run_extend_case(case: ExtendCase, args: argparse.Namespace, device: torch.de
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--kv-dtype", default="",
+                        help="the KV pools' dtype, e.g. float8_e4m3fn (default: --dtype)")
     parser.add_argument("--q-heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="sweep the extend kernel instead of the decode kernel")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
-    print(torch.cuda.get_device_name(device), args.dtype)
+    print(torch.cuda.get_device_name(device), args.dtype, "KV", args.kv_dtype or args.dtype)
     table = []
     if args.extend:
         for extend_case in extend_cases():

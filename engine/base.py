@@ -275,9 +275,11 @@ class EngineBase:
 
         def sink(delta: StreamDelta) -> None:
             nonlocal pending
-            out = outputs.setdefault(delta.rid, {}).setdefault(
-                delta.index, GenerateOutput("", [], "", Usage(0, 0, 0), delta.index)
-            )
+            sequences = outputs.setdefault(delta.rid, {})
+            out = sequences.get(delta.index)
+            if out is None:
+                out = sequences[delta.index] = GenerateOutput(
+                    "", [], "", Usage(0, 0, 0), delta.index)
             out.text += delta.text
             out.token_ids.extend(delta.token_ids)
             out.logprobs.extend(delta.logprobs or [])
@@ -419,10 +421,12 @@ class EngineBase:
         """Append a sampled token to `req`; stream its text, or finish the request (EOS, a
         stop token or string, max_tokens, the context)."""
         req.token_ids.append(token)
-        if req.num_output == 1:
-            self.stats.prompt_tokens += len(req.prompt_ids)
-            self.stats.cached_tokens += max(req.num_prompt_cached, 0)
-        self.stats.generation_tokens += 1
+        num_output = req.num_output
+        stats = self.stats
+        if num_output == 1:
+            stats.prompt_tokens += len(req.prompt_ids)
+            stats.cached_tokens += max(req.num_prompt_cached, 0)
+        stats.generation_tokens += 1
         state: TextState = req.state
         params = req.params
         reason: str | None = None
@@ -434,7 +438,7 @@ class EngineBase:
             text, matched = state.stopper.process(state.detokenizer.add(token))
             if matched:
                 reason = "stop"
-            elif req.num_output >= params.max_new_tokens or req.seq_len >= self.max_context_len:
+            elif num_output >= params.max_new_tokens or req.seq_len >= self.max_context_len:
                 reason = "length"
         if reason is not None and not matched:
             tail, matched = state.stopper.process(state.detokenizer.flush())

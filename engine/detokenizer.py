@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from tokenizers.decoders import DecodeStream
+
 _REPLACEMENT_CHAR = "\ufffd"
 _PROMPT_CONTEXT_TOKENS = 5
 
@@ -27,6 +29,10 @@ class IncrementalDetokenizer:
     the first tokens are decoded in the context of the prompt's last few tokens (as vLLM
     does), so a tokenizer that strips the leading space of a sequence keeps the space of a
     continuation; for byte-level BPE tokenizers both give the same text.
+
+    A fast tokenizer whose wrapper adds nothing to the Rust decode (no clean-up of spaces)
+    streams through the tokenizers library's own `DecodeStream`: one call into Rust per
+    token, ~5x cheaper than two window decodes from Python. Others decode the window here.
     """
 
     def __init__(
@@ -43,6 +49,9 @@ class IncrementalDetokenizer:
         self._read_offset = len(context)
         self._prefix_text: str | None = None  # decode of [prefix_offset, read_offset)
         self._text = ""
+        self._backend = _stream_backend(tokenizer)
+        self._stream = (DecodeStream(context, skip_special_tokens)
+                        if self._backend is not None else None)
 
     @property
     def text(self) -> str:
@@ -52,6 +61,13 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one generated token; return the text it completes (may be "")."""
         self._ids.append(token_id)
+        if self._stream is not None:
+            chunk = self._stream.step(self._backend, token_id)
+            if chunk is None:
+                return ""
+            self._prefix_offset = self._read_offset = len(self._ids)
+            self._text += chunk
+            return chunk
         prefix_text = self._prefix()
         window_text = self._decode(self._prefix_offset, len(self._ids))
         if len(window_text) <= len(prefix_text) or window_text.endswith(_REPLACEMENT_CHAR):
@@ -60,6 +76,10 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Text held back at the end of the sequence (an unfinished character, say)."""
+        if self._stream is not None and self._read_offset < len(self._ids):
+            # the held tokens, decoded after a few emitted ones for their context
+            self._prefix_offset = max(0, self._read_offset - _PROMPT_CONTEXT_TOKENS)
+            self._prefix_text = None
         prefix_text = self._prefix()
         window_text = self._decode(self._prefix_offset, len(self._ids))
         if len(window_text) <= len(prefix_text):
@@ -84,12 +104,20 @@ class IncrementalDetokenizer:
         return self._decode_ids(self._ids[start:end], self._skip_special_tokens)
 
 
+def _stream_backend(tokenizer: Any) -> Any:
+    """The Rust tokenizer when `DecodeStream` gives exactly the wrapper's decode, else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    return backend
+
+
 def _decoder(tokenizer: Any) -> Any:
     """`decode(ids, skip_special_tokens) -> str`: the Rust tokenizer's own decode when the
     transformers wrapper would add nothing to it (a fast tokenizer that does not clean up
     spaces), which skips the wrapper's per-call conversions; else the wrapper's."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+    backend = _stream_backend(tokenizer)
+    if backend is not None:
         return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
     return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
 

@@ -49,7 +49,7 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamDelta:
     """One message of a request's stream: new text and tokens; the last one has finish_reason."""
 

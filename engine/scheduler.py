@@ -33,12 +33,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backend.batch import ForwardBatch, build_forward_batch_from_table
+from backend.batch import (
+    ForwardBatch,
+    build_forward_batch_from_table,
+    build_one_token_batch_from_table,
+)
 from backend.cache import PrefillCache, RadixCache, SlotAllocator
 from backend.cascade import CASCADE_MAX_ROWS, cascade_key, plan_cascade
 from backend.slot_table import SlotTable
 from config import Config
-from engine.request import Req
+from engine.request import FUTURE_TOKEN, Req
 
 logger = logging.getLogger(__name__)
 
@@ -125,18 +129,18 @@ class Scheduler:
     # ---------------------------------------------------------------- schedule
     def schedule(self) -> StepPlan | None:
         budget = self.step_budget
-        scheduled: list[tuple[Req, int]] = []
-        done: set[int] = set()
-        decoding = [r for r in self.running
-                    if r.num_pending == 1 and not r.future_is_last(self.max_context_len)]
-        prefilling = sorted((r for r in self.running if r.num_pending > 1), key=lambda r: r.arrival)
-        for req in decoding:  # oldest first: they keep their slots when memory runs out
-            if req.node is None:  # preempted earlier in this step
-                continue
-            if self._grow(req, 1, done):
-                scheduled.append((req, 1))
-                done.add(id(req))
-                budget -= 1
+        decoding: list[Req] = []
+        prefilling: list[Req] = []
+        for req in self.running:
+            pending = req.num_pending
+            if pending == 1 and not req.future_is_last(self.max_context_len):
+                decoding.append(req)
+            elif pending > 1:
+                prefilling.append(req)
+        prefilling.sort(key=lambda r: r.arrival)
+        scheduled = self._grow_decoding(decoding)
+        done = {id(r) for r, _ in scheduled}
+        budget -= len(scheduled)
         if self.cascade_min_prefix:  # rows sharing a prefix side by side (backend/cascade.py)
             scheduled.sort(key=lambda e: cascade_key(e[0].slots, self.cascade_min_prefix))
         for req in prefilling:
@@ -156,10 +160,33 @@ class Scheduler:
             return None
         return self._plan(scheduled, sample_hits)
 
+    def _grow_decoding(self, decoding: list[Req]) -> list[tuple[Req, int]]:
+        """A slot for each decoding request's next token: in one allocation when the pool
+        has them all (the usual case), else one by one, oldest first (they keep their slots
+        when memory runs out), preempting newer requests."""
+        slots = self._alloc(len(decoding)) if decoding else None
+        if slots is not None:
+            starts = [len(r.slots) for r in decoding]
+            for req, slot in zip(decoding, slots):
+                req.slots.append(slot)
+            self.table.append([r.row for r in decoding], starts, slots)
+            return [(r, 1) for r in decoding]
+        scheduled: list[tuple[Req, int]] = []
+        done: set[int] = set()
+        for req in decoding:
+            if req.node is None:  # preempted earlier in this step
+                continue
+            if self._grow(req, 1, done):
+                scheduled.append((req, 1))
+                done.add(id(req))
+        return scheduled
+
     def _plan(
         self, scheduled: list[tuple[Req, int]], hits: list[tuple[Req, torch.Tensor]]
     ) -> StepPlan:
         reqs = [r for r, _ in scheduled]
+        if reqs and not hits and all(n == 1 for _, n in scheduled):
+            return self._one_token_plan(reqs, scheduled)
         starts = [r.num_computed - n for r, n in scheduled]
         batch = None
         future_inputs: list[tuple[int, Req]] = []
@@ -186,6 +213,36 @@ class Scheduler:
             batch=batch,
             sample_reqs=sample_reqs,
             cached_logits=[logits for _, logits in hits],
+            future_inputs=future_inputs,
+        )
+
+    def _one_token_plan(self, reqs: list[Req], scheduled: list[tuple[Req, int]]) -> StepPlan:
+        """`_plan` for a step adding one token to each request (decode steps): the same
+        plan, without the per-request lists of the general case."""
+        seq_lens = [len(r.slots) for r in reqs]
+        token_ids: list[int] = []
+        future_inputs: list[tuple[int, Req]] = []
+        for row, (req, seq_len) in enumerate(zip(reqs, seq_lens)):
+            if seq_len > len(req.token_ids):  # its input is the future token
+                token_ids.append(FUTURE_TOKEN)
+                future_inputs.append((row, req))
+            else:
+                token_ids.append(req.token_ids[seq_len - 1])
+        sample_mask = [r.num_pending == 0 for r in reqs]
+        batch = build_one_token_batch_from_table(
+            token_ids=token_ids,
+            seq_lens=seq_lens,
+            out_slots=[r.slots[-1] for r in reqs],
+            rows=[r.row for r in reqs],
+            sample_mask=sample_mask,
+            table=self.table,
+            cascade=self._cascade_plan(scheduled),
+        )
+        return StepPlan(
+            reqs=reqs,
+            starts=[n - 1 for n in seq_lens],
+            batch=batch,
+            sample_reqs=[r for r, sample in zip(reqs, sample_mask) if sample],
             future_inputs=future_inputs,
         )
 

@@ -110,6 +110,33 @@ def test_decodes_only_a_small_window(tokenizer: Any) -> None:
     assert max(calls) <= 3
 
 
+class WindowOnly:
+    """The tokenizer without its Rust backend: the detokenizer decodes windows itself."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        text: str = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return text
+
+
+@pytest.mark.parametrize("text", [*STREAM_TEXTS, "ok 🎉"])
+@pytest.mark.parametrize("cut", [0, 1])
+def test_rust_decode_stream_and_window_decode_give_the_same_text(
+    tokenizer: Any, text: str, cut: int
+) -> None:
+    prompt_ids = tokenizer.encode("Say it:", add_special_tokens=False)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = ids[: len(ids) - cut]  # cut: the last character may be left unfinished
+    fast = IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids)
+    slow = IncrementalDetokenizer(WindowOnly(tokenizer), prompt_ids=prompt_ids)
+    assert fast._stream is not None and slow._stream is None
+    fast_text, slow_text = "".join(stream(fast, ids)), "".join(stream(slow, ids))
+    assert fast_text == slow_text == tokenizer.decode(ids)
+    assert fast.text == fast_text
+
+
 def feed(checker: StopChecker, chunks: list[str]) -> tuple[str, bool]:
     emitted = []
     for chunk in chunks:

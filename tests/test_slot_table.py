@@ -13,7 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from backend.batch import build_forward_batch, build_forward_batch_from_table  # noqa: E402
+from backend.batch import (  # noqa: E402
+    build_forward_batch,
+    build_forward_batch_from_table,
+    build_one_token_batch_from_table,
+)
 from backend.slot_table import INITIAL_WIDTH, SlotTable, gather_rows  # noqa: E402
 from config import Config  # noqa: E402
 from engine.request import Req  # noqa: E402
@@ -222,6 +226,50 @@ def test_batch_from_table_equals_batch_from_slot_lists(seed: int) -> None:
         assert got.tolist() == want.tolist(), name
     assert actual.seq_lens == expected.seq_lens
     assert actual.extend_lens == expected.extend_lens
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_token_batch_equals_the_general_batch(seed: int) -> None:
+    """A decode step: each request's next slot staged with `append`, the batch packed by the
+    one-token builder, equal to the general builder's from the slot lists."""
+    rng = random.Random(seed)
+    table = SlotTable(8, 1024, DEVICE)
+    kv_slots: list[list[int]] = []
+    rows: list[int] = []
+    for _ in range(rng.randint(1, 8)):
+        slots = rng.sample(range(1, 50_000), rng.randint(1, 700))
+        row = table.assign()
+        table.write(row, 0, slots[:-1])
+        table.flush()
+        kv_slots.append(slots)
+        rows.append(row)
+    table.append(rows, [len(s) - 1 for s in kv_slots], [s[-1] for s in kv_slots])
+    assert table.num_pending == len(rows)
+    token_ids = [rng.randrange(1000) for _ in rows]
+    sample_mask = [rng.random() < 0.7 for _ in rows]
+    expected = build_forward_batch([[t] for t in token_ids], [len(s) - 1 for s in kv_slots],
+                                   kv_slots, sample_mask, DEVICE)
+    actual = build_one_token_batch_from_table(
+        token_ids, [len(s) for s in kv_slots], [s[-1] for s in kv_slots], rows, sample_mask,
+        table,
+    )
+    assert table.num_pending == 0
+    for name in ("input_ids", "positions", "out_slots", "qo_indptr", "kv_indptr",
+                 "kv_indices", "logits_indices"):
+        got, want = getattr(actual, name), getattr(expected, name)
+        assert got.dtype == want.dtype == torch.int64, name
+        assert got.tolist() == want.tolist(), name
+    assert actual.seq_lens == expected.seq_lens
+    assert actual.extend_lens == expected.extend_lens == [1] * len(rows)
+
+
+def test_append_grows_the_table_past_its_width() -> None:
+    table = SlotTable(2, 4 * INITIAL_WIDTH, CPU)
+    row = table.assign()
+    table.append([row], [INITIAL_WIDTH + 3], [77])
+    table.flush()
+    assert table.width > INITIAL_WIDTH
+    assert int(table.table[row, INITIAL_WIDTH + 3]) == 77
 
 
 # ------------------------------------------------------------ the scheduler
