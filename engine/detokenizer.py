@@ -12,10 +12,13 @@ string and cuts the output right before the first stop string that appears.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from tokenizers.decoders import DecodeStream
+
+logger = logging.getLogger(__name__)
 
 _REPLACEMENT_CHAR = "\ufffd"
 _PROMPT_CONTEXT_TOKENS = 5
@@ -50,8 +53,7 @@ class IncrementalDetokenizer:
         self._prefix_text: str | None = None  # decode of [prefix_offset, read_offset)
         self._text = ""
         self._backend = _stream_backend(tokenizer)
-        self._stream = (DecodeStream(context, skip_special_tokens)
-                        if self._backend is not None else None)
+        self._stream = _decode_stream(context, skip_special_tokens, self._backend)
 
     @property
     def text(self) -> str:
@@ -62,12 +64,17 @@ class IncrementalDetokenizer:
         """Append one generated token; return the text it completes (may be "")."""
         self._ids.append(token_id)
         if self._stream is not None:
-            chunk = self._stream.step(self._backend, token_id)
-            if chunk is None:
-                return ""
-            self._prefix_offset = self._read_offset = len(self._ids)
-            self._text += chunk
-            return chunk
+            try:
+                chunk = self._stream.step(self._backend, token_id)
+            except Exception:  # the library refused its own state: go on by windows
+                logger.debug("DecodeStream failed; decoding windows instead", exc_info=True)
+                self._leave_stream()
+            else:
+                if chunk is None:
+                    return ""
+                self._prefix_offset = self._read_offset = len(self._ids)
+                self._text += chunk
+                return chunk
         prefix_text = self._prefix()
         window_text = self._decode(self._prefix_offset, len(self._ids))
         if len(window_text) <= len(prefix_text) or window_text.endswith(_REPLACEMENT_CHAR):
@@ -77,14 +84,19 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """Text held back at the end of the sequence (an unfinished character, say)."""
         if self._stream is not None and self._read_offset < len(self._ids):
-            # the held tokens, decoded after a few emitted ones for their context
-            self._prefix_offset = max(0, self._read_offset - _PROMPT_CONTEXT_TOKENS)
-            self._prefix_text = None
+            self._leave_stream()  # the held tokens, decoded here
         prefix_text = self._prefix()
         window_text = self._decode(self._prefix_offset, len(self._ids))
         if len(window_text) <= len(prefix_text):
             return ""
         return self._emit(window_text[len(prefix_text) :])
+
+    def _leave_stream(self) -> None:
+        """Decode by windows from here on: the tokens after the last emitted text, in the
+        context of a few emitted ones."""
+        self._stream = None
+        self._prefix_offset = max(0, self._read_offset - _PROMPT_CONTEXT_TOKENS)
+        self._prefix_text = None
 
     def _prefix(self) -> str:
         if self._prefix_text is None:
@@ -110,6 +122,17 @@ def _stream_backend(tokenizer: Any) -> Any:
     if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
         return None
     return backend
+
+
+def _decode_stream(context: list[int], skip_special_tokens: bool, backend: Any) -> Any:
+    """A `DecodeStream` primed with the prompt's last tokens, or None without a backend or
+    with a tokenizers release whose stream takes no initial ids."""
+    if backend is None:
+        return None
+    try:
+        return DecodeStream(context, skip_special_tokens)
+    except TypeError:
+        return None
 
 
 def _decoder(tokenizer: Any) -> Any:

@@ -137,6 +137,24 @@ def test_rust_decode_stream_and_window_decode_give_the_same_text(
     assert fast.text == fast_text
 
 
+def test_a_failing_decode_stream_falls_back_to_windows(tokenizer: Any) -> None:
+    """DecodeStream may refuse its own state (tokenizers issue 1705): the text goes on."""
+    text = "Mixed: naïve café — 日本語 😀 end"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+
+    class Refusing:
+        def step(self, backend: Any, token_id: int) -> str:
+            raise RuntimeError("Invalid prefix encountered")
+
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.add(token_id) for token_id in ids[:5]]
+    detok._stream = Refusing()
+    deltas += [detok.add(token_id) for token_id in ids[5:]]
+    deltas.append(detok.flush())
+    assert detok._stream is None
+    assert "".join(deltas) == text
+
+
 def feed(checker: StopChecker, chunks: list[str]) -> tuple[str, bool]:
     emitted = []
     for chunk in chunks:
