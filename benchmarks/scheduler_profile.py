@@ -47,7 +47,7 @@ def workload(name: str, num_prompts: int) -> list[BenchRequest]:
                                output_range=(100, 1024), vocab_size=150_000)
     groups = -(-num_prompts // 16) if num_prompts else 64
     return shared_prefix_requests(num_groups=groups, prompts_per_group=16, system_len=2048,
-                                  question_len=128, output_len=128, vocab_size=150_000)
+                                  question_len=128, output_len=256, vocab_size=150_000)
 
 
 def main() -> None:

