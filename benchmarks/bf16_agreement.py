@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         "hf_same_dtype": hf.summary(), "seconds": time.perf_counter() - start,
     }
     print(json.dumps(result, indent=2))
-    for name, side in (("native", native), (f"HF {args.dtype}", hf)):
+    native_name = "native" if args.kv_dtype == "auto" else f"native (KV {args.kv_dtype})"
+    for name, side in ((native_name, native), (f"HF {args.dtype}", hf)):
         figures = side.summary()
         print(f"SUMMARY bf16_agreement: {args.dtype} {name} vs float32 HF: agreement "
               f"{figures['agreement_rate']:.4f} over {figures['positions']} positions "
