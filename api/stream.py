@@ -31,6 +31,7 @@ from api.protocol import UsageInfo
 from backend.vlm.runner import VLMPrompt
 from backend.vlm.service import VLMBusy, VLMJob, VLMService
 from engine.engine import Prompt
+from engine.mailbox import loop_mailbox
 from engine.request import StreamDelta, TokenLogprob, Usage
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from multi_device import EnginePool, EngineSlot, PoolBusy, PoolDown
@@ -78,6 +79,7 @@ class DeltaStream:
         self._deadline = arrival + timeout_s if timeout_s > 0 else None
         self._queue: asyncio.Queue[StreamDelta] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
+        self._mailbox = loop_mailbox(self._loop)
         self._lock = threading.Lock()
         self._rids: list[str] = []
         self._base: dict[str, int] = {}
@@ -92,7 +94,7 @@ class DeltaStream:
     def _sink(self, delta: StreamDelta) -> None:
         """Called on the producer's thread (an engine's, the vision-language worker's)."""
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
+            self._mailbox.post(self._queue.put_nowait, delta)
 
     # -------------------------------------------------------------- deltas
     async def deltas(

@@ -26,6 +26,7 @@ from backend.batch import ModelInfo
 from backend.loader import ModelSource, load_tokenizer, resolve_model
 from config import Config, get_config
 from engine.detokenizer import IncrementalDetokenizer, StopChecker
+from engine.mailbox import loop_mailbox
 from engine.request import Req, Sink, StreamDelta, TokenLogprob, Usage
 from engine.sampling_params import InvalidRequestError, SamplingParams
 
@@ -246,11 +247,11 @@ class EngineBase:
 
     async def astream(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[StreamDelta]:
         """asyncio stream of deltas; cancelling the consumer aborts the request."""
-        loop = asyncio.get_running_loop()
+        mailbox = loop_mailbox(asyncio.get_running_loop())
         deltas: asyncio.Queue[StreamDelta] = asyncio.Queue()
 
         def sink(delta: StreamDelta) -> None:
-            loop.call_soon_threadsafe(deltas.put_nowait, delta)
+            mailbox.post(deltas.put_nowait, delta)
 
         rid = self.submit(prompt, params, sink)
         remaining = params.n
