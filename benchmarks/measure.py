@@ -96,7 +96,7 @@ def engine_run(
     desc: str,
 ) -> RunStats:
     """Submit every prompt at once and wait for all; a failed request raises BenchError."""
-    events: queue.SimpleQueue[tuple[int, StreamDelta, float]] = queue.SimpleQueue()
+    ends: queue.SimpleQueue[tuple[int, StreamDelta]] = queue.SimpleQueue()
     traces: list[_Trace] = []
     input_tokens = 0
     start = time.perf_counter()
@@ -104,25 +104,27 @@ def engine_run(
         ids = engine.tokenize(prompt)
         input_tokens += len(ids)
         traces.append(_Trace(time.perf_counter()))
-        engine.submit(ids, sp, functools.partial(_timestamped, events, index))
+        engine.submit(ids, sp, functools.partial(_record, traces[index], ends, index))
     with tqdm(total=len(traces), desc=desc, unit="req", leave=False) as progress:
         pending = len(traces)
         while pending:
-            index, delta, now = events.get()
-            traces[index].add(delta, now)
+            index, delta = ends.get()
             if delta.error:
                 raise BenchError(f"request {index} failed: {delta.error}")
-            if delta.finished:
-                pending -= 1
-                progress.update()
+            pending -= 1
+            progress.update()
     wall = max(t.token_times[-1] for t in traces if t.token_times) - start
     return _stats_of(traces, wall, input_tokens)
 
 
-def _timestamped(
-    events: queue.SimpleQueue[tuple[int, StreamDelta, float]], index: int, delta: StreamDelta
-) -> None:
-    events.put((index, delta, time.perf_counter()))
+def _record(trace: _Trace, ends: queue.SimpleQueue[tuple[int, StreamDelta]], index: int,
+            delta: StreamDelta) -> None:
+    """The sink, on the producer's thread: the delta's arrival goes into its request's trace
+    there; only a request's end wakes the waiting thread (a consumer woken for every token
+    would take the interpreter lock from the engine's loop thread at every step)."""
+    trace.add(delta, time.perf_counter())
+    if delta.finished or delta.error:
+        ends.put((index, delta))
 
 
 def _stats_of(traces: list[_Trace], wall_s: float, input_tokens: int) -> RunStats:
