@@ -43,11 +43,13 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         value = int(raw)
         if value < low:
             raise ValueError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise ValueError(f"must be <= {high}, got {value}")
         return value
 
     return parse
@@ -152,8 +154,8 @@ FLAGS: tuple[Flag, ...] = (
          "Fraction of free accelerator memory, after weights, for the KV pool."),
     Flag("KV_CACHE_CPU_TOKENS", "kv_cache_cpu_tokens", _int_at_least(16), "65536",
          "KV pool size in tokens on CPU/MPS when KV_CACHE_TOKENS is 0."),
-    Flag("MAX_RUNNING_REQUESTS", "max_running_requests", _int_at_least(1), "256",
-         "Most requests in the running batch at once."),
+    Flag("MAX_RUNNING_REQUESTS", "max_running_requests", _int_at_least(1, 65535), "256",
+         "Most requests in the running batch at once (at most 65535: one CUDA grid axis)."),
     Flag("CHUNKED_PREFILL_SIZE", "chunked_prefill_size", _int_at_least(0), "0",
          "Token budget of one scheduler step (prefill chunks plus decode tokens); 0 = 8192 on "
          "CUDA (prefill steps run eagerly: fewer, larger ones), 2048 elsewhere."),

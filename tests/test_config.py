@@ -32,6 +32,7 @@ def test_values_are_typed() -> None:
     ("env", "value"),
     [
         ("MAX_RUNNING_REQUESTS", "0"),
+        ("MAX_RUNNING_REQUESTS", "65536"),
         ("DTYPE", "float64"),
         ("PREFIX_CACHE", "maybe"),
         ("KV_CACHE_MEM_FRACTION", "1.5"),
