@@ -44,7 +44,6 @@ class IncrementalDetokenizer:
         prompt_ids: Sequence[int] | None = None,
         skip_special_tokens: bool = True,
     ) -> None:
-        self._decode_ids = _decoder(tokenizer)
         self._skip_special_tokens = skip_special_tokens
         context = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:]) if prompt_ids else []
         self._ids: list[int] = context
@@ -53,6 +52,7 @@ class IncrementalDetokenizer:
         self._prefix_text: str | None = None  # decode of [prefix_offset, read_offset)
         self._text = ""
         self._backend = _stream_backend(tokenizer)
+        self._decode_ids = _decoder(tokenizer, self._backend)
         self._stream = _decode_stream(context, skip_special_tokens, self._backend)
 
     @property
@@ -135,11 +135,10 @@ def _decode_stream(context: list[int], skip_special_tokens: bool, backend: Any) 
         return None
 
 
-def _decoder(tokenizer: Any) -> Any:
+def _decoder(tokenizer: Any, backend: Any) -> Any:
     """`decode(ids, skip_special_tokens) -> str`: the Rust tokenizer's own decode when the
-    transformers wrapper would add nothing to it (a fast tokenizer that does not clean up
-    spaces), which skips the wrapper's per-call conversions; else the wrapper's."""
-    backend = _stream_backend(tokenizer)
+    transformers wrapper would add nothing to it (`backend`, from `_stream_backend`), which
+    skips the wrapper's per-call conversions; else the wrapper's."""
     if backend is not None:
         return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
     return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)

@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from backend.batch import (  # noqa: E402
+    ForwardBatch,
     build_forward_batch,
     build_forward_batch_from_table,
     build_one_token_batch_from_table,
@@ -192,6 +193,16 @@ def test_gather_equals_concatenated_rows(seed: int) -> None:
 # ---------------------------------------------------------------- the batch
 
 
+def assert_same_batch(actual: ForwardBatch, expected: ForwardBatch) -> None:
+    for name in ("input_ids", "positions", "out_slots", "qo_indptr", "kv_indptr",
+                 "kv_indices", "logits_indices"):
+        got, want = getattr(actual, name), getattr(expected, name)
+        assert got.dtype == want.dtype == torch.int64, name
+        assert got.tolist() == want.tolist(), name
+    assert actual.seq_lens == expected.seq_lens
+    assert actual.extend_lens == expected.extend_lens
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_batch_from_table_equals_batch_from_slot_lists(seed: int) -> None:
     rng = random.Random(seed)
@@ -219,13 +230,7 @@ def test_batch_from_table_equals_batch_from_slot_lists(seed: int) -> None:
         sample_mask, table,
     )
     assert table.num_pending == 0
-    for name in ("input_ids", "positions", "out_slots", "qo_indptr", "kv_indptr",
-                 "kv_indices", "logits_indices"):
-        got, want = getattr(actual, name), getattr(expected, name)
-        assert got.dtype == want.dtype == torch.int64, name
-        assert got.tolist() == want.tolist(), name
-    assert actual.seq_lens == expected.seq_lens
-    assert actual.extend_lens == expected.extend_lens
+    assert_same_batch(actual, expected)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -254,13 +259,8 @@ def test_one_token_batch_equals_the_general_batch(seed: int) -> None:
         table,
     )
     assert table.num_pending == 0
-    for name in ("input_ids", "positions", "out_slots", "qo_indptr", "kv_indptr",
-                 "kv_indices", "logits_indices"):
-        got, want = getattr(actual, name), getattr(expected, name)
-        assert got.dtype == want.dtype == torch.int64, name
-        assert got.tolist() == want.tolist(), name
-    assert actual.seq_lens == expected.seq_lens
-    assert actual.extend_lens == expected.extend_lens == [1] * len(rows)
+    assert_same_batch(actual, expected)
+    assert actual.extend_lens == [1] * len(rows)
 
 
 def test_append_grows_the_table_past_its_width() -> None:
