@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from backend.cascade import NO_GROUP
+
 if TYPE_CHECKING:
     from backend.slot_table import SlotTable
 
@@ -41,8 +43,9 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [S] int64
     seq_lens: list[int]  # host copies for shape decisions
     extend_lens: list[int]
-    # decode batches only: groups of rows sharing a KV prefix, [4, B] int64 (backend/cascade.py);
-    # kernel sets without cascade attention ignore it (the result is the same)
+    # groups of one-token requests sharing a KV prefix (all rows of a decode batch, the
+    # single_rows of a mixed one), [4, n] int64 (backend/cascade.py); kernel sets without
+    # cascade attention ignore it (the result is the same)
     cascade: torch.Tensor | None = None
     # mixed batches only: [2, n] int64, request index and token row of each request adding
     # one token (kernel sets may attend those with their decode kernel)
@@ -138,8 +141,8 @@ def build_forward_batch_from_table(
     `table` row `rows[b]` and the host passes only the slots of its new tokens,
     `out_slots[b]`: host work follows the number of new tokens, not the context lengths.
     The table's staged writes travel in the same host→device copy as the step's inputs and
-    are applied before the KV index list is gathered. `cascade` is a decode batch's flat
-    cascade plan (backend/cascade.py), sent in the same copy.
+    are applied before the KV index list is gathered. `cascade` is the flat cascade plan of
+    the step's one-token requests (backend/cascade.py), sent in the same copy.
     """
     extend_lens = [len(t) for t in token_ids]
     seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
@@ -197,8 +200,9 @@ def _table_batch(
     """The packed step of both table builders: the table's staged writes and the step's
     inputs in one host→device copy, then the KV indices gathered on the device."""
     write_starts, write_lengths, write_slots = table.take_writes()
+    plan, plan_width = aligned_plan(cascade or [])
     parts = [flat_ids, positions, out_slots, qo_indptr, kv_indptr, logits_indices, rows,
-             write_starts, write_lengths, write_slots, cascade or [], singles]
+             write_starts, write_lengths, write_slots, plan, singles]
     (input_ids, positions_t, out_slots_t, qo_indptr_t, kv_indptr_t, logits_t, rows_t,
      write_starts_t, write_lengths_t, write_slots_t, cascade_t, singles_t) = to_device_at_once(
         parts, table.device)
@@ -213,9 +217,24 @@ def _table_batch(
         logits_indices=logits_t,
         seq_lens=seq_lens,
         extend_lens=extend_lens,
-        cascade=cascade_t.view(4, -1) if cascade else None,
+        cascade=cascade_t.view(4, plan_width)[:, : len(cascade) // 4] if cascade else None,
         single_rows=singles_t.view(2, -1) if singles else None,
     )
+
+
+def aligned_plan(plan: list[int]) -> tuple[list[int], int]:
+    """A flat [4 * B] cascade plan laid out with each of its four rows padded to an even
+    length, and that length: on the device every row then starts 16-byte aligned, whatever
+    B. Triton specialises a kernel on its pointers' alignment, so a plan whose rows were
+    aligned in one step and not in the next would compile the kernels again mid-traffic."""
+    width = len(plan) // 4
+    if width % 2 == 0:
+        return plan, width
+    padded: list[int] = []
+    for row in range(4):
+        padded.extend(plan[row * width : (row + 1) * width])
+        padded.append(NO_GROUP if row == 0 else 0)
+    return padded, width + 1
 
 
 def single_token_rows(extend_lens: list[int], qo_indptr: list[int]) -> list[int]:

@@ -6,7 +6,8 @@ such a prefix once per group of rows and each row's own suffix separately, then 
 two (as split-K merges its slices). The host only proposes groups; the device measures how
 long the shared prefix really is, so a proposal can cost time but never correctness.
 
-A plan for a decode batch of B rows is an int64 [4, B] table (`ForwardBatch.cascade`):
+A plan covers a batch's B one-token requests (a decode batch's rows; a mixed batch's
+`single_rows`, in their order) as an int64 [4, B] table (`ForwardBatch.cascade`):
 
 - row 0, `row_group[b]`: the group of batch row b, or -1;
 - row 1, `group_first[g]`: the first batch row of group g; its members are the consecutive

@@ -100,40 +100,52 @@ class Engine(EngineBase):
     def warmup(self) -> None:
         """The base warm-up; on CUDA also, beside a request decoding a short and then a long
         context, a prompt prefilled in the same steps (mixed steps whose one-token row takes
-        the split-K kernel with one slice, then with several), so those launches compile
-        here and not in the first such step of real traffic."""
+        the split-K kernel with one slice, then with several), and with cascade attention
+        the same beside two requests decoding as a cascade group (a mixed step with a plan),
+        so those launches compile here and not in the first such step of real traffic."""
         super().warmup()
         if self.runner.device.type == "cuda":
             for context in (8, WARMUP_LONG_TOKENS):
                 self._warm_prefill_beside_decode(context)
+            if self.scheduler.cascade_min_prefix:
+                self._warm_prefill_beside_decode(
+                    max(WARMUP_LONG_TOKENS, self.scheduler.cascade_min_prefix + 8), copies=2)
 
-    def _warm_prefill_beside_decode(self, context: int) -> None:
-        """A prompt of about `context` tokens, alone in its prefill step, then decoding; at
-        its first token a second prompt is queued from the loop thread, so that it is
-        prefilled while the first still decodes. At most WARMUP_TIMEOUT_S in all."""
+    def _warm_prefill_beside_decode(self, context: int, copies: int = 1) -> None:
+        """`copies` requests of one prompt of about `context` tokens (the later ones reuse
+        the first's cached slots, so several decode as a cascade group), prefilled and then
+        decoding; once each has its first token, a second prompt is queued from the loop
+        thread, so that it is prefilled while they still decode. At most WARMUP_TIMEOUT_S."""
         unit = self.tokenize("Hello, ")
         first = unit * (context // len(unit) + 1)
-        if len(first) + 64 > min(self.max_context_len, self.runner.num_kv_slots // 2):
+        need = len(first) + 64
+        if need > self.max_context_len or copies * need > self.runner.num_kv_slots // 2:
             return
-        second = self.tokenize("A prompt of its own, prefilled beside a decoding one.")
+        second = self.tokenize("A prompt of its own, prefilled beside decoding ones.")
         queued, first_done, second_done = (threading.Event() for _ in range(3))
+        decoding: set[str] = set()
+        finished: set[str] = set()
 
         def second_sink(delta: StreamDelta) -> None:
             if delta.finished:
                 second_done.set()
 
         def first_sink(delta: StreamDelta) -> None:  # on the loop thread
-            if delta.token_ids and not delta.finished and not queued.is_set():
+            if delta.token_ids and not delta.finished:
+                decoding.add(delta.rid)
+            if len(decoding) == copies and not queued.is_set():
                 queued.set()
                 self.submit(second, SamplingParams(max_new_tokens=2, temperature=0.0,
                                                    ignore_eos=True), second_sink)
             if delta.finished:
-                if not queued.is_set():
-                    second_done.set()  # nothing was queued beside it
-                first_done.set()
+                finished.add(delta.rid)
+                if len(finished) == copies:
+                    if not queued.is_set():
+                        second_done.set()  # nothing was queued beside them
+                    first_done.set()
 
-        self.submit(first, SamplingParams(max_new_tokens=32, temperature=0.0,
-                                          ignore_eos=True), first_sink)
+        params = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
+        self.submit_many([(first, params, first_sink, None)] * copies)
         deadline = time.monotonic() + WARMUP_TIMEOUT_S
         for event in (first_done, second_done):
             if not event.wait(max(0.0, deadline - time.monotonic())):

@@ -69,7 +69,8 @@ class StepPlan:
 class SchedulerStats:
     num_preemptions: int = 0
     num_prefill_cache_hits: int = 0
-    num_cascade_steps: int = 0  # decode steps whose batch carried a cascade plan
+    num_cascade_steps: int = 0  # steps whose batch carried a cascade plan
+    num_cascade_mixed_steps: int = 0  # of them, steps that also prefilled
 
 
 class Scheduler:
@@ -248,16 +249,16 @@ class Scheduler:
         )
 
     def _cascade_plan(self, scheduled: list[tuple[Req, int]]) -> list[int] | None:
-        """A decode step's cascade plan, when cascade attention is on and rows share. Mixed
-        steps carry none: on an H100 their one-token requests ran faster through the plain
-        split-K kernel than with a plan (docs/BENCHMARKS.md)."""
-        if not self.cascade_min_prefix or len(scheduled) < 2:
+        """The cascade plan of a step's one-token requests (all of a decode step, the
+        `single_rows` of a mixed one), when cascade attention is on and some share."""
+        if not self.cascade_min_prefix:
             return None
-        if any(n != 1 for _, n in scheduled):
+        singles = [r.slots for r, n in scheduled if n == 1]
+        if len(singles) < 2:
             return None
-        plan = plan_cascade([r.slots for r, _ in scheduled], self.cascade_min_prefix,
-                            self.cascade_max_rows)
+        plan = plan_cascade(singles, self.cascade_min_prefix, self.cascade_max_rows)
         self.stats.num_cascade_steps += plan is not None
+        self.stats.num_cascade_mixed_steps += plan is not None and len(singles) < len(scheduled)
         return plan
 
     def _admit(

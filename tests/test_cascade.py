@@ -93,10 +93,11 @@ def test_sorting_for_cascade_keeps_the_oldest_request_when_memory_runs_out() -> 
         assert [r.rid for r in scheduler.waiting] == ["new"]
 
 
-def test_decode_steps_carry_a_plan_and_mixed_steps_none() -> None:
-    """Two requests sharing a cached prefix decode in a group; while a third prompt is
-    prefilled beside them (mixed steps) the batch carries no plan, its one-token requests
-    named in single_rows for the plain split-K kernel."""
+def test_decode_and_mixed_steps_carry_a_plan_over_their_one_token_requests() -> None:
+    """Two requests sharing a cached prefix decode in a group next to one sharing nothing;
+    while a fourth prompt is prefilled beside them (mixed steps) the plan covers the three
+    one-token requests, in single_rows order, each of its rows 16-byte aligned on the device
+    (three is odd: the rows are laid out padded)."""
     scheduler = Scheduler(
         Config(max_running_requests=8, chunked_prefill_size=16, prefix_cache=True),
         num_slots=400, device=torch.device("cpu"), max_context_len=256, cascade_min_prefix=16,
@@ -109,6 +110,7 @@ def test_decode_steps_carry_a_plan_and_mixed_steps_none() -> None:
 
     scheduler.add(request("a", shared + [50]))
     scheduler.add(request("b", shared + [60, 61]))
+    scheduler.add(request("d", list(range(200, 210))))
     kinds = []
     for step in range(40):
         if step == 12:
@@ -116,20 +118,26 @@ def test_decode_steps_carry_a_plan_and_mixed_steps_none() -> None:
         plan = scheduler.schedule()
         if plan is None:
             break
-        assert plan.batch is not None
-        mixed = not plan.batch.is_decode
-        if mixed:
-            assert plan.batch.cascade is None
-        elif len(plan.reqs) > 1:
-            assert plan.batch.cascade is not None
-        if mixed and any(n == 1 for n in plan.batch.extend_lens):
-            assert plan.batch.single_rows is not None
+        batch = plan.batch
+        assert batch is not None
+        mixed = not batch.is_decode
+        singles = [r.rid for r, n in zip(plan.reqs, batch.extend_lens) if n == 1]
+        if batch.cascade is not None:
+            assert batch.cascade.shape == (4, len(singles))
+            assert all(row.data_ptr() % 16 == 0 for row in batch.cascade)
+            row_group = batch.cascade[0].tolist()
+            grouped = {rid for rid, g in zip(singles, row_group) if g != NO_GROUP}
+            assert grouped == {"a", "b"}
+        if mixed and len(singles) == 3:
+            assert batch.single_rows is not None and batch.cascade is not None
             kinds.append("mixed with decodes")
-        elif not mixed and plan.batch.cascade is not None:
+        elif not mixed and batch.cascade is not None:
             kinds.append("grouped decode")
         for req in plan.sample_reqs:
             req.token_ids.append(5)
         scheduler.cache_prompts(plan, None)
         scheduler.release_finished(plan.sample_reqs)
     assert "mixed with decodes" in kinds and "grouped decode" in kinds
-    assert scheduler.stats.num_cascade_steps == kinds.count("grouped decode")
+    stats = scheduler.stats
+    assert stats.num_cascade_mixed_steps == kinds.count("mixed with decodes")
+    assert stats.num_cascade_steps >= len(kinds)

@@ -377,6 +377,43 @@ def test_mixed_batch_sends_its_one_token_requests_to_the_decode_kernel(ops: Modu
     assert decode_only.single_rows is None  # all-decode batches need no list
 
 
+def test_cascade_plan_of_a_mixed_batch_covers_its_one_token_requests(ops: ModuleType) -> None:
+    """Decode rows sharing prefixes next to prefill chunks: the plan indexes the one-token
+    requests (single_rows order), the kernels map them to their requests of kv_indptr."""
+    from backend.cascade import plan_cascade
+
+    lists, shared = _cascade_case()
+    rng = random.Random(5)
+    fresh = list(range(3000, 3200))
+    chunks = {3: 9, 10: 17, 26: 5}  # batch position -> a chunk of that many new tokens
+    token_ids, prefix_lens, slot_lists = [], [], []
+    decodes = iter(lists)
+    for position in range(len(lists) + len(chunks)):
+        if position in chunks:
+            n = chunks[position]
+            prefix = rng.randint(0, 20)
+            slot_lists.append(fresh[: prefix + n])
+            del fresh[: prefix + n]
+            token_ids.append([1] * n)
+            prefix_lens.append(prefix)
+        else:
+            slots = next(decodes)
+            slot_lists.append(slots)
+            token_ids.append([1])
+            prefix_lens.append(len(slots) - 1)
+    batch = build_forward_batch(token_ids, prefix_lens, slot_lists, [True] * len(token_ids), CPU)
+    assert batch.single_rows is not None and batch.single_rows.shape[1] == len(lists)
+    plan = plan_cascade(lists, min_prefix=16)
+    assert plan is not None
+    batch = dataclasses.replace(batch, cascade=torch.tensor(plan, dtype=torch.int64).view(4, -1))
+    k_pool, v_pool = _pools(3200, 2, 64, torch.float32)
+    q = _randn(batch.num_tokens, 4, 64, dtype=torch.float32, seed=6)
+    ops.prepare_attention(batch)
+    assert batch.cascade is not None and batch.cascade[3, : len(shared)].tolist() == shared
+    out = ops.paged_attention(q, k_pool, v_pool, batch, 0.125, 2)
+    _close(out, torch_ops.paged_attention(q, k_pool, v_pool, batch, 0.125, 2))
+
+
 # --- K/V in 8 bits (KV_CACHE_DTYPE=fp8_e4m3) ---------------------------------------------
 
 

@@ -81,7 +81,7 @@ def paged_attention(
     K/V of the new tokens must already be stored at `batch.out_slots`. All-decode batches use
     the split-K decode kernel (with their cascade plan, if any); anything else (prefill,
     extend, mixed) the extend kernel, except that a mixed batch's one-token requests
-    (`batch.single_rows`) go through the decode kernel too.
+    (`batch.single_rows`) go through the decode kernel too (with the plan, if any).
     Grid sizes come from the batch's host lists; nothing here waits on the device.
     Returns [T, Hq, D].
     """
@@ -118,19 +118,20 @@ def _one_token_attention(
     num_kv_heads: int,
     req_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The split-K decode kernel for requests adding one token: every row of a decode batch
-    (with its cascade plan when it has one), or (with `req_ids`, row r being request
-    req_ids[r]) a mixed batch's `single_rows`."""
+    """The split-K decode kernel for requests adding one token: every row of a decode batch,
+    or (with `req_ids`, row r being request req_ids[r]) a mixed batch's `single_rows`; with
+    the batch's cascade plan when it has one."""
     rows = q.shape[0]
     block_n = _block_n(q)
     long_blocks = q.shape[-1] <= 128 and has_long_block_smem(q.device)
     num_splits = choose_num_splits(rows, num_kv_heads, batch.max_single_seq_len, q.device)
     kv = (k_pool_layer, v_pool_layer, batch.kv_indptr, batch.kv_indices)
-    if batch.cascade is not None and req_ids is None:
+    if batch.cascade is not None:
         return cascade_decode_attention(
             q, *kv, batch.cascade, scale, num_splits,
             choose_prefix_splits(rows, q.shape[1], num_kv_heads, q.device),
             block_n=block_n, prefix_block_n=2 * block_n if long_blocks else block_n,
+            req_ids=req_ids,
         )
     if num_splits == 1 and long_blocks:  # large batches: measured 3-6% faster (H100)
         return decode_attention(q, *kv, scale, 1, block_n=2 * block_n, num_stages=2,
@@ -140,5 +141,10 @@ def _one_token_attention(
 
 def prepare_attention(batch: ForwardBatch) -> None:
     """Per-step work before the first layer: measure a cascade plan's shared prefixes."""
-    if batch.cascade is not None and batch.batch_size and batch.is_decode:
+    if batch.cascade is None or not batch.batch_size:
+        return
+    if batch.is_decode:
         measure_shared_prefixes(batch.kv_indptr, batch.kv_indices, batch.cascade)
+    elif batch.single_rows is not None:
+        measure_shared_prefixes(batch.kv_indptr, batch.kv_indices, batch.cascade,
+                                req_ids=batch.single_rows[0])

@@ -26,6 +26,7 @@ from backend.sglang.kernels.triton.common import (
     MIN_DOT_TILE,
     attend_slots,
     dot_precision,
+    request_of,
     upcast_dots,
 )
 from backend.sglang.kernels.triton.decode_attention import (
@@ -42,17 +43,19 @@ _MAX_PREFIX_SPLITS = 16
 @triton.jit
 def _shared_prefix_kernel(
     kv_indptr_ptr, kv_indices_ptr, row_group_ptr, group_first_ptr, group_prefix_ptr,
-    BLOCK: tl.constexpr,
+    req_ids_ptr, BLOCK: tl.constexpr, HAS_REQ_IDS: tl.constexpr,
 ):
     row = tl.program_id(0)
     group = tl.load(row_group_ptr + row)
     slot_group = tl.maximum(group, 0)
     first = tl.load(group_first_ptr + slot_group)
     active = (group >= 0) & (first != row)
-    own = tl.load(kv_indptr_ptr + row)
-    lead = tl.load(kv_indptr_ptr + first)
-    own_len = tl.load(kv_indptr_ptr + row + 1) - own
-    lead_len = tl.load(kv_indptr_ptr + first + 1) - lead
+    own_request = request_of(row, req_ids_ptr, HAS_REQ_IDS)
+    lead_request = request_of(first, req_ids_ptr, HAS_REQ_IDS)
+    own = tl.load(kv_indptr_ptr + own_request)
+    lead = tl.load(kv_indptr_ptr + lead_request)
+    own_len = tl.load(kv_indptr_ptr + own_request + 1) - own
+    lead_len = tl.load(kv_indptr_ptr + lead_request + 1) - lead
     # never a row's newest token: every row keeps a suffix of its own
     bound = tl.minimum(tl.load(group_prefix_ptr + slot_group),
                        tl.minimum(own_len, lead_len) - 1)
@@ -74,9 +77,10 @@ def _cascade_prefix_kernel(
     group_first_ptr, group_rows_ptr, group_prefix_ptr, out_ptr, lse_ptr,
     stride_qt, stride_qh, stride_k_slot, stride_k_head, stride_v_slot, stride_v_head,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    scale_log2, group_size, head_dim, first_split, num_prefix_splits,
+    scale_log2, group_size, head_dim, first_split, num_prefix_splits, req_ids_ptr,
     GROUP_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+    HAS_REQ_IDS: tl.constexpr,
 ):
     group = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -87,7 +91,7 @@ def _cascade_prefix_kernel(
     split_len = tl.cdiv(tl.cdiv(prefix_len, num_prefix_splits), BLOCK_N) * BLOCK_N
     lo = split * split_len
     hi = tl.minimum(lo + split_len, prefix_len)
-    kv_start = tl.load(kv_indptr_ptr + first)
+    kv_start = tl.load(kv_indptr_ptr + request_of(first, req_ids_ptr, HAS_REQ_IDS))
 
     m = tl.arange(0, BLOCK_M)
     member = m // GROUP_P2
@@ -124,12 +128,16 @@ def choose_prefix_splits(
 
 
 def measure_shared_prefixes(
-    kv_indptr: torch.Tensor, kv_indices: torch.Tensor, cascade: torch.Tensor
+    kv_indptr: torch.Tensor, kv_indices: torch.Tensor, cascade: torch.Tensor,
+    req_ids: torch.Tensor | None = None,
 ) -> None:
     """Lower each group's prefix bound (cascade[3]) to the longest common prefix of its
-    members' slot lists, in place. Run once per step, before the first layer."""
+    members' slot lists, in place. Run once per step, before the first layer. With
+    `req_ids`, plan row r is request req_ids[r] of `kv_indptr`."""
     _shared_prefix_kernel[(cascade.shape[1],)](
-        kv_indptr, kv_indices, cascade[0], cascade[1], cascade[3], BLOCK=_LCP_BLOCK,
+        kv_indptr, kv_indices, cascade[0], cascade[1], cascade[3],
+        req_ids if req_ids is not None else cascade[0],
+        BLOCK=_LCP_BLOCK, HAS_REQ_IDS=req_ids is not None,
     )
 
 
@@ -145,10 +153,12 @@ def cascade_decode_attention(
     num_prefix_splits: int,
     block_n: int = 64,
     prefix_block_n: int = 64,
+    req_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of q [B, Hq, D] over the batch's slots with the groups of the
     `cascade` plan ([4, B], prefixes measured) reading their shared prefix once; [B, Hq, D].
-    `block_n` and `prefix_block_n` are the keys per step of the suffix and prefix kernels."""
+    `block_n` and `prefix_block_n` are the keys per step of the suffix and prefix kernels.
+    With `req_ids`, row r of q (and of the plan) is request req_ids[r] of `kv_indptr`."""
     batch_size, num_q_heads, head_dim = q.shape
     out = torch.empty_like(q)
     if batch_size == 0:
@@ -157,7 +167,7 @@ def cascade_decode_attention(
     group_size = num_q_heads // num_kv_heads
     partial, lse = split_buffers(q, num_splits + num_prefix_splits)
     decode_slices(q, k_pool_layer, v_pool_layer, kv_indptr, kv_indices, scale, num_splits,
-                  partial, lse, cascade, block_n=block_n)
+                  partial, lse, cascade, block_n=block_n, req_ids=req_ids)
     group_p2 = triton.next_power_of_2(group_size)
     _cascade_prefix_kernel[(max(1, batch_size // 2), num_kv_heads, num_prefix_splits)](
         q, k_pool_layer, v_pool_layer, kv_indptr, kv_indices,
@@ -166,11 +176,12 @@ def cascade_decode_attention(
         v_pool_layer.stride(0), v_pool_layer.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         scale * LOG2E, group_size, head_dim, num_splits, num_prefix_splits,
+        req_ids if req_ids is not None else cascade[0],
         GROUP_P2=group_p2,
         BLOCK_M=max(MIN_DOT_TILE, cascade_rows_per_group(num_q_heads, num_kv_heads) * group_p2),
         BLOCK_N=prefix_block_n, BLOCK_D=max(MIN_DOT_TILE, triton.next_power_of_2(head_dim)),
         DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOTS=upcast_dots(),
-        num_stages=2,
+        HAS_REQ_IDS=req_ids is not None, num_stages=2,
     )
     merge_splits(partial, lse, out, num_splits, cascade[0], num_prefix_splits)
     return out

@@ -103,6 +103,17 @@ def attend_slots(
     return out, lse
 
 
+@triton.jit
+def request_of(row, req_ids_ptr, HAS_REQ_IDS: tl.constexpr):
+    """The `kv_indptr` request of kernel row `row`: req_ids[row] when the rows are a subset
+    of the batch (a mixed batch's one-token requests), else the row itself."""
+    if HAS_REQ_IDS:
+        request = tl.load(req_ids_ptr + row)
+    else:
+        request = row.to(tl.int64)
+    return request
+
+
 LONG_BLOCK_SMEM = 160 * 1024  # two stages of 128-key K and V tiles (head_dim 128, 16 bits)
 
 

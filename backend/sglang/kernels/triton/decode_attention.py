@@ -20,6 +20,7 @@ from backend.sglang.kernels.triton.common import (
     MIN_DOT_TILE,
     attend_slots,
     dot_precision,
+    request_of,
     upcast_dots,
 )
 
@@ -49,9 +50,7 @@ def _decode_split_kernel(
     kv_head = tl.program_id(0)
     request = tl.program_id(1)
     split = tl.program_id(2)
-    kv_request = request.to(tl.int64)
-    if HAS_REQ_IDS:  # the rows are a mixed batch's one-token requests: row r is req_ids[r]
-        kv_request = tl.load(req_ids_ptr + request)
+    kv_request = request_of(request, req_ids_ptr, HAS_REQ_IDS)
     kv_start = tl.load(kv_indptr_ptr + kv_request)
     seq_len = tl.load(kv_indptr_ptr + kv_request + 1) - kv_start
     if HAS_CASCADE:  # a grouped row's shared prefix is the cascade kernel's: skip it

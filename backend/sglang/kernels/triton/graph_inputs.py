@@ -17,7 +17,7 @@ import triton.language as tl
 _COPY_BLOCK = 1024
 
 
-@triton.jit(do_not_specialize=["num_live"])
+@triton.jit(do_not_specialize=["num_live", "stride_src_cascade"])  # both follow the live batch
 def _pad_decode_inputs_kernel(
     src_ids_ptr, src_positions_ptr, src_slots_ptr, src_indptr_ptr, src_indices_ptr,
     ids_ptr, positions_ptr, slots_ptr, indptr_ptr, indices_ptr,
