@@ -121,7 +121,9 @@ class Engine(EngineBase):
         need = len(first) + 64
         if need > self.max_context_len or copies * need > self.runner.num_kv_slots // 2:
             return
-        second = self.tokenize("A prompt of its own, prefilled beside decoding ones.")
+        # a text of its own per call: a prompt the caches already hold would not be prefilled
+        second = self.tokenize(f"A prompt of its own, prefilled beside {copies} request(s) "
+                               f"decoding {context} tokens of context.")
         queued, first_done, second_done = (threading.Event() for _ in range(3))
         decoding: set[str] = set()
         finished: set[str] = set()

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from config import ConfigError, load_config
 from engine.engine import Engine
 from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.scheduler import StepPlan
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -313,14 +314,28 @@ def test_abort_frees_slots(tiny_model_factory, overlap: str) -> None:
 
 
 def test_warmup_leaves_nothing_behind(tiny_model_factory) -> None:
-    """Warm-up (on CUDA: also a prefill beside a long decoding request) frees every slot it
-    used and changes no later output."""
+    """Warm-up (on CUDA: also prompts prefilled beside requests decoding a short and a long
+    context) runs each of those mixed steps even with the caches holding its earlier
+    prompts, frees every slot it used and changes no later output."""
     path = tiny_model_factory("qwen3")
-    engine = make_engine(path, PREFIX_CACHE="0")
+    engine = make_engine(path)
+    scheduler = engine.scheduler
+    schedule = scheduler.schedule
+    contexts: list[int] = []  # longest one-token context of each mixed step
+
+    def recording_schedule() -> StepPlan | None:
+        plan = schedule()
+        if plan is not None and plan.batch is not None and plan.batch.single_rows is not None:
+            contexts.append(plan.batch.max_single_seq_len)
+        return plan
+
+    scheduler.schedule = recording_schedule  # type: ignore[method-assign]
     try:
         engine.warmup()
         for context in (8, 300):  # its CUDA part, on any device
+            start = len(contexts)
             engine._warm_prefill_beside_decode(context)
+            assert any(context <= n <= context + 40 for n in contexts[start:]), contexts
         snap = engine.snapshot()
         assert snap["num_running"] == 0 and snap["kv_used_slots"] == 0
         assert snap["num_finished"] >= 6
