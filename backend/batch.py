@@ -44,8 +44,9 @@ class ForwardBatch:
     seq_lens: list[int]  # host copies for shape decisions
     extend_lens: list[int]
     # groups of one-token requests sharing a KV prefix (all rows of a decode batch, the
-    # single_rows of a mixed one), [4, n] int64 (backend/cascade.py); kernel sets without
-    # cascade attention ignore it (the result is the same)
+    # single_rows of a mixed one), [4, n] int64 (backend/cascade.py), possibly a row-strided
+    # view (`plan_view`: pass its rows, never flatten it); kernel sets without cascade
+    # attention ignore it (the result is the same)
     cascade: torch.Tensor | None = None
     # mixed batches only: [2, n] int64, request index and token row of each request adding
     # one token (kernel sets may attend those with their decode kernel)
@@ -200,7 +201,7 @@ def _table_batch(
     """The packed step of both table builders: the table's staged writes and the step's
     inputs in one host→device copy, then the KV indices gathered on the device."""
     write_starts, write_lengths, write_slots = table.take_writes()
-    plan, plan_width = aligned_plan(cascade or [])
+    plan, _ = aligned_plan(cascade or [])
     parts = [flat_ids, positions, out_slots, qo_indptr, kv_indptr, logits_indices, rows,
              write_starts, write_lengths, write_slots, plan, singles]
     (input_ids, positions_t, out_slots_t, qo_indptr_t, kv_indptr_t, logits_t, rows_t,
@@ -217,7 +218,7 @@ def _table_batch(
         logits_indices=logits_t,
         seq_lens=seq_lens,
         extend_lens=extend_lens,
-        cascade=cascade_t.view(4, plan_width)[:, : len(cascade) // 4] if cascade else None,
+        cascade=plan_view(cascade_t, len(cascade) // 4) if cascade else None,
         single_rows=singles_t.view(2, -1) if singles else None,
     )
 
@@ -235,6 +236,12 @@ def aligned_plan(plan: list[int]) -> tuple[list[int], int]:
         padded.extend(plan[row * width : (row + 1) * width])
         padded.append(NO_GROUP if row == 0 else 0)
     return padded, width + 1
+
+
+def plan_view(padded: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The [4, B] cascade plan held in `padded`, a flat tensor of `aligned_plan`'s layout: a
+    row-strided view (its stride(0) may exceed B), whose rows are passed to the kernels."""
+    return padded.view(4, -1)[:, :batch_size]
 
 
 def single_token_rows(extend_lens: list[int], qo_indptr: list[int]) -> list[int]:

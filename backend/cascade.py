@@ -1,4 +1,5 @@
-"""Cascade decode attention: the host's part, grouping decode rows that share a KV prefix.
+"""Cascade decode attention: the host's part, grouping one-token requests that share a KV
+prefix.
 
 Requests whose prompts share a cached prefix hold the same radix-cache slots for it, so their
 decode attention reads the same keys and values. A kernel set with cascade attention reads
@@ -7,7 +8,8 @@ two (as split-K merges its slices). The host only proposes groups; the device me
 long the shared prefix really is, so a proposal can cost time but never correctness.
 
 A plan covers a batch's B one-token requests (a decode batch's rows; a mixed batch's
-`single_rows`, in their order) as an int64 [4, B] table (`ForwardBatch.cascade`):
+`single_rows`, in their order) as an int64 [4, B] table (`ForwardBatch.cascade`; on the
+device a row-strided view, `backend.batch.plan_view`):
 
 - row 0, `row_group[b]`: the group of batch row b, or -1;
 - row 1, `group_first[g]`: the first batch row of group g; its members are the consecutive
@@ -48,7 +50,7 @@ def cascade_key(slots: Sequence[int], min_prefix: int) -> int:
 def plan_cascade(
     slot_lists: Sequence[Sequence[int]], min_prefix: int, max_rows: int = CASCADE_MAX_ROWS
 ) -> list[int] | None:
-    """The flat [4 * B] plan (module docstring) of a decode batch whose row b attends
+    """The flat [4 * B] plan (module docstring) of B one-token requests, row b attending
     `slot_lists[b]` (its newest token's slot last), in groups of at most `max_rows`, or None
     when no two adjacent rows have the same `cascade_key`. Rows with equal keys should be
     adjacent (sort them by the key)."""

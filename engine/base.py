@@ -37,18 +37,17 @@ Prompt = str | list[dict[str, Any]] | list[int]
 MAX_N = 16
 
 
-def _token_ids(prompt: Sequence[Any]) -> list[int] | None:
-    """`prompt` as a list of ints when it is a non-empty sequence of integers, else None.
-    Through a C array: a prompt of thousands of ids costs microseconds, not a Python loop."""
-    if not prompt:
+def _token_ids(prompt: Any) -> list[int] | None:
+    """`prompt` as a list of ints when it is a non-empty list or tuple of integers, else
+    None. Through a C array: thousands of ids cost microseconds, not a Python loop."""
+    if not isinstance(prompt, (list, tuple)) or not prompt:
         return None
     try:
         return array.array("q", prompt).tolist()
     except TypeError:  # an item that is not an integer
         return None
-    except OverflowError:
-        raise InvalidRequestError("token ids must be in the model's vocabulary", "prompt"
-                                  ) from None
+    except OverflowError:  # beyond 64 bits: `_check_fits` reports it outside the vocabulary
+        return [int(t) for t in prompt] if all(isinstance(t, int) for t in prompt) else None
 
 
 @dataclass

@@ -9,6 +9,7 @@ text, release what finished.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import threading
 import time
@@ -63,6 +64,7 @@ class Engine(EngineBase):
     ) -> None:
         super().__init__(config, source=source)
         self._in_flight: _InFlight | None = None
+        self._warm_calls = itertools.count()  # numbers each warm-up prompt's text
         self._start_loop(lambda: self._start(runner))
 
     def _start(self, runner: ModelRunner | None) -> None:
@@ -107,7 +109,7 @@ class Engine(EngineBase):
         if self.runner.device.type == "cuda":
             for context in (8, WARMUP_LONG_TOKENS):
                 self._warm_prefill_beside_decode(context)
-            if self.scheduler.cascade_min_prefix:
+            if self.scheduler.cascade_min_prefix and self.scheduler.radix.enabled:
                 self._warm_prefill_beside_decode(
                     max(WARMUP_LONG_TOKENS, self.scheduler.cascade_min_prefix + 8), copies=2)
 
@@ -122,8 +124,8 @@ class Engine(EngineBase):
         if need > self.max_context_len or copies * need > self.runner.num_kv_slots // 2:
             return
         # a text of its own per call: a prompt the caches already hold would not be prefilled
-        second = self.tokenize(f"A prompt of its own, prefilled beside {copies} request(s) "
-                               f"decoding {context} tokens of context.")
+        second = self.tokenize(f"Warm-up prompt {next(self._warm_calls)}, prefilled beside "
+                               "decoding requests.")
         queued, first_done, second_done = (threading.Event() for _ in range(3))
         decoding: set[str] = set()
         finished: set[str] = set()
@@ -135,7 +137,7 @@ class Engine(EngineBase):
         def first_sink(delta: StreamDelta) -> None:  # on the loop thread
             if delta.token_ids and not delta.finished:
                 decoding.add(delta.rid)
-            if len(decoding) == copies and not queued.is_set():
+            if len(decoding - finished) == copies and not queued.is_set():
                 queued.set()
                 self.submit(second, SamplingParams(max_new_tokens=2, temperature=0.0,
                                                    ignore_eos=True), second_sink)

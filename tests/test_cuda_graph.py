@@ -18,7 +18,12 @@ pytest.importorskip("triton")
 
 from transformers import AutoConfig, PretrainedConfig, Qwen3Config  # noqa: E402
 
-from backend.batch import ForwardBatch, build_forward_batch  # noqa: E402
+from backend.batch import (  # noqa: E402
+    ForwardBatch,
+    aligned_plan,
+    build_forward_batch,
+    plan_view,
+)
 from backend.sglang.cuda_graph import (  # noqa: E402
     StaticDecodeInputs,
     batch_size_buckets,
@@ -270,7 +275,8 @@ def test_cascade_plan_is_padded_and_the_static_forward_matches_eager(tmp_path: P
 
     inputs = StaticDecodeInputs.allocate(8, 512, DEVICE)
     inputs.cascade.fill_(99)  # left over from an earlier batch
-    live = dataclasses.replace(decode, cascade=torch.tensor(plan, device=DEVICE).view(4, -1))
+    padded, _ = aligned_plan(plan)  # 3 rows: each plan row padded to 4, as the engine sends it
+    live = dataclasses.replace(decode, cascade=plan_view(torch.tensor(padded, device=DEVICE), 3))
     inputs.load(live, 8, cascade=True)
     assert inputs.cascade[0, :8].tolist() == [0, 0, 0, -1, -1, -1, -1, -1]
     assert inputs.cascade[2, :8].tolist() == [3, 0, 0, 0, 0, 0, 0, 0]

@@ -521,6 +521,8 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     ("/v1/completions", {"prompt": []}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, "a"]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [5, 2**63]}, 400, "prompt"),  # beyond 64 bits
+    ("/v1/completions", {"prompt": [-1, 5]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "logprobs": 30}, 400, "top_logprobs"),
     ("/v1/completions", {"prompt": "x", "suffix": "tail"}, 400, "suffix"),
     ("/generate", {"prompt": 5}, 400, "prompt"),

@@ -27,7 +27,12 @@ if _IMPORTED_FOR_CUDA:
 
 from transformers import Qwen3Config  # noqa: E402
 
-from backend.batch import ForwardBatch, build_forward_batch  # noqa: E402
+from backend.batch import (  # noqa: E402
+    ForwardBatch,
+    aligned_plan,
+    build_forward_batch,
+    plan_view,
+)
 from backend.kv_pool import KV_FP8, KVPool  # noqa: E402
 from backend.sglang.kernels import load_kernel_set, torch_ops  # noqa: E402
 from backend.sglang.kernels.triton.decode_attention import decode_attention  # noqa: E402
@@ -405,7 +410,9 @@ def test_cascade_plan_of_a_mixed_batch_covers_its_one_token_requests(ops: Module
     assert batch.single_rows is not None and batch.single_rows.shape[1] == len(lists)
     plan = plan_cascade(lists, min_prefix=16)
     assert plan is not None
-    batch = dataclasses.replace(batch, cascade=torch.tensor(plan, dtype=torch.int64).view(4, -1))
+    padded, width = aligned_plan(plan)  # the engine's layout: rows padded to an even width
+    assert width == len(lists) + len(lists) % 2
+    batch = dataclasses.replace(batch, cascade=plan_view(torch.tensor(padded), len(lists)))
     k_pool, v_pool = _pools(3200, 2, 64, torch.float32)
     q = _randn(batch.num_tokens, 4, 64, dtype=torch.float32, seed=6)
     ops.prepare_attention(batch)

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 MAX_HEAD_DIM = 256
-CASCADE_ATTENTION = True  # decode batches' cascade plans are used (backend/cascade.py)
+CASCADE_ATTENTION = True  # cascade plans of one-token requests are used (backend/cascade.py)
 
 
 def _check_shapes(

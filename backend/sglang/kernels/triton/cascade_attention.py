@@ -1,9 +1,10 @@
 """Cascade decode attention: a prefix shared by a group of requests is read once per group.
 
-The plan (backend/cascade.py) names groups of consecutive decode rows that probably share
-their first slots. Per step, `measure_shared_prefixes` lowers each group's bound to the
-longest common prefix of its members' slot lists (one program per row, atomic min), so the
-kernels below are exact whatever the host proposed. Per layer:
+The plan (backend/cascade.py) names groups of consecutive one-token rows (a decode batch's,
+or a mixed batch's `single_rows` through `req_ids`) that probably share their first slots.
+Per step, `measure_shared_prefixes` lowers each group's bound to the longest common prefix of
+its members' slot lists (one program per row, atomic min), so the kernels below are exact
+whatever the host proposed. Per layer:
 
 - the split kernel (decode_attention.py) attends each row's own suffix, past its group's
   prefix, in `num_splits` slices;
