@@ -215,21 +215,32 @@ class Attention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                 batch: ForwardBatch, kv_pool: KVPool) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
+        q = self.prepare(hidden, positions, cos_sin_cache, batch.out_slots, kv_pool)
+        return self.o_proj.forward(self.attend(q, batch, kv_pool))
+
+    def prepare(self, hidden: torch.Tensor, positions: torch.Tensor,
+                cos_sin_cache: torch.Tensor, out_slots: torch.Tensor,
+                kv_pool: KVPool) -> torch.Tensor:
+        """The work before attention, which reads no batch metadata but `positions` and
+        `out_slots`: the qkv projection, q/k norms and rotary, and the new K/V stored at
+        `out_slots`. Returns q [T, Hq, D]."""
         qkv = self.qkv_proj.forward(hidden).to(self.dtype)
         q_norm, k_norm = self.q_norm, self.k_norm
-        q = self.ops.qkv_prepare(
+        return self.ops.qkv_prepare(
             qkv, self.num_heads, self.num_kv_heads, positions, cos_sin_cache,
             q_norm.weight if q_norm is not None else None,
             k_norm.weight if k_norm is not None else None,
             q_norm.eps if q_norm is not None else 0.0,
-            kv_pool.k[self.layer_id], kv_pool.v[self.layer_id], batch.out_slots,
+            kv_pool.k[self.layer_id], kv_pool.v[self.layer_id], out_slots,
         )
+
+    def attend(self, q: torch.Tensor, batch: ForwardBatch, kv_pool: KVPool) -> torch.Tensor:
+        """Paged attention of q [T, Hq, D] over the batch's KV: [T, Hq * D]."""
         out = self.ops.paged_attention(
             q, kv_pool.k[self.layer_id], kv_pool.v[self.layer_id], batch, self.scale,
             self.num_kv_heads,
         )
-        return self.o_proj.forward(out.reshape(num_tokens, self.q_size))
+        return out.reshape(q.shape[0], self.q_size)
 
 
 class MLP(nn.Module):
@@ -264,12 +275,28 @@ class DecoderLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
                 positions: torch.Tensor, cos_sin_cache: torch.Tensor, batch: ForwardBatch,
                 kv_pool: KVPool) -> tuple[torch.Tensor, torch.Tensor]:
+        q, residual = self.before_attention(hidden, residual, positions, cos_sin_cache,
+                                            batch.out_slots, kv_pool)
+        return self.after_attention(self.self_attn.attend(q, batch, kv_pool), residual)
+
+    def before_attention(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+                         positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                         out_slots: torch.Tensor, kv_pool: KVPool
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input norm and `Attention.prepare`: (q, residual). Shapes follow the token
+        count only, so piecewise CUDA graphs capture it."""
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm.forward(hidden)
         else:
             hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
-        hidden = self.self_attn.forward(hidden, positions, cos_sin_cache, batch, kv_pool)
+        q = self.self_attn.prepare(hidden, positions, cos_sin_cache, out_slots, kv_pool)
+        return q, residual
+
+    def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """o_proj, the post-attention norm and the MLP: (hidden, residual)."""
+        hidden = self.self_attn.o_proj.forward(attn_out)
         hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
         return self.mlp.forward(hidden), residual
 
@@ -340,8 +367,13 @@ class CausalLM(nn.Module):
             hidden, residual = layer.forward(hidden, residual, positions, self.cos_sin_cache,
                                              batch, kv_pool)
         assert residual is not None
-        if not samples_every_row(batch):
-            rows = batch.logits_indices
+        return self.head(hidden, residual, None if samples_every_row(batch)
+                         else batch.logits_indices)
+
+    def head(self, hidden: torch.Tensor, residual: torch.Tensor,
+             rows: torch.Tensor | None) -> torch.Tensor:
+        """float32 logits of the last layer's `rows` (all when None): final norm, LM head."""
+        if rows is not None:
             hidden, residual = hidden.index_select(0, rows), residual.index_select(0, rows)
         hidden, _ = self.model.norm.add_and_norm(hidden, residual)
         return self.logits(hidden)
