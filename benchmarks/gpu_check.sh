@@ -9,11 +9,12 @@
 #     --platform manylinux2014_x86_64 -d .gpu/whl pytest pluggy iniconfig pytest-timeout \
 #     diffusers importlib_metadata     # diffusers for `image`
 # Usage: benchmarks/gpu_check.sh [kernels] [equivalence] [bf16] [latency] [offline] [shared_prefix]
-#        [sweep] [timeline] [pool] [image] [fp8]
+#        [sweep] [timeline] [pool] [image] [fp8] [piecewise]
 # `image` runs model_configs/z-image-turbo (the pipeline's architecture, no weights: they are
 # random, --load-format dummy) with the carried tokenizer standing in for Qwen's.
 # `fp8` runs the kernel checks, the bf16 agreement and the three workloads with K/V in 8 bits
 # (KV_CACHE_DTYPE=fp8_e4m3).
+# `piecewise` runs offline and shared_prefix without and then with PIECEWISE_CUDA_GRAPH=1.
 # `pool` needs two GPUs (device kind nvidia-h100-x2): offline on one GPU, then through a pool
 # of one engine per GPU (worker processes, then threads of one process), then shared_prefix
 # through the pool with rr and with cache_aware.
@@ -66,6 +67,14 @@ for step in $steps; do
       for mode in rr cache_aware; do
         ENABLE_MULTI_DEVICE=1 SCHEDULER_MODE=$mode $bench shared_prefix 2>&1 \
           | tee "$OUT/pool-shared-$mode.txt"
+      done ;;
+    piecewise)
+      for flag in 0 1; do
+        for workload in offline shared_prefix; do
+          PIECEWISE_CUDA_GRAPH=$flag python3 bench_suite.py $workload --model "$model" \
+            --load-format dummy --results-dir "$OUT" --skip-baseline 2>&1 \
+            | tee "$OUT/piecewise$flag-$workload.txt"
+        done
       done ;;
     fp8)
       python3 benchmarks/kernel_check.py --kv-dtype fp8_e4m3 2>&1 | tee "$OUT/kernels-fp8.txt"

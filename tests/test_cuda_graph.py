@@ -230,6 +230,37 @@ def test_tiny_qwen3_free_running_greedy_tokens_match_in_float32(tmp_path: Path) 
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_piecewise_graphs_match_eager_prefill_and_mixed_steps(tmp_path: Path,
+                                                              dtype: torch.dtype) -> None:
+    """PIECEWISE_CUDA_GRAPH: prefill chunks next to decoding requests, replayed from the
+    token buckets' piece graphs, give the eager runner's logits; the smaller second step
+    pads up to the same bucket."""
+    config = _tiny_qwen3()
+
+    def build(tokens: int) -> NativeRunner:
+        return NativeRunner(str(tmp_path), config, dtype=dtype, device=DEVICE,
+                            num_kv_slots=2048, load_format="dummy", seed=0,
+                            kernel_set="triton", piecewise_graph_tokens=tokens)
+
+    eager, graphed = build(0), build(300)
+    assert graphed.piecewise is not None and graphed.piecewise.buckets == [256, 300]
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    generator = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, config.vocab_size, (60,), generator=generator).tolist()
+               for _ in range(3)]
+    steps = [
+        _batch([p[:40] for p in prompts], [0, 0, 0]),  # prefill
+        _batch([[5], prompts[1][40:], [7]], [40, 40, 40]),  # two decodes beside a chunk
+    ]
+    for batch in steps:
+        expected = eager.forward(batch).clone()
+        got = graphed.forward(batch)
+        torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
+    assert graphed.piecewise.num_runs == len(steps)
+
+
+@needs_cuda
 def test_larger_batches_and_prefill_run_eagerly(tmp_path: Path) -> None:
     eager, graphed = _runner_pair(tmp_path, _tiny_qwen3(), torch.float32, max_bs=4)
     assert graphed.cuda_graphs is not None

@@ -15,10 +15,15 @@ from backend.batch import ForwardBatch, ModelInfo
 from backend.cascade import cascade_rows_per_group
 from backend.kv_pool import KVPool, slots_for_free_memory
 from backend.sglang.cpu_decoder import CPU_KERNEL_CHOICES, CpuDecoder, CpuKernelUnavailable
-from backend.sglang.cuda_graph import CudaGraphRunner, capture_decode_graphs
+from backend.sglang.cuda_graph import (
+    CudaGraphRunner,
+    capture_decode_graphs,
+    uses_graph_safe_kernels,
+)
 from backend.sglang.kernels import KernelSet, default_kernel_set, load_kernel_set
 from backend.sglang.layers import CausalLM, DecoderConfig, UnsupportedModelError
 from backend.sglang.models import MODEL_REGISTRY, get_model_class
+from backend.sglang.piecewise_graph import PiecewiseGraphRunner
 from backend.sglang.quant import WEIGHT_QUANT_CHOICES, head_quant_method
 from backend.sglang.weights import init_dummy_weights, load_weights
 from config import ConfigError
@@ -88,6 +93,7 @@ class NativeRunner:
         kernel_cache_dir: str = "",
         cascade_attention: bool = False,
         kv_dtype: torch.dtype | None = None,
+        piecewise_graph_tokens: int = 0,
     ) -> None:
         """`weight_quant` (`none` | `int8` | `int4`, already resolved; see
         backend.sglang.quant) packs every matmul weight once, after loading.
@@ -96,7 +102,9 @@ class NativeRunner:
         up to `cuda_graph_max_bs` requests (backend.sglang.cuda_graph). `cascade_attention`
         asks for cascade decode attention (backend/cascade.py), which the runner uses when
         its kernel set has it (`self.cascade_attention`). `kv_dtype` is the KV pool's dtype
-        (default: `dtype`; float8 e4m3 stores K/V in 8 bits)."""
+        (default: `dtype`; float8 e4m3 stores K/V in 8 bits). On CUDA with graph-safe
+        kernels, `piecewise_graph_tokens` > 0 captures piecewise graphs for other steps of
+        up to that many tokens (backend.sglang.piecewise_graph)."""
         if weight_quant not in WEIGHT_QUANT_CHOICES:
             raise ValueError(f"unknown weight_quant {weight_quant!r}; known: "
                              f"{', '.join(WEIGHT_QUANT_CHOICES)}")
@@ -142,6 +150,9 @@ class NativeRunner:
         self.cuda_graphs: CudaGraphRunner | None = None
         if cuda_graph and device.type == "cuda":
             self.cuda_graphs = capture_decode_graphs(self, cuda_graph_max_bs)
+        self.piecewise: PiecewiseGraphRunner | None = None
+        if piecewise_graph_tokens > 0 and device.type == "cuda":
+            self.piecewise = capture_piecewise_graphs(self, piecewise_graph_tokens, dtype)
         self.cpu_decoder: CpuDecoder | None = None
         if device.type == "cpu" and cpu_kernel != "torch":
             self.cpu_decoder = _compiled_decoder(self.model, self.kv_pool, cpu_kernel,
@@ -152,9 +163,24 @@ class NativeRunner:
         """Store the new tokens' K/V; return float32 logits [len(logits_indices), vocab]."""
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
             return self.cuda_graphs.run(batch)
+        if self.piecewise is not None and self.piecewise.can_run(batch):
+            return self.piecewise.run(batch)
         if self.cpu_decoder is not None:
             return self.cpu_decoder.forward(batch)
         return self.model(batch.input_ids, batch.positions, batch, self.kv_pool)
+
+
+def capture_piecewise_graphs(runner: NativeRunner, max_tokens: int,
+                             dtype: torch.dtype) -> PiecewiseGraphRunner | None:
+    """Capture the piecewise graphs of a CUDA NativeRunner; None (logged) when its kernel
+    set is not graph-safe."""
+    if not uses_graph_safe_kernels(runner.ops):
+        logger.warning("piecewise CUDA graphs need the triton kernel set; steps run eagerly")
+        return None
+    graphs = PiecewiseGraphRunner(runner.model, runner.kv_pool, max_tokens=max_tokens,
+                                  dtype=dtype, device=runner.device)
+    graphs.capture()
+    return graphs
 
 
 def quantize_model(model: CausalLM, method: str) -> None:
