@@ -233,31 +233,41 @@ def test_tiny_qwen3_free_running_greedy_tokens_match_in_float32(tmp_path: Path) 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_piecewise_graphs_match_eager_prefill_and_mixed_steps(tmp_path: Path,
                                                               dtype: torch.dtype) -> None:
-    """PIECEWISE_CUDA_GRAPH: prefill chunks next to decoding requests, replayed from the
-    token buckets' piece graphs, give the eager runner's logits; the smaller second step
-    pads up to the same bucket."""
+    """PIECEWISE_CUDA_GRAPH beside the decode graphs: a prefill, decodes beside a chunk (both
+    in the 256-token bucket, the second padded) and a 270-token prefill (the 300 bucket) give
+    the eager runner's logits and K/V; decode steps replay the decode graphs."""
     config = _tiny_qwen3()
 
     def build(tokens: int) -> NativeRunner:
         return NativeRunner(str(tmp_path), config, dtype=dtype, device=DEVICE,
                             num_kv_slots=2048, load_format="dummy", seed=0,
-                            kernel_set="triton", piecewise_graph_tokens=tokens)
+                            kernel_set="triton", cuda_graph=tokens > 0, cuda_graph_max_bs=8,
+                            piecewise_graph_tokens=tokens)
 
     eager, graphed = build(0), build(300)
-    assert graphed.piecewise is not None and graphed.piecewise.buckets == [256, 300]
+    assert graphed.piecewise is not None and sorted(graphed.piecewise.graphs) == [256, 300]
+    assert graphed.cuda_graphs is not None
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     generator = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(3, config.vocab_size, (60,), generator=generator).tolist()
-               for _ in range(3)]
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, config.vocab_size, (n,), generator=generator).tolist()
+
+    prompts = [tokens(60) for _ in range(3)]
     steps = [
         _batch([p[:40] for p in prompts], [0, 0, 0]),  # prefill
         _batch([[5], prompts[1][40:], [7]], [40, 40, 40]),  # two decodes beside a chunk
+        _batch([[6], [8], [9]], [41, 60, 41]),  # decode: the decode graphs
+        _batch([[4], [3], [2]] + [tokens(45) for _ in range(6)], [42, 61, 42] + [0] * 6),
     ]
     for batch in steps:
         expected = eager.forward(batch).clone()
         got = graphed.forward(batch)
         torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
-    assert graphed.piecewise.num_runs == len(steps)
+    assert graphed.piecewise.num_runs == 3 and graphed.cuda_graphs.num_replays == 1
+    for mine, theirs in zip(graphed.kv_pool.k + graphed.kv_pool.v,
+                            eager.kv_pool.k + eager.kv_pool.v):
+        torch.testing.assert_close(mine[1:], theirs[1:], atol=tolerance, rtol=tolerance)
 
 
 @needs_cuda

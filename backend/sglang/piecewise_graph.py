@@ -18,9 +18,12 @@ Pieces read and write static buffers (`PieceBuffers`), so one set serves every b
 every piece. A step of T tokens runs the pieces of the smallest bucket N >= T: its inputs
 are copied into the first T rows and rows T..N-1 are padding (token 0 at position 0, K/V
 stored in the padding slot 0), whose outputs nobody reads. Graphs of all buckets share one
-memory pool, captured smallest bucket first (a spent time budget leaves the largest steps
-eager); a step replays one bucket's pieces in capture order, so the pool's reuse of one
-piece's freed intermediates by the next is safe.
+memory pool, the largest bucket first (its intermediates are the pool's largest blocks,
+which the smaller buckets' then reuse), then the rest smallest first (a spent time budget or
+memory leaves the middle buckets out: their steps pad up to the next captured one). A step
+replays one bucket's pieces in capture order, so the pool's reuse of one piece's freed
+intermediates by the next is safe. Decode batches keep their own graphs (cuda_graph.py) or
+run eagerly.
 
 `graphs=False` runs the same pieces eagerly on the same buffers (CPU tests check the
 padding and the buffer flow against the plain forward there).
@@ -44,13 +47,13 @@ logger = logging.getLogger(__name__)
 
 FINE_STEP = 256  # bucket spacing up to FINE_LIMIT tokens
 FINE_LIMIT = 2048
-COARSE_STEP = 1024  # then every COARSE_STEP tokens
+COARSE_STEP = 512  # then every COARSE_STEP tokens
 CAPTURE_BUDGET_S = 120.0
 
 
 def token_buckets(max_tokens: int) -> list[int]:
     """Ascending token counts: every FINE_STEP up to FINE_LIMIT, then every COARSE_STEP, and
-    `max_tokens` itself (a step pads up to at most ~12% more tokens past FINE_LIMIT)."""
+    `max_tokens` itself (past FINE_LIMIT a step pads by at most 512 tokens, under 25%)."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     buckets = list(range(FINE_STEP, min(FINE_LIMIT, max_tokens) + 1, FINE_STEP))
@@ -125,13 +128,15 @@ class PiecewiseGraphRunner:
         return len(self.layers) + 1
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        """Whether a bucket holds the batch's tokens (captured, when graphs are on)."""
-        bucket = self._bucket(batch.num_tokens)
-        return bucket is not None and (not self.use_graphs or bucket in self.graphs)
+        """Whether the batch is a prefill or mixed step that a bucket (a captured one, when
+        graphs are on) holds."""
+        return not batch.is_decode and self._bucket(batch.num_tokens) is not None
 
     def _bucket(self, num_tokens: int) -> int | None:
-        index = bisect.bisect_left(self.buckets, num_tokens)
-        return self.buckets[index] if num_tokens and index < len(self.buckets) else None
+        """The smallest usable bucket of at least `num_tokens` tokens."""
+        usable = sorted(self.graphs) if self.use_graphs else self.buckets
+        index = bisect.bisect_left(usable, num_tokens)
+        return usable[index] if num_tokens and index < len(usable) else None
 
     # ---------------------------------------------------------------- pieces
     def _piece(self, index: int, rows: int) -> None:
@@ -180,22 +185,27 @@ class PiecewiseGraphRunner:
 
     # --------------------------------------------------------------- capture
     def capture(self) -> None:
-        """Record every bucket's pieces, largest bucket first, into one memory pool; stop
-        early (larger steps than the captured buckets run eagerly) once the budget is
-        spent."""
+        """Record the buckets' pieces into one memory pool, the largest bucket first, then
+        the rest smallest first; stop once the time budget is spent or memory runs out
+        (steps then pad up to a captured bucket, or run eagerly)."""
         assert self.capture_stream is not None
         started = time.perf_counter()
         free_before = torch.cuda.mem_get_info(self.device)[0]
         pool = torch.cuda.graph_pool_handle()
         captured: dict[int, list[Any]] = {}
+        order = self.buckets[-1:] + self.buckets[:-1]
         with torch.inference_mode():
-            for bucket in sorted(self.buckets):  # smallest first: a budget cut keeps them
+            for bucket in order:
                 if time.perf_counter() - started > self.capture_budget_s:
-                    logger.warning("piecewise graph budget of %.0f s spent; steps of more "
-                                   "than %d tokens run eagerly", self.capture_budget_s,
-                                   max(captured, default=0))
+                    logger.warning("piecewise graph budget of %.0f s spent; buckets from %d "
+                                   "tokens on not captured", self.capture_budget_s, bucket)
                     break
-                captured[bucket] = self._capture_bucket(bucket, pool)
+                try:
+                    captured[bucket] = self._capture_bucket(bucket, pool)
+                except torch.cuda.OutOfMemoryError:
+                    logger.warning("out of memory capturing the %d-token piecewise graphs; "
+                                   "buckets from there on not captured", bucket)
+                    break
         self.graphs = captured
         torch.cuda.synchronize(self.device)
         used = free_before - torch.cuda.mem_get_info(self.device)[0]
