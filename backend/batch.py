@@ -201,7 +201,7 @@ def _table_batch(
     """The packed step of both table builders: the table's staged writes and the step's
     inputs in one host→device copy, then the KV indices gathered on the device."""
     write_starts, write_lengths, write_slots = table.take_writes()
-    plan, _ = aligned_plan(cascade or [])
+    plan = aligned_plan(cascade or [])
     parts = [flat_ids, positions, out_slots, qo_indptr, kv_indptr, logits_indices, rows,
              write_starts, write_lengths, write_slots, plan, singles]
     (input_ids, positions_t, out_slots_t, qo_indptr_t, kv_indptr_t, logits_t, rows_t,
@@ -223,19 +223,20 @@ def _table_batch(
     )
 
 
-def aligned_plan(plan: list[int]) -> tuple[list[int], int]:
+def aligned_plan(plan: list[int]) -> list[int]:
     """A flat [4 * B] cascade plan laid out with each of its four rows padded to an even
-    length, and that length: on the device every row then starts 16-byte aligned, whatever
-    B. Triton specialises a kernel on its pointers' alignment, so a plan whose rows were
-    aligned in one step and not in the next would compile the kernels again mid-traffic."""
+    length (`plan_view` reads it back): on the device every row then starts 16-byte aligned,
+    whatever B. Triton specialises a kernel on its pointers' alignment, so a plan whose rows
+    were aligned in one step and not in the next would compile the kernels again
+    mid-traffic."""
     width = len(plan) // 4
     if width % 2 == 0:
-        return plan, width
+        return plan
     padded: list[int] = []
     for row in range(4):
         padded.extend(plan[row * width : (row + 1) * width])
         padded.append(NO_GROUP if row == 0 else 0)
-    return padded, width + 1
+    return padded
 
 
 def plan_view(padded: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -316,7 +316,7 @@ def test_cascade_plan_is_padded_and_the_static_forward_matches_eager(tmp_path: P
 
     inputs = StaticDecodeInputs.allocate(8, 512, DEVICE)
     inputs.cascade.fill_(99)  # left over from an earlier batch
-    padded, _ = aligned_plan(plan)  # 3 rows: each plan row padded to 4, as the engine sends it
+    padded = aligned_plan(plan)  # 3 rows: each plan row padded to 4, as the engine sends it
     live = dataclasses.replace(decode, cascade=plan_view(torch.tensor(padded, device=DEVICE), 3))
     inputs.load(live, 8, cascade=True)
     assert inputs.cascade[0, :8].tolist() == [0, 0, 0, -1, -1, -1, -1, -1]

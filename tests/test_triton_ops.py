@@ -410,8 +410,8 @@ def test_cascade_plan_of_a_mixed_batch_covers_its_one_token_requests(ops: Module
     assert batch.single_rows is not None and batch.single_rows.shape[1] == len(lists)
     plan = plan_cascade(lists, min_prefix=16)
     assert plan is not None
-    padded, width = aligned_plan(plan)  # the engine's layout: rows padded to an even width
-    assert width == len(lists) + len(lists) % 2
+    padded = aligned_plan(plan)  # the engine's layout: rows padded to an even width
+    assert len(padded) // 4 == len(lists) + len(lists) % 2
     batch = dataclasses.replace(batch, cascade=plan_view(torch.tensor(padded), len(lists)))
     k_pool, v_pool = _pools(3200, 2, 64, torch.float32)
     q = _randn(batch.num_tokens, 4, 64, dtype=torch.float32, seed=6)

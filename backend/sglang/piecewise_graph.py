@@ -31,7 +31,6 @@ padding and the buffer flow against the plain forward there).
 
 from __future__ import annotations
 
-import bisect
 import logging
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import torch
 
 from backend.batch import ForwardBatch
 from backend.kv_pool import KVPool
+from backend.sglang.cuda_graph import choose_bucket
 from backend.sglang.layers import CausalLM, DecoderLayer
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,7 @@ class PiecewiseGraphRunner:
         self.buckets = token_buckets(max_tokens)
         self.buffers = PieceBuffers.allocate(model, max_tokens, dtype, device)
         self.graphs: dict[int, list[Any]] = {}
+        self.ready = [] if graphs else self.buckets  # the buckets a step may use, ascending
         self.num_runs = 0
         self.capture_stream = torch.cuda.Stream(device=device) if graphs else None
 
@@ -134,9 +135,7 @@ class PiecewiseGraphRunner:
 
     def _bucket(self, num_tokens: int) -> int | None:
         """The smallest usable bucket of at least `num_tokens` tokens."""
-        usable = sorted(self.graphs) if self.use_graphs else self.buckets
-        index = bisect.bisect_left(usable, num_tokens)
-        return usable[index] if num_tokens and index < len(usable) else None
+        return choose_bucket(self.ready, num_tokens) if num_tokens else None
 
     # ---------------------------------------------------------------- pieces
     def _piece(self, index: int, rows: int) -> None:
@@ -207,6 +206,7 @@ class PiecewiseGraphRunner:
                                    "buckets from there on not captured", bucket)
                     break
         self.graphs = captured
+        self.ready = sorted(captured)
         torch.cuda.synchronize(self.device)
         used = free_before - torch.cuda.mem_get_info(self.device)[0]
         logger.info("captured piecewise CUDA graphs for %d token buckets (%s) x %d pieces "
