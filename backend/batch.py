@@ -295,7 +295,9 @@ class ModelRunner(Protocol):
     num_kv_slots: int  # usable slots, 1..num_kv_slots (slot 0 is padding)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Write the new tokens' K/V into their slots; return float32 logits
-        [len(batch.logits_indices), vocab_size] on the runner's device. The logits may be a
-        view of a static buffer (CUDA graphs): valid until the next `forward`."""
+        """Write the new tokens' K/V into their slots; return the logits
+        [len(batch.logits_indices), vocab_size] on the runner's device, in float32 or the
+        model's half-precision dtype (the sampler widens them where it computes with them).
+        The logits may be a view of a static buffer (CUDA graphs): valid until the next
+        `forward`."""
         ...

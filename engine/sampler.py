@@ -126,8 +126,16 @@ class _BatchParams:
         )
 
 
+def _computes_with_logits(params: SamplingParams) -> bool:
+    """Whether a row needs its logits in float32: anything beyond a plain argmax (which
+    picks the same token from bfloat16 logits as from their exact float32 widening)."""
+    return (not params.greedy or params.needs_penalties or params.logprobs
+            or params.top_logprobs > 0)
+
+
 class Sampler:
-    """Samples one token per row of a [B, vocab] float32 logits tensor."""
+    """Samples one token per row of a [B, vocab] logits tensor (float32, or the model's
+    bfloat16/float16: widened to float32 when a row computes more than an argmax)."""
 
     def __init__(self, vocab_size: int, device: torch.device, seed: int = 0) -> None:
         self.vocab_size = vocab_size
@@ -154,7 +162,8 @@ class Sampler:
         inputs) while their copy to the host runs; `result()` waits for that copy only."""
         if logits.dim() != 2 or not logits.shape[0] == len(params) == len(histories):
             raise ValueError("logits must be [B, V] with one params/history per row")
-        logits = logits.float()
+        if any(_computes_with_logits(p) for p in params):
+            logits = logits.float()
         penalized = apply_penalties(logits, params, histories)
         if all(p.greedy for p in params):
             token_ids = penalized.argmax(dim=-1)

@@ -56,6 +56,25 @@ def test_greedy_rows_equal_argmax_in_a_mixed_batch() -> None:
     assert [out.token_ids[row] for row in (0, 2, 4)] == [expected[row] for row in (0, 2, 4)]
 
 
+@pytest.mark.parametrize("rows", [
+    [SamplingParams(temperature=0.0)] * 4,
+    [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logprobs=True,
+                                                     top_logprobs=3)] * 2,
+    [SamplingParams(temperature=0.0, repetition_penalty=1.4)] * 4,
+    [SamplingParams(temperature=0.8, top_p=0.9, seed=row) for row in range(4)],
+], ids=["greedy", "logprobs", "penalties", "sampled"])
+def test_half_precision_logits_sample_as_their_float32_widening(
+        rows: list[SamplingParams]) -> None:
+    """bfloat16 logits (a CUDA runner's) give exactly what their float32 copy gives: a
+    greedy batch takes the argmax in bfloat16 (ties included: bfloat16 rounds many), the
+    rest are widened first."""
+    logits = random_logits(4, seed=5).bfloat16()
+    logits[:, [20, 10]] = logits.amax() + 1  # a tie at the top of every row, broken alike
+    half = make_sampler().sample(logits, rows, histories_for(rows, prompt=[7, 9]))
+    wide = make_sampler().sample(logits.float(), rows, histories_for(rows, prompt=[7, 9]))
+    assert half == wide
+
+
 def test_sampler_does_not_modify_the_logits() -> None:
     logits = random_logits(4)
     before = logits.clone()

@@ -182,8 +182,9 @@ class CudaGraphRunner:
         self.buckets_wanted = batch_size_buckets(max_batch_size)
         capacity = kv_index_capacity(max_batch_size, max_context_len, num_kv_slots)
         self.inputs = StaticDecodeInputs.allocate(max_batch_size, capacity, device)
-        self.logits = torch.zeros(max_batch_size, vocab_size, dtype=torch.float32,
-                                  device=device)
+        self.max_batch_size = max_batch_size
+        self.vocab_size = vocab_size
+        self.logits: torch.Tensor | None = None  # in the head's dtype, from the first capture
         self.cascade = cascade
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -220,8 +221,12 @@ class CudaGraphRunner:
     def _capture_bucket(self, bucket: int, pool: Any, cascade: bool) -> torch.cuda.CUDAGraph:
         batch = self.inputs.batch_view(bucket, self.max_context_len, cascade)
         self._reset_padding(bucket)
+        first = self.model(batch.input_ids, batch.positions, batch, self.kv_pool)
+        if self.logits is None:
+            self.logits = torch.zeros(self.max_batch_size, self.vocab_size, dtype=first.dtype,
+                                      device=self.device)
         out = self.logits[:bucket]
-        out.copy_(self.model(batch.input_ids, batch.positions, batch, self.kv_pool))
+        out.copy_(first)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=self.capture_stream):
@@ -246,14 +251,16 @@ class CudaGraphRunner:
         return bucket is not None and self.inputs.fits(batch, bucket)
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """Replay the bucket's graph for a batch `can_run` accepted; float32 logits
-        [len(batch.logits_indices), vocab], a view valid until the next forward."""
+        """Replay the bucket's graph for a batch `can_run` accepted; logits
+        [len(batch.logits_indices), vocab] in `logits_dtype`, a view valid until the next
+        forward."""
         bucket = choose_bucket(self.buckets, batch.batch_size)
         assert bucket is not None
         graph = self.cascade_graphs.get(bucket) if batch.cascade is not None else None
         self.inputs.load(batch, bucket, cascade=graph is not None)
         (graph or self.graphs[bucket]).replay()
         self.num_replays += 1
+        assert self.logits is not None
         if batch.logits_indices.shape[0] == batch.batch_size:
             return self.logits[: batch.batch_size]
         return self.logits.index_select(0, batch.logits_indices)

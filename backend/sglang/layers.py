@@ -350,16 +350,17 @@ class CausalLM(nn.Module):
             self.tied_head = quantize_head_weight(self.model.embed_tokens.weight.detach(), method)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 next-token logits of normed hidden rows."""
+        """Next-token logits of normed hidden rows, in the head's output dtype (bfloat16 for
+        a bfloat16 model): the sampler widens them only where it computes with them."""
         if self.lm_head is not None:
-            return self.lm_head.forward(hidden).float()
+            return self.lm_head.forward(hidden)
         if self.tied_head is not None:
-            return self.tied_head.matmul(hidden).float()
-        return F.linear(hidden, self.model.embed_tokens.weight).float()
+            return self.tied_head.matmul(hidden)
+        return F.linear(hidden, self.model.embed_tokens.weight)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
                 kv_pool: KVPool) -> torch.Tensor:
-        """float32 logits [len(batch.logits_indices), vocab] of the rows that sample."""
+        """Logits [len(batch.logits_indices), vocab] of the rows that sample (`logits`)."""
         self.ops.prepare_attention(batch)
         hidden = self.model.embed_tokens.forward(input_ids)
         residual: torch.Tensor | None = None
@@ -372,7 +373,7 @@ class CausalLM(nn.Module):
 
     def head(self, hidden: torch.Tensor, residual: torch.Tensor,
              rows: torch.Tensor | None) -> torch.Tensor:
-        """float32 logits of the last layer's `rows` (all when None): final norm, LM head."""
+        """Logits of the last layer's `rows` (all when None): final norm, LM head."""
         if rows is not None:
             hidden, residual = hidden.index_select(0, rows), residual.index_select(0, rows)
         hidden, _ = self.model.norm.add_and_norm(hidden, residual)

@@ -165,8 +165,8 @@ class PiecewiseGraphRunner:
             self._piece(index, bucket)
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """float32 logits [len(batch.logits_indices), vocab] of a batch `can_run` accepted;
-        the new tokens' K/V are stored as by the plain forward."""
+        """Logits [len(batch.logits_indices), vocab] (`CausalLM.logits`) of a batch
+        `can_run` accepted; the new tokens' K/V are stored as by the plain forward."""
         bucket = self._bucket(batch.num_tokens)
         assert bucket is not None
         live = batch.num_tokens

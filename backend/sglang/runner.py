@@ -160,7 +160,8 @@ class NativeRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Store the new tokens' K/V; return float32 logits [len(logits_indices), vocab]."""
+        """Store the new tokens' K/V; return logits [len(logits_indices), vocab]
+        in the head's dtype (see `ModelRunner.forward`)."""
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
             return self.cuda_graphs.run(batch)
         if self.piecewise is not None and self.piecewise.can_run(batch):
