@@ -134,11 +134,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("CUDA_GRAPH_MAX_BS", "cuda_graph_max_bs", _int_at_least(1), "256",
          "Largest decode batch run from a CUDA graph (buckets 1, 2, 4, 8, then every 16); "
          "larger batches run eagerly."),
-    Flag("PIECEWISE_CUDA_GRAPH", "piecewise_cuda_graph", _parse_bool, "0",
-         "Experimental: replay prefill and mixed steps of the native runner (CUDA, triton "
-         "kernels) from CUDA graphs of each layer's work between attention calls, per "
-         "token-count bucket up to the prefill budget (attention stays eager); captured at "
-         "start-up."),
+    Flag("PIECEWISE_CUDA_GRAPH", "piecewise_cuda_graph", _parse_bool, "1",
+         "Replay prefill and mixed steps of the native runner (CUDA, triton kernels) from "
+         "CUDA graphs of each layer's work between attention calls, per token-count bucket "
+         "up to the prefill budget (attention stays eager); captured at start-up."),
     Flag("CASCADE_ATTENTION", "cascade_attention", _choice("auto", "0", "1"), "auto",
          "Cascade decode attention: running requests that share a cached prefix (the same "
          "radix-cache slots) read it once per group of up to 16 instead of once each; auto = "
@@ -392,7 +391,7 @@ class Config:
     seed: int = 0
     cuda_graph: bool = True
     cuda_graph_max_bs: int = 256
-    piecewise_cuda_graph: bool = False
+    piecewise_cuda_graph: bool = True
     cascade_attention: str = "auto"
     cascade_min_prefix: int = 256
     kv_cache_tokens: int = 0
