@@ -206,6 +206,16 @@ def run_extend_case(case: ExtendCase, args: argparse.Namespace, device: torch.de
     return lines
 
 
+def read_bandwidth(device: torch.device) -> float:
+    """TB/s of a read-only reduction over 2 GiB: what the attention kernels' rates compare to
+    (the card's practical read bandwidth, below its nominal one)."""
+    from triton.testing import do_bench_cudagraph
+
+    data = torch.empty(2**30, dtype=torch.bfloat16, device=device)
+    seconds = do_bench_cudagraph(lambda: data.sum(), rep=100) / 1000
+    return data.numel() * data.element_size() / seconds / 1e12
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="bfloat16")
@@ -221,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     print(torch.cuda.get_device_name(device), args.dtype, "KV", args.kv_dtype or args.dtype)
+    print(f"the card's read bandwidth (a sum over 2 GiB): {read_bandwidth(device):.2f} TB/s")
     table = []
     if args.extend:
         for extend_case in extend_cases():
