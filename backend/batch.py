@@ -66,6 +66,13 @@ class ForwardBatch:
         return all(n == 1 for n in self.extend_lens)
 
     @functools.cached_property
+    def extend_shape(self) -> tuple[int, int]:
+        """(longest new-token run, longest cached prefix) among the requests adding more
+        than one token ((0, 0) when none); worked out once per batch."""
+        runs = [(e, s - e) for s, e in zip(self.seq_lens, self.extend_lens) if e > 1]
+        return (max((e for e, _ in runs), default=0), max((p for _, p in runs), default=0))
+
+    @functools.cached_property
     def max_single_seq_len(self) -> int:
         """The longest context among the requests adding one token (0 when none); worked out
         once per batch, however many layers ask."""

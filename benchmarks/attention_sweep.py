@@ -148,22 +148,24 @@ class ExtendCase:
 
 @dataclass(frozen=True)
 class ExtendLaunch:
-    block_m: int
+    block_m: int | None  # None: the kernel's own choice from the batch's shape
     block_n: int
     num_warps: int | None
     num_stages: int | None
 
     def label(self) -> str:
-        return (f"block_m={self.block_m} block_n={self.block_n} "
+        return (f"block_m={self.block_m or 'auto'} block_n={self.block_n} "
                 f"warps={self.num_warps or 'dflt'} stages={self.num_stages or 'dflt'}")
 
 
-EXTEND_DEFAULT = ExtendLaunch(64, 64, None, None)
+EXTEND_DEFAULT = ExtendLaunch(None, 64, None, None)
 
 
 def extend_cases() -> list[ExtendCase]:
     return [
         ExtendCase("prefill 8x1024", [0] * 8, [1024] * 8),
+        ExtendCase("offline chunk 14x100-1024", [0] * 14,
+                   [random.Random(0).randint(100, 1024) for _ in range(14)]),
         ExtendCase("64 questions 128 over 2048", [2048] * 64, [128] * 64),
         ExtendCase("16 chunks 512 over 512", [512] * 16, [512] * 16),
     ]
@@ -189,12 +191,12 @@ def run_extend_case(case: ExtendCase, args: argparse.Namespace, device: torch.de
     kv_indices = torch.arange(1, total + 1, dtype=torch.int64, device=device)
     q = torch.randn(sum(case.extend_lens), args.q_heads, args.head_dim, dtype=dtype,
                     device=device)
-    longest = max(case.extend_lens)
+    longest, prefix = max(case.extend_lens), max(case.prefix_lens)
     reference = extend_attention(q, k_pool, v_pool, qo_indptr, kv_indptr, kv_indices, 0.088,
-                                 longest)
+                                 longest, prefix)
     def call(launch: ExtendLaunch) -> torch.Tensor:
         return extend_attention(q, k_pool, v_pool, qo_indptr, kv_indptr, kv_indices, 0.088,
-                                longest, block_m=launch.block_m, block_n=launch.block_n,
+                                longest, prefix, block_m=launch.block_m, block_n=launch.block_n,
                                 num_warps=launch.num_warps, num_stages=launch.num_stages)
 
     results = time_launches(case.name, extend_launches(), call, reference, args.rep_ms)

@@ -217,6 +217,18 @@ def test_extend_attention_over_prefixes(
     _check_attention(ops, [0, 13, 4], [6, 3, 9], q_heads, kv_heads, head_dim, dtype)
 
 
+@pytest.mark.parametrize(("prefix_lens", "shape"), [
+    ([0, 0, 2], (9, 2)),  # the new tokens dominate: 64-row tiles
+    ([40, 13, 4], (9, 40)),  # a prefix longer than any run of new tokens: 256-row tiles
+])
+def test_extend_tiles_follow_the_batch_shape(ops: ModuleType, prefix_lens: list[int],
+                                             shape: tuple[int, int]) -> None:
+    extend_lens = [6, 3, 9, 1]
+    batch = _batch(prefix_lens + [7], extend_lens, sum(prefix_lens) + 7 + 19 + 4)
+    assert batch.extend_shape == shape  # the one-token request counts in neither
+    _check_attention(ops, prefix_lens + [7], extend_lens, 4, 2, 64, torch.float32)
+
+
 def test_extend_attention_small_blocks_cross_the_diagonal() -> None:
     prefix_lens, extend_lens, kv_heads, q_heads, head_dim = [0, 21], [37, 20], 1, 2, 64
     batch = _batch(prefix_lens, extend_lens, 90, seed=3)
@@ -230,6 +242,25 @@ def test_extend_attention_small_blocks_cross_the_diagonal() -> None:
     out = extend_attention(
         q, k_pool, v_pool, batch.qo_indptr, batch.kv_indptr, batch.kv_indices, 0.125,
         max(extend_lens), block_m=16, block_n=16,
+    )
+    _close(out, torch_ops.paged_attention(q, k_pool, v_pool, batch, 0.125, kv_heads))
+
+
+@pytest.mark.parametrize(("q_heads", "kv_heads", "block_m"), [(6, 2, 16), (8, 2, 8), (2, 2, 32)])
+def test_extend_attention_groups_heads_across_key_blocks(q_heads: int, kv_heads: int,
+                                                         block_m: int) -> None:
+    """A program takes a block of tokens for every query head of its KV head (groups of 3, 4
+    and 1 here, the 3 padded to 4): prefixes that end inside a key block or one key short
+    of its end (14, 30: the unmasked pass must stop before that block), a one-token
+    request, all against torch."""
+    prefix_lens, extend_lens, head_dim = [45, 14, 0, 15, 17, 30], [23, 20, 40, 18, 1, 34], 64
+    num_slots = sum(prefix_lens) + sum(extend_lens) + 5
+    batch = _batch(prefix_lens, extend_lens, num_slots, seed=block_m)
+    k_pool, v_pool = _pools(num_slots, kv_heads, head_dim, torch.float32)
+    q = _randn(batch.num_tokens, q_heads, head_dim, dtype=torch.float32, seed=11)
+    out = extend_attention(
+        q, k_pool, v_pool, batch.qo_indptr, batch.kv_indptr, batch.kv_indices, 0.125,
+        max(extend_lens), block_m=block_m, block_n=16,
     )
     _close(out, torch_ops.paged_attention(q, k_pool, v_pool, batch, 0.125, kv_heads))
 

@@ -1,11 +1,14 @@
 """Extend (prefill) attention of new tokens over their requests' paged KV, online softmax.
 
-Program (request b, query head h, query block m) reads rows `qo_indptr[b] + m * BLOCK_M ...`
-of q and every KV slot they may see through `kv_indices`: the cached prefix and the new tokens
-up to the block's last row (causal within the new tokens). The K/V of the new tokens must
-already be in the pool. A request adding one token (decode) is one short block, so mixed
-batches can run here whole; `skip_single` leaves those requests to the decode kernel, which
-reads each KV head once for all its query heads (triton_ops.paged_attention does).
+Program (request b, KV head h, query block m) takes the rows of every query head that shares
+KV head h for the new tokens `m * BLOCK_M ...` of request b (BLOCK_M tokens x GROUP heads,
+GROUP the group size rounded up to a power of two), so each K/V tile it loads serves the
+whole group, and the tile's rows fill a tensor-core block. It reads every KV slot those
+tokens may see through `kv_indices` in two passes: first the keys every row sees (the cached
+prefix and the new tokens before the block), without masks, then the block's diagonal
+(causal within the new tokens). The K/V of the new tokens must already be in the pool. A
+request adding one token (decode) is one short block, so mixed batches can run here whole;
+`skip_single` leaves those requests to the decode kernel (triton_ops.paged_attention does).
 """
 
 from __future__ import annotations
@@ -22,6 +25,53 @@ from backend.sglang.kernels.triton.common import (
     upcast_dots,
 )
 
+# Query rows per program (tokens x group heads), measured on an H100 (bf16, 16 query heads on
+# 8 KV heads, docs/BENCHMARKS.md eighth run): 64 where the new tokens dominate (prefill of
+# prompts without a cached prefix: more, shorter programs, less work past the diagonal), 256
+# where a cached prefix at least as long as the new tokens is read again by every block
+# (128-token questions over 2,048 cached tokens: 1.45x the 64-row tiles of before).
+TILE_ROWS = 64
+TILE_ROWS_OVER_PREFIX = 256
+MAX_TILE_ELEMENTS = 256 * 128  # rows x head_dim: the float32 accumulator stays in registers
+
+
+@triton.jit
+def _attend_keys(
+    q, m_i, l_i, acc, k_pool_ptr, v_pool_ptr, slot_ptr, lo, hi, kv_head, last_visible,
+    stride_k_slot, stride_k_head, stride_v_slot, stride_v_head, scale_log2, d, d_mask,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,
+):
+    """Online-softmax update of (m_i, l_i, acc) with the keys at slot_ptr[lo:hi]; with
+    CAUSAL, row r sees key n only if n <= last_visible[r] (and n < hi), else every key does
+    and hi - lo must be a multiple of BLOCK_N."""
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        if CAUSAL:
+            n_mask = n < hi
+            slots = tl.load(slot_ptr + n, mask=n_mask, other=0)
+            k_mask = n_mask[None, :] & d_mask[:, None]
+            v_mask = n_mask[:, None] & d_mask[None, :]
+        else:
+            slots = tl.load(slot_ptr + n)
+            k_mask = d_mask[:, None]
+            v_mask = d_mask[None, :]
+        k_ptrs = k_pool_ptr + slots[None, :] * stride_k_slot + kv_head * stride_k_head + d[:, None]
+        k = tl.load(k_ptrs, mask=k_mask, other=0.0).to(q.dtype)
+        scores = mma(q, k, DOT_PRECISION, UPCAST_DOTS) * scale_log2
+        if CAUSAL:
+            visible = n_mask[None, :] & (n[None, :] <= last_visible[:, None])
+            scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_ptrs = v_pool_ptr + slots[:, None] * stride_v_slot + kv_head * stride_v_head + d[None, :]
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOTS)
+        m_i = m_new
+    return m_i, l_i, acc
+
 
 @triton.jit
 def _extend_kernel(
@@ -29,11 +79,12 @@ def _extend_kernel(
     stride_qt, stride_qh, stride_k_slot, stride_k_head, stride_v_slot, stride_v_head,
     stride_ot, stride_oh,
     scale_log2, group_size, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr, SKIP_SINGLE: tl.constexpr,
+    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr,
 ):
     request = tl.program_id(0)
-    head = tl.program_id(1)
+    kv_head = tl.program_id(1)
     block_m = tl.program_id(2)
     q_start = tl.load(qo_indptr_ptr + request)
     extend_len = tl.load(qo_indptr_ptr + request + 1) - q_start
@@ -42,43 +93,40 @@ def _extend_kernel(
         kv_start = tl.load(kv_indptr_ptr + request)
         seq_len = tl.load(kv_indptr_ptr + request + 1) - kv_start
         prefix_len = seq_len - extend_len
-        kv_head = head // group_size
 
-        rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < extend_len
+        # row r: token block_m * BLOCK_M + r // GROUP of the request, query head r % GROUP
+        # of the KV head's group
+        r = tl.arange(0, BLOCK_M * GROUP)
+        tokens = block_m * BLOCK_M + r // GROUP
+        heads = kv_head * group_size + r % GROUP
+        row_mask = (tokens < extend_len) & (r % GROUP < group_size)
         d = tl.arange(0, BLOCK_D)
         d_mask = d < head_dim
-        q_ptrs = q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :]
-        q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        last_visible = prefix_len + rows  # row i sees kv positions 0..prefix_len + i
+        q_ptrs = q_ptr + (q_start + tokens)[:, None] * stride_qt + heads[:, None] * stride_qh
+        q = tl.load(q_ptrs + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        last_visible = prefix_len + tokens  # token i sees kv positions 0..prefix_len + i
 
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M * GROUP], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M * GROUP], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M * GROUP, BLOCK_D], dtype=tl.float32)
+        slots = kv_indices_ptr + kv_start
+        # whole key blocks that every row sees: up to the block's first token, inclusive
+        seen_by_all = (prefix_len + block_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
+        m_i, l_i, acc = _attend_keys(
+            q, m_i, l_i, acc, k_pool_ptr, v_pool_ptr, slots, 0, seen_by_all, kv_head,
+            last_visible, stride_k_slot, stride_k_head, stride_v_slot, stride_v_head,
+            scale_log2, d, d_mask, BLOCK_N, False, DOT_PRECISION, UPCAST_DOTS,
+        )
         hi = tl.minimum(seq_len, prefix_len + (block_m + 1) * BLOCK_M)
-        for start in range(0, hi, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            n_mask = n < hi
-            slots = tl.load(kv_indices_ptr + kv_start + n, mask=n_mask, other=0)
-            k_ptrs = (k_pool_ptr + slots[None, :] * stride_k_slot + kv_head * stride_k_head
-                      + d[:, None])
-            k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0).to(q.dtype)
-            scores = mma(q, k, DOT_PRECISION, UPCAST_DOTS) * scale_log2
-            visible = n_mask[None, :] & (n[None, :] <= last_visible[:, None])
-            scores = tl.where(visible, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(scores - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_ptrs = (v_pool_ptr + slots[:, None] * stride_v_slot + kv_head * stride_v_head
-                      + d[None, :])
-            v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)
-            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOTS)
-            m_i = m_new
+        m_i, l_i, acc = _attend_keys(
+            q, m_i, l_i, acc, k_pool_ptr, v_pool_ptr, slots, seen_by_all, hi, kv_head,
+            last_visible, stride_k_slot, stride_k_head, stride_v_slot, stride_v_head,
+            scale_log2, d, d_mask, BLOCK_N, True, DOT_PRECISION, UPCAST_DOTS,
+        )
 
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        o_ptrs = out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty),
+        o_ptrs = out_ptr + (q_start + tokens)[:, None] * stride_ot + heads[:, None] * stride_oh
+        tl.store(o_ptrs + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & d_mask[None, :])
 
 
@@ -91,7 +139,8 @@ def extend_attention(
     kv_indices: torch.Tensor,
     scale: float,
     max_extend_len: int,
-    block_m: int = 64,
+    max_prefix_len: int = 0,
+    block_m: int | None = None,
     block_n: int = 64,
     skip_single: bool = False,
     num_warps: int | None = None,
@@ -99,23 +148,33 @@ def extend_attention(
 ) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] (request b owns rows qo_indptr[b]:qo_indptr[b+1]).
     With `skip_single`, the rows of requests adding one token are left unwritten.
-    `num_warps`/`num_stages` override Triton's launch defaults (None keeps them)."""
+    `block_m` is the new tokens per program (default: TILE_ROWS rows over the group's query
+    heads, TILE_ROWS_OVER_PREFIX when `max_prefix_len`, the longest cached prefix, is at
+    least `max_extend_len`); `num_warps`/`num_stages` override the launch defaults."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_pool_layer.shape[1]
     out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     batch_size = qo_indptr.shape[0] - 1
     if num_tokens == 0 or batch_size == 0:
         return out
-    grid = (batch_size, num_q_heads, triton.cdiv(max_extend_len, block_m))
+    group_size = num_q_heads // num_kv_heads
+    group = triton.next_power_of_2(group_size)
+    block_d = max(MIN_DOT_TILE, triton.next_power_of_2(head_dim))
+    if block_m is None:
+        rows = TILE_ROWS_OVER_PREFIX if max_prefix_len >= max_extend_len else TILE_ROWS
+        block_m = max(1, min(rows, MAX_TILE_ELEMENTS // block_d) // group)
+    block_m = max(block_m, triton.cdiv(MIN_DOT_TILE, group))  # tl.dot needs >= 16 rows
+    launch = {"num_warps": num_warps or (8 if block_m * group * block_d >= 128 * 128 else 4)}
+    if num_stages:
+        launch["num_stages"] = num_stages
+    grid = (batch_size, num_kv_heads, triton.cdiv(max_extend_len, block_m))
     _extend_kernel[grid](
         q, k_pool_layer, v_pool_layer, qo_indptr, kv_indptr, kv_indices, out,
         q.stride(0), q.stride(1), k_pool_layer.stride(0), k_pool_layer.stride(1),
         v_pool_layer.stride(0), v_pool_layer.stride(1), out.stride(0), out.stride(1),
-        scale * LOG2E, num_q_heads // num_kv_heads, head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(MIN_DOT_TILE, triton.next_power_of_2(head_dim)),
+        scale * LOG2E, group_size, head_dim,
+        BLOCK_M=block_m, GROUP=group, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOTS=upcast_dots(),
-        SKIP_SINGLE=skip_single,
-        **{k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v},
+        SKIP_SINGLE=skip_single, **launch,
     )
     return out
