@@ -33,6 +33,7 @@ from backend.sglang.kernels.triton.common import (
 TILE_ROWS = 64
 TILE_ROWS_OVER_PREFIX = 256
 MAX_TILE_ELEMENTS = 256 * 128  # rows x head_dim: the float32 accumulator stays in registers
+FLOAT32_TILE_ROWS = 64  # float32 queries (the exact path): the tile size measured before
 
 
 @triton.jit
@@ -162,7 +163,10 @@ def extend_attention(
     block_d = max(MIN_DOT_TILE, triton.next_power_of_2(head_dim))
     if block_m is None:
         rows = TILE_ROWS_OVER_PREFIX if max_prefix_len >= max_extend_len else TILE_ROWS
-        block_m = max(1, min(rows, MAX_TILE_ELEMENTS // block_d) // group)
+        rows = min(rows, MAX_TILE_ELEMENTS // block_d)
+        if q.element_size() > 2:  # twice the shared memory per tile: keep the proven size
+            rows = min(rows, FLOAT32_TILE_ROWS)
+        block_m = max(1, rows // group)
     block_m = max(block_m, triton.cdiv(MIN_DOT_TILE, group))  # tl.dot needs >= 16 rows
     launch = {"num_warps": num_warps or (8 if block_m * group * block_d >= 128 * 128 else 4)}
     if num_stages:
