@@ -101,31 +101,52 @@ class Engine(EngineBase):
 
     def warmup(self) -> None:
         """The base warm-up; on CUDA also, beside a request decoding a short and then a long
-        context, a prompt prefilled in the same steps (mixed steps whose one-token row takes
-        the split-K kernel with one slice, then with several), and with cascade attention
-        the same beside two requests decoding as a cascade group (a mixed step with a plan),
-        so those launches compile here and not in the first such step of real traffic."""
+        context, a prompt extending that context's cached prompt in the same steps (mixed
+        steps whose one-token row takes the split-K kernel with one slice, then with
+        several; the extend kernel's tiles for new tokens longer than their cached prefix,
+        then shorter), the same extend with nothing beside it, and with cascade attention
+        the first beside two requests decoding as a cascade group (a mixed step with a
+        plan), so those launches compile here and not in the first such step of traffic."""
         super().warmup()
         if self.runner.device.type == "cuda":
             for context in (8, WARMUP_LONG_TOKENS):
                 self._warm_prefill_beside_decode(context)
+            self._warm_extend_alone(WARMUP_LONG_TOKENS)
             if self.scheduler.cascade_min_prefix and self.scheduler.radix.enabled:
                 self._warm_prefill_beside_decode(
                     max(WARMUP_LONG_TOKENS, self.scheduler.cascade_min_prefix + 8), copies=2)
 
+    def _warm_prompt(self, context: int) -> list[int] | None:
+        """The warm-up's prompt of about `context` tokens, or None where it would not fit."""
+        unit = self.tokenize("Hello, ")
+        prompt = unit * (context // len(unit) + 1)
+        if len(prompt) + 64 > min(self.max_context_len, self.runner.num_kv_slots // 2):
+            return None
+        return prompt
+
+    def _warm_text(self, what: str) -> list[int]:
+        """A text of its own per call (a prompt the caches already hold would not run)."""
+        return self.tokenize(f" Warm-up prompt {next(self._warm_calls)}: {what}, over the "
+                             "cached prompt before it.")
+
+    def _warm_extend_alone(self, context: int) -> None:
+        """A prompt extending the cached warm-up prompt of `context` tokens, alone in its
+        step (a conversation's next turn on an idle server)."""
+        prompt = self._warm_prompt(context)
+        if prompt is not None:
+            self.generate([prompt + self._warm_text("an extend alone")],
+                          SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True))
+
     def _warm_prefill_beside_decode(self, context: int, copies: int = 1) -> None:
         """`copies` requests of one prompt of about `context` tokens (the later ones reuse
         the first's cached slots, so several decode as a cascade group), prefilled and then
-        decoding; once each has its first token, a second prompt is queued from the loop
-        thread, so that it is prefilled while they still decode. At most WARMUP_TIMEOUT_S."""
-        unit = self.tokenize("Hello, ")
-        first = unit * (context // len(unit) + 1)
-        need = len(first) + 64
-        if need > self.max_context_len or copies * need > self.runner.num_kv_slots // 2:
+        decoding; once each has its first token, a second prompt (that prompt and a text of
+        its own) is queued from the loop thread, so that it extends the cached prompt while
+        they still decode. At most WARMUP_TIMEOUT_S."""
+        first = self._warm_prompt(context)
+        if first is None or copies * (len(first) + 64) > self.runner.num_kv_slots // 2:
             return
-        # a text of its own per call: a prompt the caches already hold would not be prefilled
-        second = self.tokenize(f"Warm-up prompt {next(self._warm_calls)}, prefilled beside "
-                               "decoding requests.")
+        second = first + self._warm_text("prefilled beside decoding requests")
         queued, first_done, second_done = (threading.Event() for _ in range(3))
         decoding: set[str] = set()
         finished: set[str] = set()

@@ -314,20 +314,23 @@ def test_abort_frees_slots(tiny_model_factory, overlap: str) -> None:
 
 
 def test_warmup_leaves_nothing_behind(tiny_model_factory) -> None:
-    """Warm-up (on CUDA: also prompts prefilled beside requests decoding a short and a long
-    context) runs each of those mixed steps, also when called again with the caches holding
-    the earlier calls' prompts (on CUDA `warmup()` has made these calls already), frees
-    every slot it used and changes no later output."""
+    """Warm-up (on CUDA: also prompts extending a short and a long cached prompt beside
+    requests decoding it, and an extend alone) runs each of those steps, also when called
+    again with the caches holding the earlier calls' prompts (on CUDA `warmup()` has made
+    these calls already), frees every slot it used and changes no later output."""
     path = tiny_model_factory("qwen3")
     engine = make_engine(path)
     scheduler = engine.scheduler
     schedule = scheduler.schedule
     contexts: list[int] = []  # longest one-token context of each mixed step
+    extends: list[tuple[bool, int, int]] = []  # (beside one-token rows, longest run, prefix)
 
     def recording_schedule() -> StepPlan | None:
         plan = schedule()
         if plan is not None and plan.batch is not None and plan.batch.single_rows is not None:
             contexts.append(plan.batch.max_single_seq_len)
+        if plan is not None and plan.batch is not None and not plan.batch.is_decode:
+            extends.append((plan.batch.single_rows is not None, *plan.batch.extend_shape))
         return plan
 
     scheduler.schedule = recording_schedule  # type: ignore[method-assign]
@@ -337,6 +340,13 @@ def test_warmup_leaves_nothing_behind(tiny_model_factory) -> None:
             start = len(contexts)
             engine._warm_prefill_beside_decode(context)
             assert any(context <= n <= context + 40 for n in contexts[start:]), contexts
+        engine._warm_extend_alone(300)
+        # the extend kernel's two tile sizes (a cached prefix shorter than the new tokens, or
+        # not), each beside one-token rows and alone
+        assert any(beside and 2 <= prefix < run for beside, run, prefix in extends), extends
+        assert any(beside and 2 <= run <= prefix for beside, run, prefix in extends), extends
+        assert any(not beside and 2 <= run <= prefix for beside, run, prefix in extends)
+        assert any(not beside and prefix < run for beside, run, prefix in extends), extends
         snap = engine.snapshot()
         assert snap["num_running"] == 0 and snap["kv_used_slots"] == 0
         assert snap["num_finished"] >= 10
