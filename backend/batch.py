@@ -66,11 +66,15 @@ class ForwardBatch:
         return all(n == 1 for n in self.extend_lens)
 
     @functools.cached_property
-    def extend_shape(self) -> tuple[int, int]:
-        """(longest new-token run, longest cached prefix) among the requests adding more
-        than one token ((0, 0) when none); worked out once per batch."""
+    def extend_shape(self) -> tuple[int, bool]:
+        """Among the requests adding more than one token: (their longest run of new tokens,
+        whether attention to their cached prefixes outweighs the causal part among the new
+        tokens: sum of prefix x run >= sum of run^2 / 2); (0, False) when none. Worked out
+        once per batch."""
         runs = [(e, s - e) for s, e in zip(self.seq_lens, self.extend_lens) if e > 1]
-        return (max((e for e, _ in runs), default=0), max((p for _, p in runs), default=0))
+        prefix_work = sum(e * p for e, p in runs)
+        causal_work = sum(e * e for e, _ in runs) / 2
+        return max((e for e, _ in runs), default=0), bool(runs) and prefix_work >= causal_work
 
     @functools.cached_property
     def max_single_seq_len(self) -> int:

@@ -191,7 +191,10 @@ def run_extend_case(case: ExtendCase, args: argparse.Namespace, device: torch.de
     kv_indices = torch.arange(1, total + 1, dtype=torch.int64, device=device)
     q = torch.randn(sum(case.extend_lens), args.q_heads, args.head_dim, dtype=dtype,
                     device=device)
-    longest, prefix = max(case.extend_lens), max(case.prefix_lens)
+    longest = max(case.extend_lens)
+    # as ForwardBatch.extend_shape decides it
+    prefix = sum(e * p for e, p in zip(case.extend_lens, case.prefix_lens)) >= sum(
+        e * e for e in case.extend_lens) / 2
     reference = extend_attention(q, k_pool, v_pool, qo_indptr, kv_indptr, kv_indices, 0.088,
                                  longest, prefix)
     def call(launch: ExtendLaunch) -> torch.Tensor:

@@ -31,6 +31,7 @@ from engine.scheduler import Scheduler, StepPlan
 logger = logging.getLogger(__name__)
 
 WARMUP_LONG_TOKENS = 300  # a context the split-K decode kernel splits (over its 256-token slice)
+WARMUP_NEW_TOKENS = 32  # what the warm-up's decoding requests generate
 WARMUP_TIMEOUT_S = 300.0  # per warm-up request pair, first kernel compiles included
 
 __all__ = ["MAX_N", "Engine", "EngineStats", "GenerateOutput", "Prompt"]
@@ -116,26 +117,31 @@ class Engine(EngineBase):
                 self._warm_prefill_beside_decode(
                     max(WARMUP_LONG_TOKENS, self.scheduler.cascade_min_prefix + 8), copies=2)
 
-    def _warm_prompt(self, context: int) -> list[int] | None:
-        """The warm-up's prompt of about `context` tokens, or None where it would not fit."""
+    def _warm_prompts(self, context: int, what: str, copies: int = 1
+                      ) -> tuple[list[int], list[int]] | None:
+        """The warm-up's prompt of about `context` tokens, and it followed by a text of its
+        own per call (a prompt the caches already hold would not run) of ~100 tokens (longer
+        than one of the extend kernel's small tiles); None where `copies` of the first and
+        the second, with room to decode, would not fit the context or half the KV pool."""
         unit = self.tokenize("Hello, ")
-        prompt = unit * (context // len(unit) + 1)
-        if len(prompt) + 64 > min(self.max_context_len, self.runner.num_kv_slots // 2):
+        first = unit * (context // len(unit) + 1)
+        text = f" Warm-up prompt {next(self._warm_calls)}: {what}." + (
+            " It extends the cached prompt before it." * 12)
+        second = first + self.tokenize(text)
+        room = WARMUP_NEW_TOKENS + 8
+        if (len(second) + room > self.max_context_len
+                or copies * (len(first) + room) + len(second) + room
+                > self.runner.num_kv_slots // 2):
             return None
-        return prompt
-
-    def _warm_text(self, what: str) -> list[int]:
-        """A text of its own per call (a prompt the caches already hold would not run)."""
-        return self.tokenize(f" Warm-up prompt {next(self._warm_calls)}: {what}, over the "
-                             "cached prompt before it.")
+        return first, second
 
     def _warm_extend_alone(self, context: int) -> None:
         """A prompt extending the cached warm-up prompt of `context` tokens, alone in its
         step (a conversation's next turn on an idle server)."""
-        prompt = self._warm_prompt(context)
-        if prompt is not None:
-            self.generate([prompt + self._warm_text("an extend alone")],
-                          SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True))
+        prompts = self._warm_prompts(context, "an extend alone")
+        if prompts is not None:
+            self.generate([prompts[1]], SamplingParams(max_new_tokens=1, temperature=0.0,
+                                                       ignore_eos=True))
 
     def _warm_prefill_beside_decode(self, context: int, copies: int = 1) -> None:
         """`copies` requests of one prompt of about `context` tokens (the later ones reuse
@@ -143,10 +149,10 @@ class Engine(EngineBase):
         decoding; once each has its first token, a second prompt (that prompt and a text of
         its own) is queued from the loop thread, so that it extends the cached prompt while
         they still decode. At most WARMUP_TIMEOUT_S."""
-        first = self._warm_prompt(context)
-        if first is None or copies * (len(first) + 64) > self.runner.num_kv_slots // 2:
+        prompts = self._warm_prompts(context, "prefilled beside decoding requests", copies)
+        if prompts is None:
             return
-        second = first + self._warm_text("prefilled beside decoding requests")
+        first, second = prompts
         queued, first_done, second_done = (threading.Event() for _ in range(3))
         decoding: set[str] = set()
         finished: set[str] = set()
@@ -169,7 +175,8 @@ class Engine(EngineBase):
                         second_done.set()  # nothing was queued beside them
                     first_done.set()
 
-        params = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_new_tokens=WARMUP_NEW_TOKENS, temperature=0.0,
+                                ignore_eos=True)
         self.submit_many([(first, params, first_sink, None)] * copies)
         deadline = time.monotonic() + WARMUP_TIMEOUT_S
         for event in (first_done, second_done):

@@ -17,6 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from backend.sglang.kernels.triton.extend_attention import tile_tokens
+from backend.sglang.runner import NativeRunner
 from config import ConfigError, load_config
 from engine.engine import Engine
 from engine.sampling_params import InvalidRequestError, SamplingParams
@@ -323,14 +325,21 @@ def test_warmup_leaves_nothing_behind(tiny_model_factory) -> None:
     scheduler = engine.scheduler
     schedule = scheduler.schedule
     contexts: list[int] = []  # longest one-token context of each mixed step
-    extends: list[tuple[bool, int, int]] = []  # (beside one-token rows, longest run, prefix)
+    # (beside one-token rows, tokens per program of the extend kernel in bfloat16 on CUDA)
+    extends: list[tuple[bool, int]] = []
+    assert isinstance(engine.runner, NativeRunner)
+    config = engine.runner.model.config
+    group = config.num_heads // config.num_kv_heads
 
     def recording_schedule() -> StepPlan | None:
         plan = schedule()
         if plan is not None and plan.batch is not None and plan.batch.single_rows is not None:
             contexts.append(plan.batch.max_single_seq_len)
         if plan is not None and plan.batch is not None and not plan.batch.is_decode:
-            extends.append((plan.batch.single_rows is not None, *plan.batch.extend_shape))
+            run, prefix_heavy = plan.batch.extend_shape
+            if run:
+                tokens = tile_tokens(group, config.head_dim, 2, run, prefix_heavy)
+                extends.append((plan.batch.single_rows is not None, tokens))
         return plan
 
     scheduler.schedule = recording_schedule  # type: ignore[method-assign]
@@ -341,12 +350,11 @@ def test_warmup_leaves_nothing_behind(tiny_model_factory) -> None:
             engine._warm_prefill_beside_decode(context)
             assert any(context <= n <= context + 40 for n in contexts[start:]), contexts
         engine._warm_extend_alone(300)
-        # the extend kernel's two tile sizes (a cached prefix shorter than the new tokens, or
-        # not), each beside one-token rows and alone
-        assert any(beside and 2 <= prefix < run for beside, run, prefix in extends), extends
-        assert any(beside and 2 <= run <= prefix for beside, run, prefix in extends), extends
-        assert any(not beside and 2 <= run <= prefix for beside, run, prefix in extends)
-        assert any(not beside and prefix < run for beside, run, prefix in extends), extends
+        # the extend kernel's two tile sizes, each beside one-token rows and alone
+        small, large = (tile_tokens(group, config.head_dim, 2, 1024, heavy)
+                        for heavy in (False, True))
+        assert small < large
+        assert set(extends) == {(True, small), (True, large), (False, small), (False, large)}
         snap = engine.snapshot()
         assert snap["num_running"] == 0 and snap["kv_used_slots"] == 0
         assert snap["num_finished"] >= 10

@@ -36,7 +36,10 @@ from backend.batch import (  # noqa: E402
 from backend.kv_pool import KV_FP8, KVPool  # noqa: E402
 from backend.sglang.kernels import load_kernel_set, torch_ops  # noqa: E402
 from backend.sglang.kernels.triton.decode_attention import decode_attention  # noqa: E402
-from backend.sglang.kernels.triton.extend_attention import extend_attention  # noqa: E402
+from backend.sglang.kernels.triton.extend_attention import (  # noqa: E402
+    extend_attention,
+    tile_tokens,
+)
 from backend.sglang.runner import NativeRunner  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -217,16 +220,29 @@ def test_extend_attention_over_prefixes(
     _check_attention(ops, [0, 13, 4], [6, 3, 9], q_heads, kv_heads, head_dim, dtype)
 
 
+def test_extend_tile_size_follows_the_work() -> None:
+    """256-row tiles where attention to cached prefixes outweighs the causal part and a run
+    of new tokens is longer than a 64-row tile; 64 rows otherwise, in float32, and at most
+    MAX_TILE_ELEMENTS over a wide head."""
+    assert tile_tokens(2, 128, 2, 128, prefix_heavy=True) == 128  # 256 rows, 2 heads each
+    assert tile_tokens(2, 128, 2, 1024, prefix_heavy=False) == 32
+    assert tile_tokens(2, 128, 2, 20, prefix_heavy=True) == 32  # fits one small tile
+    assert tile_tokens(2, 128, 4, 128, prefix_heavy=True) == 32  # float32
+    assert tile_tokens(1, 256, 2, 128, prefix_heavy=True) == 128  # 128 rows of 256 dims
+    assert tile_tokens(8, 128, 2, 100, prefix_heavy=True) == 32
+
+
 @pytest.mark.parametrize(("prefix_lens", "shape"), [
-    ([0, 0, 2], (9, 2)),  # the new tokens dominate: 64-row tiles
-    ([40, 13, 4], (9, 40)),  # a prefix longer than any run of new tokens: 256-row tiles
+    ([70, 0, 0], (90, False)),  # the new tokens' causal part dominates: 64-row tiles
+    ([140, 13, 70], (90, True)),  # the cached prefixes' part does: 256-row tiles
 ])
 def test_extend_tiles_follow_the_batch_shape(ops: ModuleType, prefix_lens: list[int],
-                                             shape: tuple[int, int]) -> None:
-    extend_lens = [6, 3, 9, 1]
-    batch = _batch(prefix_lens + [7], extend_lens, sum(prefix_lens) + 7 + 19 + 4)
+                                             shape: tuple[int, bool]) -> None:
+    """Both tile sizes against torch, with prefixes past a 64-key block (the unmasked pass
+    runs); bfloat16, as float32 queries keep 64-row tiles."""
+    extend_lens = [40, 3, 90, 1]
+    batch = _batch(prefix_lens + [7], extend_lens, sum(prefix_lens) + 7 + 134 + 4)
     assert batch.extend_shape == shape  # the one-token request counts in neither
-    # bfloat16: float32 queries keep 64-row tiles
     _check_attention(ops, prefix_lens + [7], extend_lens, 4, 2, 64, torch.bfloat16)
 
 

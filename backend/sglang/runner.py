@@ -178,8 +178,13 @@ def capture_piecewise_graphs(runner: NativeRunner, max_tokens: int,
     if not uses_graph_safe_kernels(runner.ops):
         logger.warning("piecewise CUDA graphs need the triton kernel set; steps run eagerly")
         return None
-    graphs = PiecewiseGraphRunner(runner.model, runner.kv_pool, max_tokens=max_tokens,
-                                  dtype=dtype, device=runner.device)
+    try:
+        graphs = PiecewiseGraphRunner(runner.model, runner.kv_pool, max_tokens=max_tokens,
+                                      dtype=dtype, device=runner.device)
+    except torch.OutOfMemoryError:
+        logger.warning("no memory left for the piecewise graphs' buffers; prefill and mixed "
+                       "steps run eagerly")
+        return None
     graphs.capture()
     return graphs
 

@@ -93,10 +93,10 @@ def paged_attention(
     if batch.is_decode:
         return _one_token_attention(q, k_pool_layer, v_pool_layer, batch, scale, num_kv_heads)
     singles = batch.single_rows
-    longest_run, longest_prefix = batch.extend_shape
+    longest_run, prefix_heavy = batch.extend_shape
     out = extend_attention(
         q, k_pool_layer, v_pool_layer, batch.qo_indptr, batch.kv_indptr, batch.kv_indices,
-        scale, max(longest_run, 1), longest_prefix, block_n=_block_n(q),
+        scale, max(longest_run, 1), prefix_heavy, block_n=_block_n(q),
         skip_single=singles is not None,
     )
     if singles is not None:  # a mixed batch's decodes: split-K, each KV head read once

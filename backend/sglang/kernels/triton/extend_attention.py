@@ -26,10 +26,11 @@ from backend.sglang.kernels.triton.common import (
 )
 
 # Query rows per program (tokens x group heads), measured on an H100 (bf16, 16 query heads on
-# 8 KV heads, docs/BENCHMARKS.md eighth run): 64 where the new tokens dominate (prefill of
-# prompts without a cached prefix: more, shorter programs, less work past the diagonal), 256
-# where a cached prefix at least as long as the new tokens is read again by every block
-# (128-token questions over 2,048 cached tokens: 1.45x the 64-row tiles of before).
+# 8 KV heads, docs/BENCHMARKS.md eighth run): 64 where the new tokens' causal attention
+# dominates (prefill of prompts without a cached prefix: more, shorter programs, less work
+# past the diagonal), 256 where attention to cached prefixes does, which every block reads
+# again (128-token questions over 2,048 cached tokens: 1.45x the 128-row tiles of before) and
+# the runs of new tokens are longer than a 64-row tile.
 TILE_ROWS = 64
 TILE_ROWS_OVER_PREFIX = 256
 MAX_TILE_ELEMENTS = 256 * 128  # rows x head_dim: the float32 accumulator stays in registers
@@ -131,6 +132,21 @@ def _extend_kernel(
                  mask=row_mask[:, None] & d_mask[None, :])
 
 
+def tile_tokens(group: int, block_d: int, element_size: int, max_extend_len: int,
+                prefix_heavy: bool) -> int:
+    """New tokens per program for query heads in groups of `group` (a power of two): the
+    tile's rows over the group. TILE_ROWS_OVER_PREFIX rows where attention to cached prefixes
+    outweighs the causal part and some run of new tokens is longer than a TILE_ROWS tile,
+    else TILE_ROWS; at most MAX_TILE_ELEMENTS / block_d rows, FLOAT32_TILE_ROWS in float32."""
+    rows = TILE_ROWS
+    if prefix_heavy and max_extend_len > TILE_ROWS // group:
+        rows = TILE_ROWS_OVER_PREFIX
+    rows = min(rows, MAX_TILE_ELEMENTS // block_d)
+    if element_size > 2:  # twice the shared memory per tile: keep the proven size
+        rows = min(rows, FLOAT32_TILE_ROWS)
+    return max(1, rows // group)
+
+
 def extend_attention(
     q: torch.Tensor,
     k_pool_layer: torch.Tensor,
@@ -140,7 +156,7 @@ def extend_attention(
     kv_indices: torch.Tensor,
     scale: float,
     max_extend_len: int,
-    max_prefix_len: int = 0,
+    prefix_heavy: bool = False,
     block_m: int | None = None,
     block_n: int = 64,
     skip_single: bool = False,
@@ -149,9 +165,9 @@ def extend_attention(
 ) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] (request b owns rows qo_indptr[b]:qo_indptr[b+1]).
     With `skip_single`, the rows of requests adding one token are left unwritten.
-    `block_m` is the new tokens per program (default: TILE_ROWS rows over the group's query
-    heads, TILE_ROWS_OVER_PREFIX when `max_prefix_len`, the longest cached prefix, is at
-    least `max_extend_len`); `num_warps`/`num_stages` override the launch defaults."""
+    `block_m` is the new tokens per program (default: `tile_tokens`, from `prefix_heavy`:
+    whether attention to cached prefixes outweighs the causal part, `ForwardBatch.
+    extend_shape`); `num_warps`/`num_stages` override the launch defaults."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_pool_layer.shape[1]
     out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
@@ -162,11 +178,7 @@ def extend_attention(
     group = triton.next_power_of_2(group_size)
     block_d = max(MIN_DOT_TILE, triton.next_power_of_2(head_dim))
     if block_m is None:
-        rows = TILE_ROWS_OVER_PREFIX if max_prefix_len >= max_extend_len else TILE_ROWS
-        rows = min(rows, MAX_TILE_ELEMENTS // block_d)
-        if q.element_size() > 2:  # twice the shared memory per tile: keep the proven size
-            rows = min(rows, FLOAT32_TILE_ROWS)
-        block_m = max(1, rows // group)
+        block_m = tile_tokens(group, block_d, q.element_size(), max_extend_len, prefix_heavy)
     block_m = max(block_m, triton.cdiv(MIN_DOT_TILE, group))  # tl.dot needs >= 16 rows
     launch = {"num_warps": num_warps or (8 if block_m * group * block_d >= 128 * 128 else 4)}
     if num_stages:
