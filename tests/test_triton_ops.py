@@ -340,6 +340,43 @@ def test_qkv_prepare_matches_the_separate_ops(
     assert pools[0].k[0][[0, 3, 4]].abs().sum() == 0
 
 
+@pytest.mark.parametrize(("prefix_lens", "extend_lens"), [
+    ([20, 0, 5, 11], [1, 7, 1, 4]),  # mixed: the extend kernel, then the decode rows
+    ([9, 30], [1, 1]),  # decode
+])
+@pytest.mark.parametrize("kernel_set", ["torch", "triton"])
+def test_ops_write_into_given_outputs(kernel_set: str, prefix_lens: list[int],
+                                      extend_lens: list[int]) -> None:
+    """`out=` (the piecewise graphs' static buffers): the same values as without, written
+    into the tensor given, for `qkv_prepare` and for attention, in both kernel sets."""
+    ops = load_kernel_set(kernel_set)
+    q_heads, kv_heads, head_dim, dtype = 4, 2, 64, torch.bfloat16
+    num_slots = sum(prefix_lens) + sum(extend_lens) + 7
+    batch = _batch(prefix_lens, extend_lens, num_slots)
+    tokens = batch.num_tokens
+    cache = ops.build_rope_cache(head_dim, 64, 10000.0, None, CPU)
+    qkv = _randn(tokens, (q_heads + 2 * kv_heads) * head_dim, dtype=dtype) * 3
+    norm = _randn(head_dim, dtype=dtype, seed=1)
+    positions = torch.arange(tokens) % 64
+    pools = [KVPool(1, num_slots, kv_heads, head_dim, dtype, CPU) for _ in range(2)]
+    q_buffer = torch.full((tokens, q_heads, head_dim), float("nan"), dtype=dtype)
+    for pool, out in zip(pools, (None, q_buffer)):
+        pool.k[0].copy_(_randn(*pool.k[0].shape, dtype=dtype, seed=4))
+        pool.v[0].copy_(_randn(*pool.v[0].shape, dtype=dtype, seed=5))
+        result = ops.qkv_prepare(qkv, q_heads, kv_heads, positions, cache, norm, norm, EPS,
+                                 pool.k[0], pool.v[0], batch.out_slots, out=out)
+    assert result is q_buffer
+    q = ops.qkv_prepare(qkv, q_heads, kv_heads, positions, cache, norm, norm, EPS,
+                        pools[0].k[0], pools[0].v[0], batch.out_slots)
+    assert torch.equal(q_buffer, q)
+    expected = ops.paged_attention(q, pools[0].k[0], pools[0].v[0], batch, 0.125, kv_heads)
+    buffer = torch.full((tokens, q_heads * head_dim), float("nan"), dtype=dtype)
+    result = ops.paged_attention(q, pools[1].k[0], pools[1].v[0], batch, 0.125, kv_heads,
+                                 out=buffer.view(tokens, q_heads, head_dim))
+    assert result.data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer.view(tokens, q_heads, head_dim), expected)
+
+
 @pytest.mark.parametrize(("rows", "out_features", "in_features", "bias"),
                          [(1, 24, 96, False), (2, 17, 80, True), (2, 8, 200, False)])
 def test_gemv_matches_linear(rows: int, out_features: int, in_features: int,

@@ -220,10 +220,10 @@ class Attention(nn.Module):
 
     def prepare(self, hidden: torch.Tensor, positions: torch.Tensor,
                 cos_sin_cache: torch.Tensor, out_slots: torch.Tensor,
-                kv_pool: KVPool) -> torch.Tensor:
+                kv_pool: KVPool, q_out: torch.Tensor | None = None) -> torch.Tensor:
         """The work before attention, which reads no batch metadata but `positions` and
         `out_slots`: the qkv projection, q/k norms and rotary, and the new K/V stored at
-        `out_slots`. Returns q [T, Hq, D]."""
+        `out_slots`. Returns q [T, Hq, D] (`q_out`, contiguous, when given)."""
         qkv = self.qkv_proj.forward(hidden).to(self.dtype)
         q_norm, k_norm = self.q_norm, self.k_norm
         return self.ops.qkv_prepare(
@@ -231,16 +231,18 @@ class Attention(nn.Module):
             q_norm.weight if q_norm is not None else None,
             k_norm.weight if k_norm is not None else None,
             q_norm.eps if q_norm is not None else 0.0,
-            kv_pool.k[self.layer_id], kv_pool.v[self.layer_id], out_slots,
+            kv_pool.k[self.layer_id], kv_pool.v[self.layer_id], out_slots, q_out,
         )
 
-    def attend(self, q: torch.Tensor, batch: ForwardBatch, kv_pool: KVPool) -> torch.Tensor:
-        """Paged attention of q [T, Hq, D] over the batch's KV: [T, Hq * D]."""
-        out = self.ops.paged_attention(
+    def attend(self, q: torch.Tensor, batch: ForwardBatch, kv_pool: KVPool,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Paged attention of q [T, Hq, D] over the batch's KV: [T, Hq * D] (`out`, a
+        contiguous [T, Hq * D] tensor, when given)."""
+        result = self.ops.paged_attention(
             q, kv_pool.k[self.layer_id], kv_pool.v[self.layer_id], batch, self.scale,
-            self.num_kv_heads,
+            self.num_kv_heads, None if out is None else out.view(q.shape),
         )
-        return out.reshape(q.shape[0], self.q_size)
+        return result.reshape(q.shape[0], self.q_size)
 
 
 class MLP(nn.Module):
@@ -281,16 +283,18 @@ class DecoderLayer(nn.Module):
 
     def before_attention(self, hidden: torch.Tensor, residual: torch.Tensor | None,
                          positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-                         out_slots: torch.Tensor, kv_pool: KVPool
+                         out_slots: torch.Tensor, kv_pool: KVPool,
+                         q_out: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The input norm and `Attention.prepare`: (q, residual). Shapes follow the token
-        count only, so piecewise CUDA graphs capture it."""
+        """The input norm and `Attention.prepare` (q into `q_out` when given): (q,
+        residual). Shapes follow the token count only, so piecewise CUDA graphs capture
+        it."""
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm.forward(hidden)
         else:
             hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
-        q = self.self_attn.prepare(hidden, positions, cos_sin_cache, out_slots, kv_pool)
+        q = self.self_attn.prepare(hidden, positions, cos_sin_cache, out_slots, kv_pool, q_out)
         return q, residual
 
     def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor

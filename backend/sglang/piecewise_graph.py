@@ -152,10 +152,9 @@ class PiecewiseGraphRunner:
             buffers.hidden[:rows].copy_(hidden)
             buffers.residual[:rows].copy_(residual)
             return
-        q, residual = layers[index].before_attention(
+        _, residual = layers[index].before_attention(
             hidden, residual, buffers.positions[:rows], model.cos_sin_cache,
-            buffers.out_slots[:rows], self.kv_pool)
-        buffers.q[:rows].copy_(q)
+            buffers.out_slots[:rows], self.kv_pool, q_out=buffers.q[:rows])
         buffers.residual[:rows].copy_(residual)
 
     def _run_piece(self, index: int, bucket: int) -> None:
@@ -175,8 +174,8 @@ class PiecewiseGraphRunner:
         self.model.ops.prepare_attention(batch)
         for index, layer in enumerate(layers):
             self._run_piece(index, bucket)
-            out = layer.self_attn.attend(buffers.q[:live], batch, self.kv_pool)
-            buffers.attn_out[:live].copy_(out)
+            layer.self_attn.attend(buffers.q[:live], batch, self.kv_pool,
+                                   out=buffers.attn_out[:live])
         self._run_piece(len(layers), bucket)
         self.num_runs += 1
         return self.model.head(buffers.hidden[:live], buffers.residual[:live],

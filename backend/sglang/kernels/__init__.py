@@ -61,7 +61,9 @@ class KernelSet(Protocol):
         k_pool_layer: torch.Tensor,
         v_pool_layer: torch.Tensor,
         slots: torch.Tensor,
-    ) -> torch.Tensor: ...
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q [T, Hq, D], written into `out` (contiguous) when given."""
 
     CASCADE_ATTENTION: bool  # whether paged_attention uses ForwardBatch.cascade
 
@@ -76,7 +78,9 @@ class KernelSet(Protocol):
         batch: ForwardBatch,
         scale: float,
         num_kv_heads: int,
-    ) -> torch.Tensor: ...
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[T, Hq, D], written into `out` (contiguous) when given."""
 
 
 def default_kernel_set(device: torch.device) -> str:

@@ -306,9 +306,11 @@ def qkv_prepare(
     k_pool_layer: torch.Tensor,
     v_pool_layer: torch.Tensor,
     slots: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """From a fused projection qkv [T, (Hq + 2 Hkv) D]: q/k RMS norms (Qwen3; both or
-    neither), rotary on q and k, K and V stored at `slots`; returns q [T, Hq, D]."""
+    neither), rotary on q and k, K and V stored at `slots`; returns q [T, Hq, D] (`out`,
+    when given)."""
     num_tokens = qkv.shape[0]
     head_dim = qkv.shape[1] // (num_q_heads + 2 * num_kv_heads)
     q, k, v = qkv.split(
@@ -322,7 +324,7 @@ def qkv_prepare(
         k = rms_norm(k, k_norm, eps)
     q, k = apply_rotary(q, k, positions, cos_sin_cache)
     store_kv(k_pool_layer, v_pool_layer, slots, k, v)
-    return q
+    return q if out is None else out.copy_(q)
 
 
 CASCADE_ATTENTION = False  # cascade plans are ignored: every request reads its whole KV
@@ -339,17 +341,19 @@ def paged_attention(
     batch: ForwardBatch,
     scale: float,
     num_kv_heads: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of the batch's new tokens q [T, Hq, D] over their requests' KV.
 
     K/V of the new tokens must already be stored at `batch.out_slots`. Decode requests are
     attended together in one padded call; requests adding several tokens, one by one.
-    Returns [T, Hq, D].
+    Returns [T, Hq, D] (`out`, when given).
     """
     plan = _plan_for(batch)
     if plan.decode_slots is not None and not plan.extends:
-        return _decode_attention(q, k_pool_layer, v_pool_layer, plan, scale)
-    out = torch.empty_like(q)
+        result = _decode_attention(q, k_pool_layer, v_pool_layer, plan, scale)
+        return result if out is None else out.copy_(result)
+    out = torch.empty_like(q) if out is None else out
     for span in plan.extends:
         k = k_pool_layer.index_select(0, span.kv_slots).unsqueeze(0).to(q.dtype)
         v = v_pool_layer.index_select(0, span.kv_slots).unsqueeze(0).to(q.dtype)

@@ -75,6 +75,7 @@ def paged_attention(
     batch: ForwardBatch,
     scale: float,
     num_kv_heads: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of the batch's new tokens q [T, Hq, D] over their requests' KV.
 
@@ -83,21 +84,22 @@ def paged_attention(
     extend, mixed) the extend kernel, except that a mixed batch's one-token requests
     (`batch.single_rows`) go through the decode kernel too (with the plan, if any).
     Grid sizes come from the batch's host lists; nothing here waits on the device.
-    Returns [T, Hq, D].
+    Returns [T, Hq, D] (`out`, contiguous, when given: the extend kernel writes into it).
     """
     if q.stride(-1) != 1:
         q = q.contiguous()
     _check_shapes(q, k_pool_layer, v_pool_layer, num_kv_heads)
-    if batch.batch_size == 0:
-        return torch.empty_like(q)
-    if batch.is_decode:
-        return _one_token_attention(q, k_pool_layer, v_pool_layer, batch, scale, num_kv_heads)
+    if batch.batch_size == 0 or batch.is_decode:
+        result = (_one_token_attention(q, k_pool_layer, v_pool_layer, batch, scale,
+                                       num_kv_heads)
+                  if batch.batch_size else torch.empty_like(q))
+        return result if out is None else out.copy_(result)
     singles = batch.single_rows
     longest_run, prefix_heavy = batch.extend_shape
     out = extend_attention(
         q, k_pool_layer, v_pool_layer, batch.qo_indptr, batch.kv_indptr, batch.kv_indices,
         scale, max(longest_run, 1), prefix_heavy, block_n=_block_n(q),
-        skip_single=singles is not None,
+        skip_single=singles is not None, out=out,
     )
     if singles is not None:  # a mixed batch's decodes: split-K, each KV head read once
         req_ids, token_rows = singles[0], singles[1]

@@ -234,8 +234,10 @@ def qkv_prepare(
     k_pool_layer: torch.Tensor,
     v_pool_layer: torch.Tensor,
     slots: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """torch_ops.qkv_prepare in one kernel: q/k norms, rotary, and the K/V store."""
+    """torch_ops.qkv_prepare in one kernel: q/k norms, rotary, and the K/V store (q into
+    `out`, contiguous [T, Hq, D], when given)."""
     qkv = _unit_last_stride(qkv)
     num_tokens = qkv.shape[0]
     head_dim = qkv.shape[1] // (num_q_heads + 2 * num_kv_heads)
@@ -249,7 +251,11 @@ def qkv_prepare(
     if not (k_pool_layer.is_contiguous() and v_pool_layer.is_contiguous()):
         raise ValueError("KV pools must be contiguous")
     cos_sin_cache = _unit_last_stride(cos_sin_cache)
-    q_out = torch.empty(num_tokens, num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    shape = (num_tokens, num_q_heads, head_dim)
+    if out is not None and (tuple(out.shape) != shape or out.dtype != qkv.dtype
+                            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {qkv.dtype} tensor of shape {shape}")
+    q_out = torch.empty(shape, dtype=qkv.dtype, device=qkv.device) if out is None else out
     if num_tokens:
         has_norm = q_norm is not None
         _qkv_prepare_kernel[(num_tokens,)](

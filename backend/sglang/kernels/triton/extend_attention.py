@@ -162,15 +162,21 @@ def extend_attention(
     skip_single: bool = False,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of q [T, Hq, D] (request b owns rows qo_indptr[b]:qo_indptr[b+1]).
+    """Causal attention of q [T, Hq, D] (request b owns rows qo_indptr[b]:qo_indptr[b+1]),
+    into `out` (any [T, Hq, D] tensor with unit last stride) when given.
     With `skip_single`, the rows of requests adding one token are left unwritten.
     `block_m` is the new tokens per program (default: `tile_tokens`, from `prefix_heavy`:
     whether attention to cached prefixes outweighs the causal part, `ForwardBatch.
     extend_shape`); `num_warps`/`num_stages` override the launch defaults."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_pool_layer.shape[1]
-    out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} with "
+                         "unit last stride")
     batch_size = qo_indptr.shape[0] - 1
     if num_tokens == 0 or batch_size == 0:
         return out
