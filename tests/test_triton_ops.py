@@ -554,6 +554,7 @@ def test_qkv_prepare_into_fp8_pools(ops: ModuleType, dtype: torch.dtype) -> None
 @pytest.mark.parametrize(("prefix_lens", "extend_lens"), [
     ([0, 70, 9], [1, 1, 1]),  # decode
     ([0, 30, 5], [17, 4, 1]),  # prefill, extend and a one-token request: a mixed batch
+    ([100, 30, 5], [40, 4, 1]),  # extends over longer prefixes: the large extend tiles
 ])
 def test_attention_over_fp8_pools(
     ops: ModuleType, dtype: torch.dtype, prefix_lens: list[int], extend_lens: list[int]
