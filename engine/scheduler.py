@@ -187,7 +187,7 @@ class Scheduler:
     ) -> StepPlan:
         reqs = [r for r, _ in scheduled]
         if reqs and not hits and all(n == 1 for _, n in scheduled):
-            return self._one_token_plan(scheduled)
+            return self._one_token_plan(reqs, scheduled)
         starts = [r.num_computed - n for r, n in scheduled]
         batch = None
         future_inputs: list[tuple[int, Req]] = []
@@ -217,10 +217,9 @@ class Scheduler:
             future_inputs=future_inputs,
         )
 
-    def _one_token_plan(self, scheduled: list[tuple[Req, int]]) -> StepPlan:
+    def _one_token_plan(self, reqs: list[Req], scheduled: list[tuple[Req, int]]) -> StepPlan:
         """`_plan` for a step adding one token to each request (decode steps): the same
         plan, without the per-request lists of the general case."""
-        reqs = [r for r, _ in scheduled]
         seq_lens = [len(r.slots) for r in reqs]
         token_ids: list[int] = []
         future_inputs: list[tuple[int, Req]] = []

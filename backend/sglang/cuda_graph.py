@@ -252,7 +252,7 @@ class CudaGraphRunner:
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Replay the bucket's graph for a batch `can_run` accepted; logits
-        [len(batch.logits_indices), vocab] in `logits_dtype`, a view valid until the next
+        [len(batch.logits_indices), vocab] in the head's dtype, a view valid until the next
         forward."""
         bucket = choose_bucket(self.buckets, batch.batch_size)
         assert bucket is not None

@@ -89,10 +89,10 @@ def paged_attention(
     if q.stride(-1) != 1:
         q = q.contiguous()
     _check_shapes(q, k_pool_layer, v_pool_layer, num_kv_heads)
-    if batch.batch_size == 0 or batch.is_decode:
-        result = (_one_token_attention(q, k_pool_layer, v_pool_layer, batch, scale,
-                                       num_kv_heads)
-                  if batch.batch_size else torch.empty_like(q))
+    if batch.batch_size == 0:
+        return torch.empty_like(q) if out is None else out
+    if batch.is_decode:
+        result = _one_token_attention(q, k_pool_layer, v_pool_layer, batch, scale, num_kv_heads)
         return result if out is None else out.copy_(result)
     singles = batch.single_rows
     longest_run, prefix_heavy = batch.extend_shape

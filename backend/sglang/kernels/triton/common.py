@@ -68,6 +68,48 @@ def mma(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def attend_keys(
+    q, m_i, l_i, acc, k_pool_ptr, v_pool_ptr, slot_ptr, lo, hi, kv_head, last_visible,
+    stride_k_slot, stride_k_head, stride_v_slot, stride_v_head, scale_log2, d, d_mask,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Online-softmax update of (m_i, l_i, acc) for the query tile q with the keys whose
+    slots are slot_ptr[lo:hi], one block of BLOCK_N at a time (log2 domain: `scale_log2`
+    includes log2(e)). MASKED masks keys past `hi` (without it, hi - lo must be a multiple
+    of BLOCK_N); CAUSAL (with MASKED) also lets row r see key n only if n <= last_visible[r]
+    (otherwise `last_visible` is not read)."""
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        if MASKED:
+            n_mask = n < hi
+            slots = tl.load(slot_ptr + n, mask=n_mask, other=0)
+            k_mask = n_mask[None, :] & d_mask[:, None]
+            v_mask = n_mask[:, None] & d_mask[None, :]
+        else:
+            slots = tl.load(slot_ptr + n)
+            k_mask = d_mask[:, None]
+            v_mask = d_mask[None, :]
+        k_ptrs = k_pool_ptr + slots[None, :] * stride_k_slot + kv_head * stride_k_head + d[:, None]
+        k = tl.load(k_ptrs, mask=k_mask, other=0.0).to(q.dtype)
+        scores = mma(q, k, DOT_PRECISION, UPCAST) * scale_log2
+        if CAUSAL:
+            visible = n_mask[None, :] & (n[None, :] <= last_visible[:, None])
+            scores = tl.where(visible, scores, float("-inf"))
+        elif MASKED:
+            scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_ptrs = v_pool_ptr + slots[:, None] * stride_v_slot + kv_head * stride_v_head + d[None, :]
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def attend_slots(
     q, k_pool_ptr, v_pool_ptr, slot_ptr, lo, hi, kv_head,
     stride_k_slot, stride_k_head, stride_v_slot, stride_v_head, scale_log2, d, d_mask,
@@ -75,28 +117,16 @@ def attend_slots(
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Online-softmax attention of the query tile q [BLOCK_M, BLOCK_D] over the keys whose
-    slots are slot_ptr[lo:hi], one block of BLOCK_N at a time (log2 domain: `scale_log2`
-    includes log2(e)). Returns the float32 output tile and each row's log2-sum-exp (-inf,
-    with a zero output, for a row that saw no key)."""
+    slots are slot_ptr[lo:hi] (`attend_keys`). Returns the float32 output tile and each
+    row's log2-sum-exp (-inf, with a zero output, for a row that saw no key)."""
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        n_mask = n < hi
-        slots = tl.load(slot_ptr + n, mask=n_mask, other=0)
-        k_ptrs = k_pool_ptr + slots[None, :] * stride_k_slot + kv_head * stride_k_head + d[:, None]
-        k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0).to(q.dtype)
-        scores = mma(q, k, DOT_PRECISION, UPCAST) * scale_log2
-        scores = tl.where(n_mask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_ptrs = v_pool_ptr + slots[:, None] * stride_v_slot + kv_head * stride_v_head + d[None, :]
-        v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST)
-        m_i = m_new
+    m_i, l_i, acc = attend_keys(
+        q, m_i, l_i, acc, k_pool_ptr, v_pool_ptr, slot_ptr, lo, hi, kv_head, lo,
+        stride_k_slot, stride_k_head, stride_v_slot, stride_v_head, scale_log2, d, d_mask,
+        BLOCK_N, True, False, DOT_PRECISION, UPCAST,
+    )
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))

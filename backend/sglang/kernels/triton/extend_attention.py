@@ -20,8 +20,8 @@ import triton.language as tl
 from backend.sglang.kernels.triton.common import (
     LOG2E,
     MIN_DOT_TILE,
+    attend_keys,
     dot_precision,
-    mma,
     upcast_dots,
 )
 
@@ -35,44 +35,6 @@ TILE_ROWS = 64
 TILE_ROWS_OVER_PREFIX = 256
 MAX_TILE_ELEMENTS = 256 * 128  # rows x head_dim: the float32 accumulator stays in registers
 FLOAT32_TILE_ROWS = 64  # float32 queries (the exact path): the tile size measured before
-
-
-@triton.jit
-def _attend_keys(
-    q, m_i, l_i, acc, k_pool_ptr, v_pool_ptr, slot_ptr, lo, hi, kv_head, last_visible,
-    stride_k_slot, stride_k_head, stride_v_slot, stride_v_head, scale_log2, d, d_mask,
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOTS: tl.constexpr,
-):
-    """Online-softmax update of (m_i, l_i, acc) with the keys at slot_ptr[lo:hi]; with
-    CAUSAL, row r sees key n only if n <= last_visible[r] (and n < hi), else every key does
-    and hi - lo must be a multiple of BLOCK_N."""
-    for start in range(lo, hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        if CAUSAL:
-            n_mask = n < hi
-            slots = tl.load(slot_ptr + n, mask=n_mask, other=0)
-            k_mask = n_mask[None, :] & d_mask[:, None]
-            v_mask = n_mask[:, None] & d_mask[None, :]
-        else:
-            slots = tl.load(slot_ptr + n)
-            k_mask = d_mask[:, None]
-            v_mask = d_mask[None, :]
-        k_ptrs = k_pool_ptr + slots[None, :] * stride_k_slot + kv_head * stride_k_head + d[:, None]
-        k = tl.load(k_ptrs, mask=k_mask, other=0.0).to(q.dtype)
-        scores = mma(q, k, DOT_PRECISION, UPCAST_DOTS) * scale_log2
-        if CAUSAL:
-            visible = n_mask[None, :] & (n[None, :] <= last_visible[:, None])
-            scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_ptrs = v_pool_ptr + slots[:, None] * stride_v_slot + kv_head * stride_v_head + d[None, :]
-        v = tl.load(v_ptrs, mask=v_mask, other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOTS)
-        m_i = m_new
-    return m_i, l_i, acc
 
 
 @triton.jit
@@ -114,16 +76,16 @@ def _extend_kernel(
         slots = kv_indices_ptr + kv_start
         # whole key blocks that every row sees: up to the block's first token, inclusive
         seen_by_all = (prefix_len + block_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
-        m_i, l_i, acc = _attend_keys(
+        m_i, l_i, acc = attend_keys(
             q, m_i, l_i, acc, k_pool_ptr, v_pool_ptr, slots, 0, seen_by_all, kv_head,
             last_visible, stride_k_slot, stride_k_head, stride_v_slot, stride_v_head,
-            scale_log2, d, d_mask, BLOCK_N, False, DOT_PRECISION, UPCAST_DOTS,
+            scale_log2, d, d_mask, BLOCK_N, False, False, DOT_PRECISION, UPCAST_DOTS,
         )
         hi = tl.minimum(seq_len, prefix_len + (block_m + 1) * BLOCK_M)
-        m_i, l_i, acc = _attend_keys(
+        m_i, l_i, acc = attend_keys(
             q, m_i, l_i, acc, k_pool_ptr, v_pool_ptr, slots, seen_by_all, hi, kv_head,
             last_visible, stride_k_slot, stride_k_head, stride_v_slot, stride_v_head,
-            scale_log2, d, d_mask, BLOCK_N, True, DOT_PRECISION, UPCAST_DOTS,
+            scale_log2, d, d_mask, BLOCK_N, True, True, DOT_PRECISION, UPCAST_DOTS,
         )
 
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
