@@ -35,6 +35,7 @@ from backend.batch import (  # noqa: E402
 )
 from backend.kv_pool import KV_FP8, KVPool  # noqa: E402
 from backend.sglang.kernels import load_kernel_set, torch_ops  # noqa: E402
+from backend.sglang.kernels.triton.common import dependent_launch  # noqa: E402
 from backend.sglang.kernels.triton.decode_attention import decode_attention  # noqa: E402
 from backend.sglang.kernels.triton.extend_attention import (  # noqa: E402
     extend_attention,
@@ -70,6 +71,17 @@ def test_registered_as_default_only_on_cuda() -> None:
 
     assert default_kernel_set(CPU) == "torch"
     assert default_kernel_set(torch.device("cuda")) == "triton"
+
+
+def test_dependent_launch_only_where_kernels_wait_on_the_device() -> None:
+    """Programmatic dependent launch (every kernel of the set starts with `wait_previous`)
+    only on CUDA devices of compute capability 9.0 and later, never under the interpreter."""
+    assert dependent_launch(CPU) == {"PDL": False}
+    if torch.cuda.is_available():
+        expected = (torch.cuda.get_device_capability() >= (9, 0)
+                    and os.environ.get("TRITON_INTERPRET") != "1")
+        launch = dependent_launch(torch.device("cuda"))
+        assert launch["PDL"] is expected and launch.get("launch_pdl", False) is expected
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -31,6 +31,31 @@ def emulate_fp8(pool: torch.Tensor) -> bool:
     return upcast_dots() and pool.dtype == torch.float8_e4m3fn
 
 
+@functools.lru_cache(maxsize=8)
+def _dependent_launch(device: torch.device) -> bool:
+    return (device.type == "cuda" and not upcast_dots()
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def dependent_launch(device: torch.device) -> dict[str, bool]:
+    """Launch arguments of a kernel that starts with `wait_previous`: on Hopper and later it is
+    launched while the kernel before it still runs (programmatic dependent launch) and waits
+    on the device, which hides the launch gap between a decode step's short kernels."""
+    if _dependent_launch(device):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+@triton.jit
+def wait_previous(PDL: tl.constexpr):
+    """With PDL: wait until the kernel before this one has finished and its writes are
+    visible (every memory access of a kernel launched this way comes after this), then let
+    the next kernel launch."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 @triton.jit
 def to_pool(x, pool_ptr, EMULATE_FP8: tl.constexpr):
     """`x` in the element type of `pool_ptr` (a KV pool: the model dtype or float8 e4m3,

@@ -19,9 +19,11 @@ from backend.sglang.kernels.triton.common import (
     LOG2E,
     MIN_DOT_TILE,
     attend_slots,
+    dependent_launch,
     dot_precision,
     request_of,
     upcast_dots,
+    wait_previous,
 )
 
 # arguments that change with the batch (slice counts, and the log-sum-exp strides that
@@ -43,8 +45,9 @@ def _decode_split_kernel(
     row_group_ptr, group_prefix_ptr, req_ids_ptr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr, WRITE_LSE: tl.constexpr,
-    HAS_CASCADE: tl.constexpr, HAS_REQ_IDS: tl.constexpr,
+    HAS_CASCADE: tl.constexpr, HAS_REQ_IDS: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_previous(PDL)
     # a row's KV heads are neighbouring programs: they read the same slots' K/V at about the
     # same time (on an H100, 2-5% faster at batch 256 than rows side by side)
     kv_head = tl.program_id(0)
@@ -89,7 +92,9 @@ def _merge_splits_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ot, stride_oh,
     num_splits, head_dim, row_group_ptr, num_prefix_splits,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CASCADE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_previous(PDL)
     request = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -204,7 +209,7 @@ def decode_slices(
         BLOCK_D=max(MIN_DOT_TILE, triton.next_power_of_2(head_dim)),
         DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOTS=upcast_dots(),
         WRITE_LSE=lse is not None, HAS_CASCADE=cascade is not None,
-        HAS_REQ_IDS=req_ids is not None, **launch,
+        HAS_REQ_IDS=req_ids is not None, **launch, **dependent_launch(q.device),
     )
 
 
@@ -232,5 +237,5 @@ def merge_splits(
         num_splits, head_dim, row_group if row_group is not None else lse, num_prefix_splits,
         BLOCK_S=triton.next_power_of_2(num_slices),
         BLOCK_D=max(MIN_DOT_TILE, triton.next_power_of_2(head_dim)),
-        HAS_CASCADE=row_group is not None,
+        HAS_CASCADE=row_group is not None, **dependent_launch(out.device),
     )
