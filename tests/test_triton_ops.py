@@ -6,6 +6,7 @@ import dataclasses
 import os
 import random
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -35,7 +36,11 @@ from backend.batch import (  # noqa: E402
 )
 from backend.kv_pool import KV_FP8, KVPool  # noqa: E402
 from backend.sglang.kernels import load_kernel_set, torch_ops  # noqa: E402
-from backend.sglang.kernels.triton.common import dependent_launch  # noqa: E402
+from backend.sglang.kernels.triton import common as triton_common  # noqa: E402
+from backend.sglang.kernels.triton.common import (  # noqa: E402
+    dependent_launch,
+    dependent_launches,
+)
 from backend.sglang.kernels.triton.decode_attention import decode_attention  # noqa: E402
 from backend.sglang.kernels.triton.extend_attention import (  # noqa: E402
     extend_attention,
@@ -73,15 +78,35 @@ def test_registered_as_default_only_on_cuda() -> None:
     assert default_kernel_set(torch.device("cuda")) == "triton"
 
 
-def test_dependent_launch_only_where_kernels_wait_on_the_device() -> None:
-    """Programmatic dependent launch (every kernel of the set starts with `wait_previous`)
-    only on CUDA devices of compute capability 9.0 and later, never under the interpreter."""
+def test_dependent_launch_only_inside_the_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Programmatic dependent launches only within `dependent_launches`, on this thread, and
+    only where the device has them (compute capability 9.0 and later, never the interpreter
+    or the CPU)."""
     assert dependent_launch(CPU) == {"PDL": False}
+    with dependent_launches():
+        assert dependent_launch(CPU) == {"PDL": False}
     if torch.cuda.is_available():
+        cuda = torch.device("cuda")
         expected = (torch.cuda.get_device_capability() >= (9, 0)
                     and os.environ.get("TRITON_INTERPRET") != "1")
-        launch = dependent_launch(torch.device("cuda"))
-        assert launch["PDL"] is expected and launch.get("launch_pdl", False) is expected
+        with dependent_launches():
+            assert dependent_launch(cuda) == (
+                {"PDL": True, "launch_pdl": True} if expected else {"PDL": False})
+        assert dependent_launch(cuda) == {"PDL": False}
+    # the scoping itself, on a device taken to have them
+    monkeypatch.setattr(triton_common, "_dependent_launch", lambda device: True)
+    assert dependent_launch(CPU) == {"PDL": False}
+    seen: list[dict[str, bool]] = []
+    with dependent_launches():
+        assert dependent_launch(CPU) == {"PDL": True, "launch_pdl": True}
+        with dependent_launches(False):
+            assert dependent_launch(CPU) == {"PDL": False}
+        assert dependent_launch(CPU)["PDL"]
+        other = threading.Thread(target=lambda: seen.append(dependent_launch(CPU)))
+        other.start()
+        other.join()
+    assert seen == [{"PDL": False}]
+    assert dependent_launch(CPU) == {"PDL": False}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
