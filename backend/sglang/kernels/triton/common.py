@@ -45,12 +45,13 @@ _LAUNCHES = threading.local()
 
 @contextlib.contextmanager
 def dependent_launches(enabled: bool = True) -> Iterator[None]:
-    """Within the block (on this thread), kernels of the set are programmatic dependent
-    launches where the device has them (`dependent_launch`). The CUDA graph runner captures
-    its small decode buckets this way: a step of ~280 short kernels is bound by their
-    launches, which then overlap the kernel ahead of them (batch-1 decode ~15% faster on an
-    H100). Full batches measured 0.3-2% slower with them, and every other launch stays
-    plain, so no kernel is compiled twice outside the capture."""
+    """Within the block (on this thread), the kernels a decode step launches (each starts
+    with `wait_previous`) are programmatic dependent launches where the device has them
+    (`dependent_launch`). The CUDA graph runner captures its small decode buckets this way:
+    a step of ~280 short kernels is bound by their launches, which then overlap the kernel
+    ahead of them (batch-1 decode ~15% faster on an H100). Full batches measured 0.3-2%
+    slower with them, and every other launch stays plain, so no kernel is compiled twice
+    outside the capture."""
     previous = getattr(_LAUNCHES, "dependent", False)
     _LAUNCHES.dependent = enabled
     try:

@@ -21,10 +21,8 @@ from backend.sglang.kernels.triton.common import (
     LOG2E,
     MIN_DOT_TILE,
     attend_keys,
-    dependent_launch,
     dot_precision,
     upcast_dots,
-    wait_previous,
 )
 
 # Query rows per program (tokens x group heads), measured on an H100 (bf16, 16 query heads on
@@ -47,9 +45,8 @@ def _extend_kernel(
     scale_log2, group_size, head_dim,
     BLOCK_M: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
-    SKIP_SINGLE: tl.constexpr, PDL: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr,
 ):
-    wait_previous(PDL)
     request = tl.program_id(0)
     kv_head = tl.program_id(1)
     block_m = tl.program_id(2)
@@ -162,6 +159,6 @@ def extend_attention(
         scale * LOG2E, group_size, head_dim,
         BLOCK_M=block_m, GROUP=group, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOTS=upcast_dots(),
-        SKIP_SINGLE=skip_single, **launch, **dependent_launch(q.device),
+        SKIP_SINGLE=skip_single, **launch,
     )
     return out

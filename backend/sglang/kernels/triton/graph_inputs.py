@@ -14,8 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from backend.sglang.kernels.triton.common import dependent_launch, wait_previous
-
 _COPY_BLOCK = 1024
 
 
@@ -25,9 +23,7 @@ def _pad_decode_inputs_kernel(
     ids_ptr, positions_ptr, slots_ptr, indptr_ptr, indices_ptr,
     num_live, src_cascade_ptr, cascade_ptr, stride_src_cascade, stride_cascade,
     BLOCK: tl.constexpr, HAS_CASCADE: tl.constexpr, SRC_CASCADE: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    wait_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     live = row < num_live
     total = tl.load(src_indptr_ptr + num_live)
@@ -89,5 +85,5 @@ def pad_decode_inputs(
         cascade.stride(0) if cascade is not None else 0,
         static_cascade.stride(0) if static_cascade is not None else 0,
         BLOCK=_COPY_BLOCK, HAS_CASCADE=static_cascade is not None,
-        SRC_CASCADE=cascade is not None, **dependent_launch(static_ids.device),
+        SRC_CASCADE=cascade is not None,
     )

@@ -11,8 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-from backend.sglang.kernels.triton.common import dependent_launch, wait_previous
-
 _COPY_BLOCK = 1024
 
 
@@ -20,9 +18,8 @@ _COPY_BLOCK = 1024
 def _gather_kv_indices_kernel(
     table_ptr, rows_ptr, indptr_ptr, out_ptr,
     table_width,
-    BLOCK: tl.constexpr, PDL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    wait_previous(PDL)
     program = tl.program_id(0).to(tl.int64)
     row = tl.load(rows_ptr + program).to(tl.int64)
     start = tl.load(indptr_ptr + program)
@@ -47,5 +44,4 @@ def gather_kv_indices(
         return
     _gather_kv_indices_kernel[(batch_size,)](
         table, rows, kv_indptr, out, table.shape[1], BLOCK=_COPY_BLOCK,
-        **dependent_launch(out.device),
     )
