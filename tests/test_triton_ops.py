@@ -6,7 +6,6 @@ import dataclasses
 import os
 import random
 import sys
-import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -36,11 +35,6 @@ from backend.batch import (  # noqa: E402
 )
 from backend.kv_pool import KV_FP8, KVPool  # noqa: E402
 from backend.sglang.kernels import load_kernel_set, torch_ops  # noqa: E402
-from backend.sglang.kernels.triton import common as triton_common  # noqa: E402
-from backend.sglang.kernels.triton.common import (  # noqa: E402
-    dependent_launch,
-    dependent_launches,
-)
 from backend.sglang.kernels.triton.decode_attention import decode_attention  # noqa: E402
 from backend.sglang.kernels.triton.extend_attention import (  # noqa: E402
     extend_attention,
@@ -76,37 +70,6 @@ def test_registered_as_default_only_on_cuda() -> None:
 
     assert default_kernel_set(CPU) == "torch"
     assert default_kernel_set(torch.device("cuda")) == "triton"
-
-
-def test_dependent_launch_only_inside_the_block(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Programmatic dependent launches only within `dependent_launches`, on this thread, and
-    only where the device has them (compute capability 9.0 and later, never the interpreter
-    or the CPU)."""
-    assert dependent_launch(CPU) == {"PDL": False}
-    with dependent_launches():
-        assert dependent_launch(CPU) == {"PDL": False}
-    if torch.cuda.is_available():
-        cuda = torch.device("cuda")
-        expected = (torch.cuda.get_device_capability() >= (9, 0)
-                    and os.environ.get("TRITON_INTERPRET") != "1")
-        with dependent_launches():
-            assert dependent_launch(cuda) == (
-                {"PDL": True, "launch_pdl": True} if expected else {"PDL": False})
-        assert dependent_launch(cuda) == {"PDL": False}
-    # the scoping itself, on a device taken to have them
-    monkeypatch.setattr(triton_common, "_dependent_launch", lambda device: True)
-    assert dependent_launch(CPU) == {"PDL": False}
-    seen: list[dict[str, bool]] = []
-    with dependent_launches():
-        assert dependent_launch(CPU) == {"PDL": True, "launch_pdl": True}
-        with dependent_launches(False):
-            assert dependent_launch(CPU) == {"PDL": False}
-        assert dependent_launch(CPU)["PDL"]
-        other = threading.Thread(target=lambda: seen.append(dependent_launch(CPU)))
-        other.start()
-        other.join()
-    assert seen == [{"PDL": False}]
-    assert dependent_launch(CPU) == {"PDL": False}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -234,7 +197,7 @@ def test_decode_attention_ragged_shuffled_slots(
     _check_attention(ops, [0, 70, 9], [1, 1, 1], q_heads, kv_heads, head_dim, dtype)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, 8])
+@pytest.mark.parametrize("num_splits", [1, 3, 8, 20])
 def test_decode_attention_splits_agree(num_splits: int) -> None:
     prefix_lens, kv_heads, q_heads, head_dim = [40, 3, 17], 2, 4, 64
     batch = _batch(prefix_lens, [1, 1, 1], 80, seed=num_splits)

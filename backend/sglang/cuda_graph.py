@@ -13,8 +13,6 @@ memory pool. A live decode batch of B requests runs the graph of the smallest bu
   count hold for any live batch; the kernels read the real lengths on the device;
 - the logits of all N rows land in one static buffer; the live rows are returned as a view
   of it, valid until the next forward;
-- buckets up to DEPENDENT_LAUNCH_MAX_BS are captured as programmatic dependent launches
-  (compute capability 9.0 and later; kernels/triton/common.py `dependent_launches`);
 - with cascade attention (backend/cascade.py) each bucket gets a second graph, captured with
   a static cascade plan, for batches whose rows share prefixes; batches without a plan
   replay the plain graph, which has no cascade work in it.
@@ -49,9 +47,6 @@ SMALL_BUCKETS = (1, 2, 4, 8)
 BUCKET_STEP = 16
 KV_INDEX_SLACK = 4  # static KV index capacity, in multiples of the pool (shared prefixes)
 DEFAULT_CAPTURE_BUDGET_S = 120.0
-# buckets captured as programmatic dependent launches (kernels/triton/common.py): a step of
-# short kernels gains (batch 1 ~15% on an H100), full batches measured 0.3-2% slower
-DEPENDENT_LAUNCH_MAX_BS = 64
 
 DecodeModel = Callable[[torch.Tensor, torch.Tensor, ForwardBatch, KVPool], torch.Tensor]
 
@@ -224,22 +219,18 @@ class CudaGraphRunner:
                     time.perf_counter() - started, used / 2**20)
 
     def _capture_bucket(self, bucket: int, pool: Any, cascade: bool) -> torch.cuda.CUDAGraph:
-        from backend.sglang.kernels.triton.common import dependent_launches
-
-        # small buckets as dependent launches; the eager run compiles those kernels first
-        with dependent_launches(bucket <= DEPENDENT_LAUNCH_MAX_BS):
-            batch = self.inputs.batch_view(bucket, self.max_context_len, cascade)
-            self._reset_padding(bucket)
-            first = self.model(batch.input_ids, batch.positions, batch, self.kv_pool)
-            if self.logits is None:
-                self.logits = torch.zeros(self.max_batch_size, self.vocab_size,
-                                          dtype=first.dtype, device=self.device)
-            out = self.logits[:bucket]
-            out.copy_(first)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=self.capture_stream):
-                out.copy_(self.model(batch.input_ids, batch.positions, batch, self.kv_pool))
+        batch = self.inputs.batch_view(bucket, self.max_context_len, cascade)
+        self._reset_padding(bucket)
+        first = self.model(batch.input_ids, batch.positions, batch, self.kv_pool)
+        if self.logits is None:
+            self.logits = torch.zeros(self.max_batch_size, self.vocab_size, dtype=first.dtype,
+                                      device=self.device)
+        out = self.logits[:bucket]
+        out.copy_(first)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=self.capture_stream):
+            out.copy_(self.model(batch.input_ids, batch.positions, batch, self.kv_pool))
         return graph
 
     def _reset_padding(self, bucket: int) -> None:

@@ -26,11 +26,9 @@ from backend.sglang.kernels.triton.common import (
     LOG2E,
     MIN_DOT_TILE,
     attend_slots,
-    dependent_launch,
     dot_precision,
     request_of,
     upcast_dots,
-    wait_previous,
 )
 from backend.sglang.kernels.triton.decode_attention import (
     decode_slices,
@@ -46,9 +44,8 @@ _MAX_PREFIX_SPLITS = 16
 @triton.jit
 def _shared_prefix_kernel(
     kv_indptr_ptr, kv_indices_ptr, row_group_ptr, group_first_ptr, group_prefix_ptr,
-    req_ids_ptr, BLOCK: tl.constexpr, HAS_REQ_IDS: tl.constexpr, PDL: tl.constexpr,
+    req_ids_ptr, BLOCK: tl.constexpr, HAS_REQ_IDS: tl.constexpr,
 ):
-    wait_previous(PDL)
     row = tl.program_id(0)
     group = tl.load(row_group_ptr + row)
     slot_group = tl.maximum(group, 0)
@@ -84,9 +81,8 @@ def _cascade_prefix_kernel(
     scale_log2, group_size, head_dim, first_split, num_prefix_splits, req_ids_ptr,
     GROUP_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
-    HAS_REQ_IDS: tl.constexpr, PDL: tl.constexpr,
+    HAS_REQ_IDS: tl.constexpr,
 ):
-    wait_previous(PDL)
     group = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -143,7 +139,6 @@ def measure_shared_prefixes(
         kv_indptr, kv_indices, cascade[0], cascade[1], cascade[3],
         req_ids if req_ids is not None else cascade[0],
         BLOCK=_LCP_BLOCK, HAS_REQ_IDS=req_ids is not None,
-        **dependent_launch(kv_indptr.device),
     )
 
 
@@ -187,7 +182,7 @@ def cascade_decode_attention(
         BLOCK_M=max(MIN_DOT_TILE, cascade_rows_per_group(num_q_heads, num_kv_heads) * group_p2),
         BLOCK_N=prefix_block_n, BLOCK_D=max(MIN_DOT_TILE, triton.next_power_of_2(head_dim)),
         DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOTS=upcast_dots(),
-        HAS_REQ_IDS=req_ids is not None, num_stages=2, **dependent_launch(q.device),
+        HAS_REQ_IDS=req_ids is not None, num_stages=2,
     )
     merge_splits(partial, lse, out, num_splits, cascade[0], num_prefix_splits)
     return out

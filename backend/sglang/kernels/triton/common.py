@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import threading
-from collections.abc import Iterator
 
 import torch
 import triton
@@ -32,51 +29,6 @@ def emulate_fp8(pool: torch.Tensor) -> bool:
     interpreter converts to float8 wrongly (a rounding that carries into the exponent loses
     it), so there kernels round first and the conversion that follows is exact."""
     return upcast_dots() and pool.dtype == torch.float8_e4m3fn
-
-
-@functools.lru_cache(maxsize=8)
-def _dependent_launch(device: torch.device) -> bool:
-    return (device.type == "cuda" and not upcast_dots()
-            and torch.cuda.get_device_capability(device) >= (9, 0))
-
-
-_LAUNCHES = threading.local()
-
-
-@contextlib.contextmanager
-def dependent_launches(enabled: bool = True) -> Iterator[None]:
-    """Within the block (on this thread), the kernels a decode step launches (each starts
-    with `wait_previous`) are programmatic dependent launches where the device has them
-    (`dependent_launch`). The CUDA graph runner captures its small decode buckets this way:
-    a step of ~280 short kernels is bound by their launches, which then overlap the kernel
-    ahead of them (batch-1 decode ~15% faster on an H100). Full batches measured 0.3-2%
-    slower with them, and every other launch stays plain, so no kernel is compiled twice
-    outside the capture."""
-    previous = getattr(_LAUNCHES, "dependent", False)
-    _LAUNCHES.dependent = enabled
-    try:
-        yield
-    finally:
-        _LAUNCHES.dependent = previous
-
-
-def dependent_launch(device: torch.device) -> dict[str, bool]:
-    """Launch arguments of a kernel that starts with `wait_previous`: inside
-    `dependent_launches` on compute capability 9.0 and later, launched while the kernel before
-    it still runs (it waits on the device); else a plain launch."""
-    if getattr(_LAUNCHES, "dependent", False) and _dependent_launch(device):
-        return {"PDL": True, "launch_pdl": True}
-    return {"PDL": False}
-
-
-@triton.jit
-def wait_previous(PDL: tl.constexpr):
-    """With PDL: wait until the kernel before this one has finished and its writes are
-    visible (every memory access of a kernel launched this way comes after this), then let
-    the next kernel launch."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

@@ -19,20 +19,19 @@ from backend.sglang.kernels.triton.common import (
     LOG2E,
     MIN_DOT_TILE,
     attend_slots,
-    dependent_launch,
     dot_precision,
     request_of,
     upcast_dots,
-    wait_previous,
 )
 
 # arguments that change with the batch (slice counts, and the log-sum-exp strides that
 # follow them): not specialised on, so a new slice count reuses the compiled split kernel
-# rather than compiling another in the middle of traffic (the merge kernel still compiles
-# once per power-of-two slice block; graph capture goes through those)
+# rather than compiling another in the middle of traffic; the merge kernel reads a fixed
+# MERGE_MAX_SLICES-slice block, so it too compiles once for every slice count
 SPLIT_ARGS = ("num_splits", "stride_lb", "stride_lh")
 _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 32
+MERGE_MAX_SLICES = 64  # a row's own slices (_MAX_SPLITS) plus a cascade prefix's, at most
 PROGRAMS_PER_SM = 8
 
 
@@ -45,9 +44,8 @@ def _decode_split_kernel(
     row_group_ptr, group_prefix_ptr, req_ids_ptr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr, WRITE_LSE: tl.constexpr,
-    HAS_CASCADE: tl.constexpr, HAS_REQ_IDS: tl.constexpr, PDL: tl.constexpr,
+    HAS_CASCADE: tl.constexpr, HAS_REQ_IDS: tl.constexpr,
 ):
-    wait_previous(PDL)
     # a row's KV heads are neighbouring programs: they read the same slots' K/V at about the
     # same time (on an H100, 2-5% faster at batch 256 than rows side by side)
     kv_head = tl.program_id(0)
@@ -92,9 +90,7 @@ def _merge_splits_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ot, stride_oh,
     num_splits, head_dim, row_group_ptr, num_prefix_splits,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CASCADE: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    wait_previous(PDL)
     request = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -209,7 +205,7 @@ def decode_slices(
         BLOCK_D=max(MIN_DOT_TILE, triton.next_power_of_2(head_dim)),
         DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOTS=upcast_dots(),
         WRITE_LSE=lse is not None, HAS_CASCADE=cascade is not None,
-        HAS_REQ_IDS=req_ids is not None, **launch, **dependent_launch(q.device),
+        HAS_REQ_IDS=req_ids is not None, **launch,
     )
 
 
@@ -230,12 +226,14 @@ def merge_splits(
     """out[b, h] = the softmax-weighted merge of request b's first `num_splits` slices, and
     of the `num_prefix_splits` after them where `row_group[b] >= 0` (cascade)."""
     batch_size, num_q_heads, num_slices, head_dim = partial.shape
+    if num_slices > MERGE_MAX_SLICES:
+        raise ValueError(f"{num_slices} slices to merge, at most {MERGE_MAX_SLICES}")
     _merge_splits_kernel[(batch_size, num_q_heads)](
         partial, lse, out,
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
         num_splits, head_dim, row_group if row_group is not None else lse, num_prefix_splits,
-        BLOCK_S=triton.next_power_of_2(num_slices),
+        BLOCK_S=MERGE_MAX_SLICES,
         BLOCK_D=max(MIN_DOT_TILE, triton.next_power_of_2(head_dim)),
-        HAS_CASCADE=row_group is not None, **dependent_launch(out.device),
+        HAS_CASCADE=row_group is not None,
     )

@@ -6,12 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from backend.sglang.kernels.triton.common import (
-    dependent_launch,
-    emulate_fp8,
-    to_pool,
-    wait_previous,
-)
+from backend.sglang.kernels.triton.common import emulate_fp8, to_pool
 
 _SILU_BLOCK = 1024
 
@@ -39,9 +34,7 @@ def _rotary_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
     num_q_heads, num_k_heads, half,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    wait_previous(PDL)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token)
     offs = tl.arange(0, BLOCK_HALF)
@@ -83,15 +76,13 @@ def apply_rotary(
             num_q_heads, k.shape[1], head_dim // 2,
             BLOCK_HQ=triton.next_power_of_2(num_q_heads),
             BLOCK_HK=triton.next_power_of_2(k.shape[1]),
-            BLOCK_HALF=triton.next_power_of_2(head_dim // 2), **dependent_launch(q.device),
+            BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
         )
     return q_out, k_out
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, width, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr):
-    wait_previous(PDL)
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, width, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < width
@@ -109,8 +100,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if rows.shape[0] and width:
         block = min(_SILU_BLOCK, triton.next_power_of_2(width))
         grid = (rows.shape[0], triton.cdiv(width, block))
-        _silu_and_mul_kernel[grid](rows, out, rows.stride(0), width, BLOCK=block,
-                                   **dependent_launch(x.device))
+        _silu_and_mul_kernel[grid](rows, out, rows.stride(0), width, BLOCK=block)
     return out
 
 
@@ -121,9 +111,7 @@ def _store_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     num_heads, head_dim,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_FP8: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    wait_previous(PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + token)
     heads = tl.arange(0, BLOCK_H)[:, None]
@@ -163,7 +151,7 @@ def store_kv(
             num_heads, head_dim,
             BLOCK_H=triton.next_power_of_2(num_heads),
             BLOCK_D=triton.next_power_of_2(head_dim),
-            EMULATE_FP8=emulate_fp8(k_pool_layer), **dependent_launch(k.device),
+            EMULATE_FP8=emulate_fp8(k_pool_layer),
         )
 
 
@@ -200,9 +188,8 @@ def _qkv_prepare_kernel(
     stride_t, stride_cache, stride_kp, stride_vp,
     num_q_heads, num_kv_heads, half, eps,
     HAS_NORM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, EMULATE_FP8: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, EMULATE_FP8: tl.constexpr,
 ):
-    wait_previous(PDL)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token)
     slot = tl.load(slots_ptr + token).to(tl.int64)
@@ -282,6 +269,6 @@ def qkv_prepare(
             BLOCK_HQ=triton.next_power_of_2(num_q_heads),
             BLOCK_HK=triton.next_power_of_2(num_kv_heads),
             BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
-            EMULATE_FP8=emulate_fp8(k_pool_layer), **dependent_launch(qkv.device),
+            EMULATE_FP8=emulate_fp8(k_pool_layer),
         )
     return q_out

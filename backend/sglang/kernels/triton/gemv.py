@@ -22,8 +22,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from backend.sglang.kernels.triton.common import dependent_launch, wait_previous
-
 logger = logging.getLogger(__name__)
 
 GEMV_MAX_ROWS = 2  # at 4 rows cuBLAS measured faster on an H100 for every decoder shape
@@ -48,9 +46,8 @@ _CHOICE: dict[tuple[int, int, int, torch.dtype, torch.device], GemvConfig | None
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
     M: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, NUM_K_BLOCKS: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, NUM_K_BLOCKS: tl.constexpr,
 ):
-    wait_previous(PDL)
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
@@ -92,7 +89,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         weight.stride(0), y.stride(0),
         M=rows, HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(rows),
         BLOCK_N=config.block_n, BLOCK_K=block_k, NUM_K_BLOCKS=triton.cdiv(k, block_k),
-        num_warps=config.num_warps, **dependent_launch(x.device),
+        num_warps=config.num_warps,
     )
     return y
 

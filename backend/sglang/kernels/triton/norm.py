@@ -10,8 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from backend.sglang.kernels.triton.common import dependent_launch, wait_previous
-
 
 @triton.jit
 def _rms_norm_kernel(
@@ -20,9 +18,7 @@ def _rms_norm_kernel(
     dim, eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    wait_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     outer_idx = row // inner
     inner_idx = row % inner
@@ -84,7 +80,7 @@ def _launch(
             inner, stride_xo, stride_xi, stride_ro, stride_ri,
             dim, eps,
             HAS_RESIDUAL=residual is not None,
-            BLOCK_D=triton.next_power_of_2(dim), **dependent_launch(x.device),
+            BLOCK_D=triton.next_power_of_2(dim),
         )
     return out, residual_out
 
