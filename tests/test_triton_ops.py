@@ -35,7 +35,11 @@ from backend.batch import (  # noqa: E402
 )
 from backend.kv_pool import KV_FP8, KVPool  # noqa: E402
 from backend.sglang.kernels import load_kernel_set, torch_ops  # noqa: E402
-from backend.sglang.kernels.triton.decode_attention import decode_attention  # noqa: E402
+from backend.sglang.kernels.triton.decode_attention import (  # noqa: E402
+    MERGE_MAX_SLICES,
+    decode_attention,
+    merge_splits,
+)
 from backend.sglang.kernels.triton.extend_attention import (  # noqa: E402
     extend_attention,
     tile_tokens,
@@ -208,6 +212,15 @@ def test_decode_attention_splits_agree(num_splits: int) -> None:
     )
     expected = torch_ops.paged_attention(q, k_pool, v_pool, batch, 0.125, kv_heads)
     _close(out, expected)
+
+
+def test_merge_refuses_more_slices_than_its_block() -> None:
+    """The merge kernel reads a fixed block of slices (one compile for every slice count);
+    more slices than that is an error, not a silently dropped tail."""
+    partial = torch.zeros(1, 2, MERGE_MAX_SLICES + 1, 16)
+    lse = torch.zeros(1, 2, MERGE_MAX_SLICES + 1)
+    with pytest.raises(ValueError, match="slices to merge"):
+        merge_splits(partial, lse, torch.zeros(1, 2, 16), MERGE_MAX_SLICES + 1)
 
 
 @pytest.mark.parametrize(
