@@ -72,9 +72,7 @@ class ForwardBatch:
         tokens: sum of prefix x run >= sum of run^2 / 2); (0, False) when none. Worked out
         once per batch."""
         runs = [(e, s - e) for s, e in zip(self.seq_lens, self.extend_lens) if e > 1]
-        prefix_work = sum(e * p for e, p in runs)
-        causal_work = sum(e * e for e, _ in runs) / 2
-        return max((e for e, _ in runs), default=0), bool(runs) and prefix_work >= causal_work
+        return max((e for e, _ in runs), default=0), prefix_heavy(runs)
 
     @functools.cached_property
     def max_single_seq_len(self) -> int:
@@ -232,6 +230,15 @@ def _table_batch(
         cascade=plan_view(cascade_t, len(cascade) // 4) if cascade else None,
         single_rows=singles_t.view(2, -1) if singles else None,
     )
+
+
+def prefix_heavy(runs: list[tuple[int, int]]) -> bool:
+    """Whether, over (new tokens, cached prefix) runs, attention to the cached prefixes
+    outweighs the causal part among the new tokens: sum of prefix x run >= sum of run^2 / 2
+    (False without runs). The extend kernel's tile size follows it."""
+    prefix_work = sum(e * p for e, p in runs)
+    causal_work = sum(e * e for e, _ in runs) / 2
+    return bool(runs) and prefix_work >= causal_work
 
 
 def aligned_plan(plan: list[int]) -> list[int]:

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from backend.batch import prefix_heavy  # noqa: E402
 from backend.sglang.kernels.triton.decode_attention import (  # noqa: E402
     choose_num_splits,
     decode_attention,
@@ -192,9 +193,7 @@ def run_extend_case(case: ExtendCase, args: argparse.Namespace, device: torch.de
     q = torch.randn(sum(case.extend_lens), args.q_heads, args.head_dim, dtype=dtype,
                     device=device)
     longest = max(case.extend_lens)
-    # as ForwardBatch.extend_shape decides it
-    prefix = sum(e * p for e, p in zip(case.extend_lens, case.prefix_lens)) >= sum(
-        e * e for e in case.extend_lens) / 2
+    prefix = prefix_heavy(list(zip(case.extend_lens, case.prefix_lens)))
     reference = extend_attention(q, k_pool, v_pool, qo_indptr, kv_indptr, kv_indices, 0.088,
                                  longest, prefix)
     def call(launch: ExtendLaunch) -> torch.Tensor:
