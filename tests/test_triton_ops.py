@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import sys
@@ -36,7 +37,6 @@ from backend.batch import (  # noqa: E402
 from backend.kv_pool import KV_FP8, KVPool  # noqa: E402
 from backend.sglang.kernels import load_kernel_set, torch_ops  # noqa: E402
 from backend.sglang.kernels.triton.decode_attention import (  # noqa: E402
-    MERGE_MAX_SLICES,
     decode_attention,
     merge_splits,
 )
@@ -214,13 +214,19 @@ def test_decode_attention_splits_agree(num_splits: int) -> None:
     _close(out, expected)
 
 
-def test_merge_refuses_more_slices_than_its_block() -> None:
-    """The merge kernel reads a fixed block of slices (one compile for every slice count);
-    more slices than that is an error, not a silently dropped tail."""
-    partial = torch.zeros(1, 2, MERGE_MAX_SLICES + 1, 16)
-    lse = torch.zeros(1, 2, MERGE_MAX_SLICES + 1)
-    with pytest.raises(ValueError, match="slices to merge"):
-        merge_splits(partial, lse, torch.zeros(1, 2, 16), MERGE_MAX_SLICES + 1)
+@pytest.mark.parametrize("num_slices", [1, 8, 21, 32, 70])
+def test_merge_walks_every_slice(num_slices: int) -> None:
+    """The merge kernel reads the slices a chunk at a time (8 or 32): any count, within one
+    chunk, filling it exactly or spilling into a partial last one, gives the softmax-weighted
+    mean; empty slices (log-sum-exp -inf) weigh nothing, and a row of only empty slices is 0."""
+    partial = _randn(2, 3, num_slices, 16, dtype=torch.float32, seed=num_slices)
+    lse = _randn(2, 3, num_slices, dtype=torch.float32, seed=num_slices + 1) * 4
+    lse[0, 1, 0] = float("-inf")
+    lse[1, 2, :] = float("-inf")  # a row with no keys at all: zeros
+    out = torch.empty(2, 3, 16)
+    merge_splits(partial, lse, out, num_slices)
+    weights = torch.softmax(lse * math.log(2.0), dim=-1).nan_to_num(0.0)  # base-2 lse
+    _close(out, (partial * weights[..., None]).sum(dim=2))
 
 
 @pytest.mark.parametrize(

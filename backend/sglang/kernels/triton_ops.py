@@ -130,14 +130,17 @@ def _one_token_attention(
     long_blocks = q.shape[-1] <= 128 and has_long_block_smem(q.device)
     num_splits = choose_num_splits(rows, num_kv_heads, batch.max_single_seq_len, q.device)
     kv = (k_pool_layer, v_pool_layer, batch.kv_indptr, batch.kv_indices)
+    # large batches (one slice a row): twice the keys per step, measured 3-6% faster (H100)
+    whole_rows = num_splits == 1 and long_blocks
     if batch.cascade is not None:
         return cascade_decode_attention(
             q, *kv, batch.cascade, scale, num_splits,
             choose_prefix_splits(rows, q.shape[1], num_kv_heads, q.device),
-            block_n=block_n, prefix_block_n=2 * block_n if long_blocks else block_n,
-            req_ids=req_ids,
+            block_n=2 * block_n if whole_rows else block_n,
+            prefix_block_n=2 * block_n if long_blocks else block_n,
+            req_ids=req_ids, suffix_stages=2 if whole_rows else None,
         )
-    if num_splits == 1 and long_blocks:  # large batches: measured 3-6% faster (H100)
+    if whole_rows:
         return decode_attention(q, *kv, scale, 1, block_n=2 * block_n, num_stages=2,
                                 req_ids=req_ids)
     return decode_attention(q, *kv, scale, num_splits, block_n=block_n, req_ids=req_ids)

@@ -155,10 +155,12 @@ def cascade_decode_attention(
     block_n: int = 64,
     prefix_block_n: int = 64,
     req_ids: torch.Tensor | None = None,
+    suffix_stages: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of q [B, Hq, D] over the batch's slots with the groups of the
     `cascade` plan ([4, B], prefixes measured) reading their shared prefix once; [B, Hq, D].
-    `block_n` and `prefix_block_n` are the keys per step of the suffix and prefix kernels.
+    `block_n` and `prefix_block_n` are the keys per step of the suffix and prefix kernels,
+    `suffix_stages` the suffix kernel's pipeline depth (None: Triton's default).
     With `req_ids`, row r of q (and of the plan) is request req_ids[r] of `kv_indptr`."""
     batch_size, num_q_heads, head_dim = q.shape
     out = torch.empty_like(q)
@@ -168,7 +170,8 @@ def cascade_decode_attention(
     group_size = num_q_heads // num_kv_heads
     partial, lse = split_buffers(q, num_splits + num_prefix_splits)
     decode_slices(q, k_pool_layer, v_pool_layer, kv_indptr, kv_indices, scale, num_splits,
-                  partial, lse, cascade, block_n=block_n, req_ids=req_ids)
+                  partial, lse, cascade, block_n=block_n, num_stages=suffix_stages,
+                  req_ids=req_ids)
     group_p2 = triton.next_power_of_2(group_size)
     _cascade_prefix_kernel[(max(1, batch_size // 2), num_kv_heads, num_prefix_splits)](
         q, k_pool_layer, v_pool_layer, kv_indptr, kv_indices,
