@@ -128,13 +128,22 @@ class InsertResult:
 
 
 def _common_prefix_len(key: list[int], tokens: list[int], start: int) -> int:
+    """Length of the common prefix of `key` and tokens[start:]: list slices compared in C,
+    halving the span that holds the first difference, then a short loop over it."""
     n = min(len(key), len(tokens) - start)
     if key[:n] == tokens[start : start + n]:
         return n
-    for i in range(n):
+    lo, hi = 0, n  # key[:lo] matches; the first difference lies in [lo, hi)
+    while hi - lo > 64:
+        mid = (lo + hi) // 2
+        if key[lo:mid] == tokens[start + lo : start + mid]:
+            lo = mid
+        else:
+            hi = mid
+    for i in range(lo, hi):
         if key[i] != tokens[start + i]:
             return i
-    return n
+    return hi
 
 
 class RadixCache:

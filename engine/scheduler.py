@@ -392,8 +392,10 @@ class Scheduler:
         match = self.radix.match_prefix(req.token_ids[: result.num_cached])
         self.radix.lock(match.node)
         self.radix.unlock(req.node)
+        cached = match.slots[req.cached_len :]
+        if cached != req.slots[req.cached_len : result.num_cached]:  # the tree held a copy
+            self.table.write(req.row, req.cached_len, cached)  # (else the row has them)
         req.slots[: result.num_cached] = match.slots
-        self.table.write(req.row, req.cached_len, match.slots[req.cached_len :])
         req.cached_len = result.num_cached
         req.node = match.node
 

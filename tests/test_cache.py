@@ -128,6 +128,20 @@ def test_partial_match_splits_edge() -> None:
     assert cache.match_prefix([]).node is cache.root
 
 
+@pytest.mark.parametrize("differs_at", [1, 63, 64, 65, 200, 2047, 2175])
+def test_long_edge_splits_where_the_tokens_first_differ(differs_at: int) -> None:
+    """A match ending deep inside a long edge (a shared system prompt, then a question of
+    its own) splits it exactly at the first differing token, wherever that falls in the
+    span the comparison halves."""
+    cache = make_cache(num_slots=4096)
+    prompt = list(range(1000, 3176))
+    slots, _ = cache_seq(cache, prompt)
+    other = prompt[:differs_at] + [7] + prompt[differs_at + 1 :]
+    match = cache.match_prefix(other)
+    assert match.slots == slots[:differs_at]
+    assert node_depth(match.node) == differs_at
+
+
 def test_insert_sharing_prefix_reports_present_and_keeps_caller_duplicates() -> None:
     cache = make_cache(num_slots=16)
     first, _ = cache_seq(cache, [1, 2, 3, 4])
