@@ -118,7 +118,7 @@ def build_forward_batch(
             logits_indices.append(qo_indptr[-1] - 1)
 
     def tensor(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+        return host_to_device(torch.tensor(values, dtype=torch.int64), device)
 
     singles = single_token_rows(extend_lens, qo_indptr)
 
@@ -286,10 +286,16 @@ def to_device_at_once(parts: list[list[int]], device: torch.device) -> list[torc
     if not packed:
         packed.append(0)  # frombuffer needs a non-empty buffer
     host = torch.frombuffer(packed, dtype=torch.int64)  # shares (and keeps alive) `packed`
-    if device.type == "cuda":  # an asynchronous copy needs pinned host memory
-        host = torch.empty(host.shape, dtype=torch.int64, pin_memory=True).copy_(host)
-    on_device = host.to(device, non_blocking=True)
+    on_device = host_to_device(host, device)
     return [on_device[start:end] for start, end in bounds]
+
+
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`, queued behind the device's work without waiting for it: on
+    CUDA through pinned memory (a copy from pageable memory may wait for the stream)."""
+    if device.type == "cuda":
+        host = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
+    return host.to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)

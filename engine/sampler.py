@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from backend.batch import host_to_device
 from engine.sampling_params import SamplingParams
 
 
@@ -108,9 +109,8 @@ class _BatchParams:
             [float(p.greedy) for p in params],
             [float(f) for f in filtered],
         ]
-        temperature, top_k, top_p, min_p, greedy, filtered_rows = torch.tensor(
-            columns, dtype=torch.float32
-        ).to(device, non_blocking=True)
+        temperature, top_k, top_p, min_p, greedy, filtered_rows = host_to_device(
+            torch.tensor(columns, dtype=torch.float32), device)
         return cls(
             temperature=temperature,
             top_k=top_k,
@@ -219,17 +219,17 @@ def apply_penalties(
         return logits
     device = logits.device
     vocab = logits.shape[1]
-    row_index = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+    row_index = host_to_device(torch.tensor(rows, dtype=torch.long), device)
     sub = logits.index_select(0, row_index)
     seen, output_counts = _token_occurrences([histories[i] for i in rows], vocab, device)
 
-    penalties = torch.tensor(
+    penalties = host_to_device(torch.tensor(
         [
             [params[i].repetition_penalty for i in rows],
             [params[i].frequency_penalty for i in rows],
             [params[i].presence_penalty for i in rows],
         ]
-    ).to(device, non_blocking=True)
+    ), device)
     repetition, frequency, presence = penalties.unsqueeze(2)
     repeated = torch.where(sub > 0, sub / repetition, sub * repetition)
     sub = torch.where(seen, repeated, sub)
@@ -251,7 +251,7 @@ def _token_occurrences(
     for row, history in enumerate(histories):
         padded[row, : len(history.prompt_ids)] = history.prompt_array
         padded[row, prompt_width : prompt_width + history.num_steps] = history.output_array
-    ids = torch.from_numpy(padded).to(device, non_blocking=True)
+    ids = host_to_device(torch.from_numpy(padded), device)
 
     seen = torch.zeros(len(histories), vocab + 1, dtype=torch.bool, device=device)
     seen.scatter_(1, ids, True)

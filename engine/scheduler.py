@@ -280,7 +280,7 @@ class Scheduler:
                 continue  # wait until that prompt is cached, then reuse it
             logits = None
             if len(match.slots) == req.seq_len and req.num_output == 0:
-                logits = self.prefill_cache.get(req.token_ids)
+                logits = self.prefill_cache.get(req.token_ids, self.device)
             usable = req.seq_len if logits is not None else min(len(match.slots), req.seq_len - 1)
             need = req.seq_len - usable
             chunk = min(need, budget)
@@ -296,7 +296,7 @@ class Scheduler:
             self.table.write(req.row, 0, req.slots)
             if logits is not None:
                 self.stats.num_prefill_cache_hits += 1
-                hits.append((req, logits.to(self.device)))
+                hits.append((req, logits))
             elif not self._extend(req, chunk):
                 self._release(req)
                 return
