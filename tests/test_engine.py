@@ -417,6 +417,22 @@ def test_prefill_cache_serves_an_identical_prompt(tiny_model_factory) -> None:
         engine.shutdown()
 
 
+def test_identical_prompts_submitted_together_share_one_prefill(tiny_model_factory) -> None:
+    """The second of two identical prompts waits for the first's prefill and is admitted in
+    the very next step from the prefill cache, while (on CUDA) that step's stored logits
+    may still be on their way from the device: it must read them in stream order."""
+    path = tiny_model_factory("qwen2")
+    engine = make_engine(path)
+    try:
+        prompt = random_prompts(1, 40, 40, seed=17)[0]
+        [[first], [second]] = engine.generate([prompt, prompt], greedy())
+        assert engine.scheduler.stats.num_prefill_cache_hits == 1
+        assert second.usage.cached_tokens == len(prompt)
+        assert second.token_ids == first.token_ids == Reference(path).generate(prompt)
+    finally:
+        engine.shutdown()
+
+
 def test_multi_turn_chat_reuses_its_history(smollm2_engine: tuple[Engine, Reference]) -> None:
     engine, _ = smollm2_engine
     chat = [{"role": "user", "content": "Give me a fun fact about owls."}]
