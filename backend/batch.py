@@ -117,22 +117,21 @@ def build_forward_batch(
         if sample:
             logits_indices.append(qo_indptr[-1] - 1)
 
-    def tensor(values: list[int]) -> torch.Tensor:
-        return host_to_device(torch.tensor(values, dtype=torch.int64), device)
-
     singles = single_token_rows(extend_lens, qo_indptr)
-
+    (input_ids, positions_t, out_slots_t, qo_indptr_t, kv_indptr_t, kv_indices, logits_t,
+     singles_t) = to_device_at_once([flat_ids, positions, out_slots, qo_indptr, kv_indptr,
+                                     kv_flat, logits_indices, singles], device)
     return ForwardBatch(
-        input_ids=tensor(flat_ids),
-        positions=tensor(positions),
-        out_slots=tensor(out_slots),
-        qo_indptr=tensor(qo_indptr),
-        kv_indptr=tensor(kv_indptr),
-        kv_indices=tensor(kv_flat),
-        logits_indices=tensor(logits_indices),
+        input_ids=input_ids,
+        positions=positions_t,
+        out_slots=out_slots_t,
+        qo_indptr=qo_indptr_t,
+        kv_indptr=kv_indptr_t,
+        kv_indices=kv_indices,
+        logits_indices=logits_t,
         seq_lens=seq_lens,
         extend_lens=extend_lens,
-        single_rows=tensor(singles).view(2, -1) if singles else None,
+        single_rows=singles_t.view(2, -1) if singles else None,
     )
 
 

@@ -455,9 +455,9 @@ class PrefillCache:
     def get(self, tokens: Sequence[int], device: torch.device | None = None
             ) -> torch.Tensor | None:
         """A copy on `device` (default: the CPU) of the logits stored for exactly `tokens`,
-        or None; marks it recent. To a CUDA device the copy is queued on the stream: an
-        entry whose own copy from the GPU is still landing (see `_host_copy`) is never read
-        by the CPU, whose read could see it half written."""
+        or None; marks it recent. To a device the copy is queued on its stream: an entry
+        whose own copy from the GPU is still landing (see `_host_copy`) is never read by the
+        CPU, whose read could see it half written."""
         if not self.max_entries:
             return None
         key = tuple(tokens)
@@ -465,9 +465,9 @@ class PrefillCache:
         if logits is None:
             return None
         self._entries.move_to_end(key)
-        if device is not None and device.type == "cuda":
-            return logits.to(device, non_blocking=True)
-        return logits.clone() if device is None else logits.clone().to(device)
+        if device is None or device.type == "cpu":
+            return logits.clone()
+        return logits.to(device, non_blocking=True)
 
     def put(self, tokens: Sequence[int], logits: torch.Tensor) -> None:
         """Store a detached CPU copy of `logits` for `tokens`, evicting LRU entries to fit."""

@@ -358,7 +358,8 @@ def test_prefill_cache_stores_detached_copy_and_can_be_disabled() -> None:
     on_device = cache.get([7, 8], torch.device("cpu"))  # the scheduler names its device
     assert on_device is not None and torch.equal(on_device, torch.full((4,), 2.0))
     on_device.zero_()
-    assert torch.equal(cache.get([7, 8]), torch.full((4,), 2.0))  # type: ignore[arg-type]
+    stored = cache.get([7, 8])
+    assert stored is not None and torch.equal(stored, torch.full((4,), 2.0))
     off = PrefillCache(max_entries=0, token_budget=100)
     off.put([7, 8], logits)
     assert off.get([7, 8]) is None and len(off) == 0
