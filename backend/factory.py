@@ -107,6 +107,7 @@ def create_runner(config: Config, source: ModelSource) -> ModelRunner:
                 cuda_graph_max_bs=min(config.cuda_graph_max_bs, config.max_running_requests),
                 piecewise_graph_tokens=(config.resolved_chunked_prefill_size(device)
                                         if config.piecewise_cuda_graph else 0),
+                max_sampled_rows=config.max_running_requests,
                 cpu_kernel=config.cpu_kernel,
                 cascade_attention=config.cascade_attention != "0",
                 kv_dtype=config.resolved_kv_dtype(),

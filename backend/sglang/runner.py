@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 
 import torch
 from tqdm import tqdm
@@ -31,6 +32,8 @@ from config import ConfigError
 logger = logging.getLogger(__name__)
 
 __all__ = ["NativeRunner", "UnsupportedModelError"]
+
+HEAD_WARM_MAX_ROWS = 1024  # `warm_head` stops here (a step sampling more loads a kernel)
 
 
 def _architecture(hf_config: PretrainedConfig) -> str:
@@ -94,6 +97,7 @@ class NativeRunner:
         cascade_attention: bool = False,
         kv_dtype: torch.dtype | None = None,
         piecewise_graph_tokens: int = 0,
+        max_sampled_rows: int = 0,
     ) -> None:
         """`weight_quant` (`none` | `int8` | `int4`, already resolved; see
         backend.sglang.quant) packs every matmul weight once, after loading.
@@ -104,7 +108,8 @@ class NativeRunner:
         its kernel set has it (`self.cascade_attention`). `kv_dtype` is the KV pool's dtype
         (default: `dtype`; float8 e4m3 stores K/V in 8 bits). On CUDA with graph-safe
         kernels, `piecewise_graph_tokens` > 0 captures piecewise graphs for other steps of
-        up to that many tokens (backend.sglang.piecewise_graph)."""
+        up to that many tokens (backend.sglang.piecewise_graph). On CUDA, the LM head runs
+        once for every row count up to `max_sampled_rows` (`warm_head`)."""
         if weight_quant not in WEIGHT_QUANT_CHOICES:
             raise ValueError(f"unknown weight_quant {weight_quant!r}; known: "
                              f"{', '.join(WEIGHT_QUANT_CHOICES)}")
@@ -153,10 +158,27 @@ class NativeRunner:
         self.piecewise: PiecewiseGraphRunner | None = None
         if piecewise_graph_tokens > 0 and device.type == "cuda":
             self.piecewise = capture_piecewise_graphs(self, piecewise_graph_tokens, dtype)
+        if max_sampled_rows > 0 and device.type == "cuda":
+            self.warm_head(min(max_sampled_rows, HEAD_WARM_MAX_ROWS))
         self.cpu_decoder: CpuDecoder | None = None
         if device.type == "cpu" and cpu_kernel != "torch":
             self.cpu_decoder = _compiled_decoder(self.model, self.kv_pool, cpu_kernel,
                                                  kernel_cache_dir)
+
+    @torch.inference_mode()
+    def warm_head(self, max_rows: int) -> None:
+        """Run the eager LM head over 1..`max_rows` rows. cuBLAS picks a kernel per row
+        count, and CUDA loads a kernel on its first launch, waiting for the device to drain
+        first: in a prefill or mixed step (whose head runs eagerly over the rows that
+        sample) that wait took the host's lead over the device, 10-35 ms a step."""
+        started = time.perf_counter()
+        embed = self.model.model.embed_tokens.weight
+        hidden = torch.zeros(max_rows, embed.shape[1], dtype=embed.dtype, device=self.device)
+        for rows in range(1, max_rows + 1):
+            self.model.logits(hidden[:rows])
+        torch.cuda.synchronize(self.device)
+        logger.info("LM head warmed for 1-%d rows in %.1f s", max_rows,
+                    time.perf_counter() - started)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
