@@ -471,11 +471,28 @@ class PrefillCache:
 
     def put(self, tokens: Sequence[int], logits: torch.Tensor) -> None:
         """Store a detached CPU copy of `logits` for `tokens`, evicting LRU entries to fit."""
-        key = tuple(tokens)
-        if not self.max_entries or not key:
+        self.put_many([(tokens, logits)])
+
+    def put_many(self, items: Sequence[tuple[Sequence[int], torch.Tensor]]) -> None:
+        """`put` each item in order, copying only the logits of those that stay: the last
+        `max_entries` distinct prompts that fit (a step finishing 64 prompts copies 4)."""
+        if not self.max_entries:
             return
-        if self.token_budget and len(key) > self.token_budget:
-            return
+        staying: list[tuple[tuple[int, ...], torch.Tensor]] = []
+        seen: set[tuple[int, ...]] = set()
+        for tokens, logits in reversed(items):
+            if len(staying) == self.max_entries:
+                break
+            if not tokens or (self.token_budget and len(tokens) > self.token_budget):
+                continue
+            key = tuple(tokens)
+            if key not in seen:
+                seen.add(key)
+                staying.append((key, logits))
+        for key, logits in reversed(staying):
+            self._put(key, logits)
+
+    def _put(self, key: tuple[int, ...], logits: torch.Tensor) -> None:
         if self._entries.pop(key, None) is not None:
             self._num_tokens -= len(key)
         self._entries[key] = _host_copy(logits.detach())

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -365,13 +366,15 @@ class Scheduler:
         """Right after the forward: hand newly prefilled prompts to the radix cache and their
         logits to the prefill cache."""
         rows = {id(r): i for i, r in enumerate(plan.sample_reqs)}
+        prefilled: list[tuple[Sequence[int], torch.Tensor]] = []
         for req, start in zip(plan.reqs, plan.starts):
             prompt_len = len(req.prompt_ids)
             if start < prompt_len <= req.num_computed:
                 if req.num_computed == prompt_len and logits is not None and id(req) in rows:
-                    self.prefill_cache.put(req.prompt_ids, logits[rows[id(req)]])
+                    prefilled.append((req.prompt_ids, logits[rows[id(req)]]))
                 if not req.finished and req in self.running:
                     self._cache_prefix(req, prompt_len)
+        self.prefill_cache.put_many(prefilled)
 
     def release_finished(self, reqs: list[Req]) -> None:
         """Release the finished ones among `reqs` (once their tokens have been read); one

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -363,6 +363,46 @@ def test_prefill_cache_stores_detached_copy_and_can_be_disabled() -> None:
     off = PrefillCache(max_entries=0, token_budget=100)
     off.put([7, 8], logits)
     assert off.get([7, 8]) is None and len(off) == 0
+
+
+prompt_batches = st.lists(
+    st.lists(st.tuples(st.lists(st.integers(0, 3), max_size=5), st.integers(0, 99)),
+             max_size=9),
+    min_size=1, max_size=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(limits=st.sampled_from([(1, 0), (2, 0), (4, 0), (3, 7), (4, 12)]), batches=prompt_batches)
+def test_prefill_cache_put_many_ends_as_puts_one_by_one(
+    limits: tuple[int, int], batches: list[list[tuple[list[int], int]]]
+) -> None:
+    """Steps' batches of finished prompts leave the cache as putting them in order would:
+    same entries, same logits, same recency order."""
+    one_by_one, batched = PrefillCache(*limits), PrefillCache(*limits)
+    for batch in batches:
+        items = [(tokens, torch.tensor([float(value)])) for tokens, value in batch]
+        for tokens, logits in items:
+            one_by_one.put(tokens, logits)
+        batched.put_many(items)
+        assert list(batched._entries) == list(one_by_one._entries)
+        assert all(torch.equal(batched._entries[k], one_by_one._entries[k])
+                   for k in one_by_one._entries)
+        assert batched.num_tokens == one_by_one.num_tokens
+
+
+def test_prefill_cache_put_many_copies_only_what_stays(monkeypatch: pytest.MonkeyPatch) -> None:
+    import backend.cache as cache_module
+
+    copied: list[float] = []
+    real_copy = cache_module._host_copy
+    monkeypatch.setattr(cache_module, "_host_copy",
+                        lambda t: copied.append(t.item()) or real_copy(t))
+    cache = PrefillCache(max_entries=2, token_budget=0)
+    finished = [([i], torch.tensor([float(i)])) for i in range(64)]
+    cache.put_many([*finished, ([62], torch.tensor([-1.0]))])
+    assert copied == [63.0, -1.0]
+    hit = cache.get([62])
+    assert hit is not None and hit.item() == -1.0
 
 
 # ---------------------------------------------------------------- stateful property test
