@@ -395,8 +395,12 @@ def test_prefill_cache_put_many_copies_only_what_stays(monkeypatch: pytest.Monke
 
     copied: list[float] = []
     real_copy = cache_module._host_copy
-    monkeypatch.setattr(cache_module, "_host_copy",
-                        lambda t: copied.append(t.item()) or real_copy(t))
+
+    def recording_copy(t: torch.Tensor) -> torch.Tensor:
+        copied.append(t.item())
+        return real_copy(t)
+
+    monkeypatch.setattr(cache_module, "_host_copy", recording_copy)
     cache = PrefillCache(max_entries=2, token_budget=0)
     finished = [([i], torch.tensor([float(i)])) for i in range(64)]
     cache.put_many([*finished, ([62], torch.tensor([-1.0]))])
