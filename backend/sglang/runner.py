@@ -170,7 +170,8 @@ class NativeRunner:
         """Run the eager LM head over 1..`max_rows` rows. cuBLAS picks a kernel per row
         count, and CUDA loads a kernel on its first launch, waiting for the device to drain
         first: in a prefill or mixed step (whose head runs eagerly over the rows that
-        sample) that wait took the host's lead over the device, 10-35 ms a step."""
+        sample) that wait cost the host its lead over the device (up to 36 ms a step under
+        the profiler, docs/BENCHMARKS.md, twelfth run)."""
         started = time.perf_counter()
         embed = self.model.model.embed_tokens.weight
         hidden = torch.zeros(max_rows, embed.shape[1], dtype=embed.dtype, device=self.device)
