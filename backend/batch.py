@@ -209,13 +209,16 @@ def _table_batch(
     """The packed step of both table builders: the table's staged writes and the step's
     inputs in one host→device copy, then the KV indices gathered on the device."""
     write_starts, write_lengths, write_slots = table.take_writes()
+    copy_targets, copy_sources, copy_lengths = table.take_copies()
     plan = aligned_plan(cascade or [])
     parts = [flat_ids, positions, out_slots, qo_indptr, kv_indptr, logits_indices, rows,
-             write_starts, write_lengths, write_slots, plan, singles]
+             write_starts, write_lengths, write_slots, copy_targets, copy_sources,
+             copy_lengths, plan, singles]
     (input_ids, positions_t, out_slots_t, qo_indptr_t, kv_indptr_t, logits_t, rows_t,
-     write_starts_t, write_lengths_t, write_slots_t, cascade_t, singles_t) = to_device_at_once(
-        parts, table.device)
+     write_starts_t, write_lengths_t, write_slots_t, copy_targets_t, copy_sources_t,
+     copy_lengths_t, cascade_t, singles_t) = to_device_at_once(parts, table.device)
     table.apply_writes(write_starts_t, write_lengths_t, write_slots_t)
+    table.apply_copies(copy_targets_t, copy_sources_t, copy_lengths_t, sum(copy_lengths))
     return ForwardBatch(
         input_ids=input_ids,
         positions=positions_t,

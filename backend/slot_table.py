@@ -8,9 +8,15 @@ writes reach the device in the same host→device copy as its other inputs, and 
 `kv_indices` are then gathered on the device from (rows, kv_indptr), so the host's work per
 step follows the number of new tokens rather than the length of the contexts.
 
+A row's first entries can also be staged as a copy of another row's (`write_prefix`): a
+request admitted on a prefix that a running request already holds takes it from that row on
+the device, so the host sends three numbers instead of the prefix's slots.
+
 Staged writes to one row never overlap before they are applied (an overlapping write applies
-the staged ones first), so their order on the device does not matter. Freeing a row drops its
-staged writes; a row's entries past its request's length are stale and never read.
+the staged ones first), and a copy only reads a row with nothing staged in the part it reads,
+so their order on the device does not matter. Freeing a row drops its staged writes, and
+applies the copies that read it first; a row's entries past its request's length are stale
+and never read.
 
 The table grows its width on demand, doubling, up to `max_width` (no request holds more
 slots than the KV pool or the model's context): memory follows the longest request seen.
@@ -45,6 +51,8 @@ class SlotTable:
         self._free_rows = list(range(num_rows, PADDING_ROW, -1))
         self._in_use: set[int] = set()
         self._pending: dict[int, list[tuple[int, list[int]]]] = {}
+        self._copies: dict[int, tuple[int, int]] = {}  # row -> (source row, length)
+        self.num_prefix_copies = 0  # prefixes staged as row copies (write_prefix), ever
         self._use_triton = device.type == "cuda"
 
     # ------------------------------------------------------------------- rows
@@ -76,8 +84,11 @@ class SlotTable:
         """Give a row back (request released or preempted); its staged writes are dropped."""
         if row not in self._in_use:
             raise ValueError(f"slot-table row {row} is not in use")
+        if any(source == row for source, _ in self._copies.values()):
+            self.flush()  # a copy still reads this row
         self._in_use.remove(row)
         self._pending.pop(row, None)
+        self._copies.pop(row, None)
         self._free_rows.append(row)
 
     # ----------------------------------------------------------------- writes
@@ -91,10 +102,29 @@ class SlotTable:
         if end > self.width:
             self._grow(end)
         chunks = self._pending.setdefault(row, [])
-        if any(s < end and start < s + len(c) for s, c in chunks):
+        copied = self._copies.get(row)
+        if (any(s < end and start < s + len(c) for s, c in chunks)
+                or (copied is not None and start < copied[1])
+                or any(source == row and start < n for source, n in self._copies.values())):
             self.flush()
             chunks = self._pending.setdefault(row, [])
         chunks.append((start, list(slots)))
+
+    def write_prefix(self, row: int, slots: Sequence[int], source: int) -> None:
+        """Stage `table[row, :len(slots)] = slots`, as a copy on the device from row `source`
+        when that row is in use, holds `slots` first (the caller knows) and has nothing
+        staged there; else as `write` does."""
+        n = len(slots)
+        if (not n or source == row or row in self._copies or row in self._pending
+                or not self.settled(source, n)):
+            self.write(row, 0, slots)
+            return
+        if row not in self._in_use:
+            raise ValueError(f"slot-table row {row} is not in use")
+        if n > self.width:
+            self._grow(n)
+        self._copies[row] = (source, n)
+        self.num_prefix_copies += 1
 
     def append(self, rows: Sequence[int], starts: Sequence[int], slots: Sequence[int]) -> None:
         """Stage `table[rows[i], starts[i]] = slots[i]` for each i: one new slot per row, just
@@ -113,10 +143,17 @@ class SlotTable:
             else:
                 chunks.append((start, [slot]))
 
+    def settled(self, row: int, length: int) -> bool:
+        """Whether row `row` is in use with nothing staged in its first `length` entries
+        (what the device holds there is final: a copy may read it)."""
+        return (row in self._in_use and row not in self._copies
+                and not any(s < length for s, _ in self._pending.get(row, ())))
+
     @property
     def num_pending(self) -> int:
-        """Staged slot writes not yet applied."""
-        return sum(len(c) for chunks in self._pending.values() for _, c in chunks)
+        """Staged slot writes not yet applied (a copied prefix counts its length)."""
+        return (sum(len(c) for chunks in self._pending.values() for _, c in chunks)
+                + sum(n for _, n in self._copies.values()))
 
     def take_writes(self) -> tuple[list[int], list[int], list[int]]:
         """The staged writes as runs: each run's first flat index into `table.view(-1)`, its
@@ -138,25 +175,46 @@ class SlotTable:
             return starts, [], values
         return starts, lengths, values
 
+    def take_copies(self) -> tuple[list[int], list[int], list[int]]:
+        """The staged row copies as runs: each run's first flat index into `table.view(-1)`
+        to write, the first one to read, and its length; clears them. Applied with
+        `apply_copies`, like `take_writes`'s runs."""
+        width = self.width
+        targets = [row * width for row in self._copies]
+        sources = [source * width for source, _ in self._copies.values()]
+        lengths = [n for _, n in self._copies.values()]
+        self._copies.clear()
+        return targets, sources, lengths
+
     def apply_writes(self, starts: torch.Tensor, lengths: torch.Tensor,
                      values: torch.Tensor) -> None:
         """Apply writes from `take_writes`, given as int64 tensors on the table's device."""
         total = values.numel()
         if not total:
             return
-        flat = starts
-        if lengths.numel():  # flat index of value i: its run's start plus its place in the
-            # run (no host sync: the output size is known here)
-            run_offsets = torch.cumsum(lengths, 0) - lengths
-            flat = (torch.repeat_interleave(starts - run_offsets, lengths, output_size=total)
-                    + torch.arange(total, device=values.device))
+        flat = starts if not lengths.numel() else _run_indices(starts, lengths, total)
         self.table.view(-1).index_copy_(0, flat, values.to(torch.int32))
 
+    def apply_copies(self, targets: torch.Tensor, sources: torch.Tensor, lengths: torch.Tensor,
+                     total: int) -> None:
+        """Apply copies from `take_copies` (int64 tensors on the table's device; `total` is
+        the sum of `lengths`, known on the host)."""
+        if not total:
+            return
+        flat = self.table.view(-1)
+        flat.index_copy_(0, _run_indices(targets, lengths, total),
+                         flat.index_select(0, _run_indices(sources, lengths, total)))
+
     def flush(self) -> None:
-        """Apply the staged writes now, with their own host→device copy."""
+        """Apply the staged writes and copies now, with their own host→device copy."""
         starts, lengths, values = self.take_writes()
-        if values:
-            self.apply_writes(*to_device_at_once([starts, lengths, values], self.device))
+        targets, sources, copy_lengths = self.take_copies()
+        if values or copy_lengths:
+            (starts_t, lengths_t, values_t, targets_t, sources_t,
+             copy_lengths_t) = to_device_at_once(
+                [starts, lengths, values, targets, sources, copy_lengths], self.device)
+            self.apply_writes(starts_t, lengths_t, values_t)
+            self.apply_copies(targets_t, sources_t, copy_lengths_t, sum(copy_lengths))
 
     def _grow(self, needed: int) -> None:
         if needed > self.max_width:
@@ -181,6 +239,14 @@ class SlotTable:
         out = torch.empty(sum(seq_lens), dtype=torch.int64, device=self.device)
         gather_kv_indices(self.table, rows_t, kv_indptr, out)
         return out
+
+
+def _run_indices(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """Flat indices of runs: run i covers starts[i] .. starts[i] + lengths[i] - 1, back to
+    back (`total` = the lengths' sum, so no host sync sizes the output)."""
+    run_offsets = torch.cumsum(lengths, 0) - lengths
+    return (torch.repeat_interleave(starts - run_offsets, lengths, output_size=total)
+            + torch.arange(total, device=starts.device))
 
 
 def gather_rows(table: torch.Tensor, rows: list[int], seq_lens: list[int]) -> torch.Tensor:

@@ -39,7 +39,7 @@ from backend.batch import (
     build_forward_batch_from_table,
     build_one_token_batch_from_table,
 )
-from backend.cache import PrefillCache, RadixCache, SlotAllocator
+from backend.cache import PrefillCache, RadixCache, RadixNode, SlotAllocator
 from backend.cascade import CASCADE_MAX_ROWS, cascade_key, plan_cascade
 from backend.slot_table import SlotTable
 from config import Config
@@ -48,6 +48,7 @@ from engine.request import FUTURE_TOKEN, Req
 logger = logging.getLogger(__name__)
 
 IN_BATCH_PREFIX_MIN = 32  # shared tokens that make a request wait for another's prefill
+PREFIX_ROW_SEARCH = 64  # tree nodes `_prefix_row` looks at for a row to copy a prefix from
 
 
 @dataclass
@@ -104,6 +105,7 @@ class Scheduler:
             max_tokens_per_seq=config.prefix_cache_max_tokens,
             token_budget=config.prefix_cache_token_budget,
         )
+        self._holders: dict[int, Req] = {}  # node id -> a running request holding it
         self.prefill_cache = PrefillCache(
             config.prefill_cache_size if config.prefix_cache else 0,
             config.prefill_cache_token_budget,
@@ -292,9 +294,9 @@ class Scheduler:
                 return
             req.slots = list(match.slots[:usable])
             req.cached_len = usable
-            req.node = match.node
+            self._hold(req, match.node)
             req.row = self.table.assign()
-            self.table.write(req.row, 0, req.slots)
+            self.table.write_prefix(req.row, req.slots, self._prefix_row(match.node, req.slots))
             if logits is not None:
                 self.stats.num_prefill_cache_hits += 1
                 hits.append((req, logits))
@@ -400,7 +402,7 @@ class Scheduler:
             self.table.write(req.row, req.cached_len, cached)  # (else the row has them)
         req.slots[: result.num_cached] = match.slots
         req.cached_len = result.num_cached
-        req.node = match.node
+        self._hold(req, match.node)
 
     def _release(self, req: Req) -> None:
         """Give all of a request's KV back: reusable prefixes to the cache, the rest freed."""
@@ -411,11 +413,39 @@ class Scheduler:
         self.allocator.free(own_duplicates + beyond)
         if req.node is not None:
             self.radix.unlock(req.node)
+        self._hold(req, None)
         self.table.free(req.row)
         req.row = 0
         req.slots = []
         req.cached_len = 0
-        req.node = None
+
+    def _hold(self, req: Req, node: RadixNode | None) -> None:
+        """Set the tree node whose path `req`'s first slots are (its locked node), and note
+        `req` as that node's holder (`_prefix_row`)."""
+        old = req.node
+        if old is not None and self._holders.get(old.node_id) is req:
+            del self._holders[old.node_id]
+        req.node = node
+        if node is not None and node.parent is not None:
+            self._holders.setdefault(node.node_id, req)  # the first stays: its row is settled
+
+    def _prefix_row(self, node: RadixNode, slots: list[int]) -> int:
+        """The slot-table row of a running request whose first slots are `slots` (the path
+        of `node`, which it holds or extends), found among the holders of `node` and of the
+        nodes below it; 0 when none is at hand."""
+        if not slots:
+            return 0
+        stack, visited = [node], 0
+        while stack and visited < PREFIX_ROW_SEARCH:
+            current = stack.pop()
+            visited += 1
+            holder = self._holders.get(current.node_id)
+            if (holder is not None and holder.node is current
+                    and self.table.settled(holder.row, len(slots))
+                    and holder.slots[: len(slots)] == slots):
+                return holder.row
+            stack.extend(current.children.values())
+        return 0
 
     # ------------------------------------------------------------------ stats
     @property

@@ -129,6 +129,65 @@ def test_caller_list_is_copied_when_staged() -> None:
     assert row_of(table, row, 4) == [3, 4, 50, 60]
 
 
+def test_prefix_copied_from_a_settled_row_on_the_device() -> None:
+    table = SlotTable(4, 64, CPU)
+    source, target = table.assign(), table.assign()
+    table.write(source, 0, [5, 6, 7, 8])
+    table.flush()
+    table.write_prefix(target, [5, 6, 7], source)
+    table.write(target, 3, [40])  # the admitted request's own new slot, after the prefix
+    assert table.num_prefix_copies == 1 and table.num_pending == 4
+    starts, lengths, values = table.take_writes()
+    assert values == [40]  # the prefix itself is not sent
+    table.apply_writes(torch.tensor(starts), torch.tensor(lengths, dtype=torch.int64),
+                       torch.tensor(values))
+    targets, sources, copy_lengths = table.take_copies()
+    table.apply_copies(torch.tensor(targets), torch.tensor(sources), torch.tensor(copy_lengths),
+                       sum(copy_lengths))
+    assert row_of(table, target, 4) == [5, 6, 7, 40]
+    assert row_of(table, source, 4) == [5, 6, 7, 8]
+
+
+def test_prefix_sent_as_values_when_its_source_row_is_not_settled() -> None:
+    table = SlotTable(4, 64, CPU)
+    source, target, other = table.assign(), table.assign(), table.assign()
+    table.write(source, 0, [5, 6, 7])  # staged, not applied: the copy would read stale slots
+    table.write_prefix(target, [5, 6], source)
+    table.write_prefix(other, [5, 6], target)  # target itself is not settled either
+    table.write_prefix(other, [], source)
+    assert table.num_prefix_copies == 0
+    table.flush()
+    assert row_of(table, target, 2) == [5, 6] and row_of(table, other, 2) == [5, 6]
+    fresh = table.assign()
+    table.write_prefix(fresh, [5, 6], fresh)  # itself
+    table.flush()
+    assert table.num_prefix_copies == 0 and row_of(table, fresh, 2) == [5, 6]
+
+
+def test_freeing_or_rewriting_a_copied_row_keeps_every_row_right() -> None:
+    table = SlotTable(4, 64, CPU)
+    source, target = table.assign(), table.assign()
+    table.write(source, 0, [5, 6, 7])
+    table.flush()
+    table.write_prefix(target, [5, 6, 7], source)
+    table.free(source)  # the staged copy reads it: applied first
+    assert row_of(table, target, 3) == [5, 6, 7] and table.num_pending == 0
+    reused = table.assign()
+    table.write(reused, 0, [9, 9, 9])
+    table.flush()
+    assert row_of(table, target, 3) == [5, 6, 7]
+    again = table.assign()
+    table.write_prefix(again, [5, 6], target)
+    table.write(again, 1, [30])  # overlaps the staged copy: the copy lands first
+    table.write(target, 0, [50])  # overlaps what the copy reads: the copy lands first
+    table.flush()
+    assert row_of(table, again, 2) == [5, 30] and row_of(table, target, 3) == [50, 6, 7]
+    dropped = table.assign() if table.num_free else again
+    table.write_prefix(dropped, [50, 6], target)
+    table.free(dropped)  # its own staged copy goes with it
+    assert table.num_pending == 0
+
+
 def test_width_grows_on_demand_up_to_the_cap() -> None:
     cap = INITIAL_WIDTH * 3
     table = SlotTable(2, cap, CPU)
@@ -328,5 +387,6 @@ def test_scheduler_keeps_table_rows_equal_to_running_requests(
             sched.remove(sched.running[-1])
             check_table(sched)
     assert sched.stats.num_preemptions > 0
+    assert (sched.table.num_prefix_copies > 0) == prefix_cache  # cached prefixes row to row
     assert sched.table.num_free == config.max_running_requests
     assert sched.allocator.num_used == sched.radix.evictable_size
