@@ -440,8 +440,7 @@ class Scheduler:
             current = stack.pop()
             visited += 1
             holder = self._holders.get(current.node_id)
-            if (holder is not None and holder.node is current
-                    and self.table.settled(holder.row, len(slots))
+            if (holder is not None and self.table.settled(holder.row, len(slots))
                     and holder.slots[: len(slots)] == slots):
                 return holder.row
             stack.extend(current.children.values())
