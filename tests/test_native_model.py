@@ -210,6 +210,19 @@ def test_mixed_batch_matches_hf(runner_and_ref) -> None:
     torch.testing.assert_close(rest[0], hf_last_logits(model, full["mid"]), atol=ATOL, rtol=0)
 
 
+def test_logits_into_a_buffer_equal_the_plain_head(runner_and_ref) -> None:
+    """The LM head writing into a caller's buffer (the decode graphs' static logits), tied
+    to the embeddings or not, gives bit for bit the logits it returns otherwise."""
+    runner, _ = runner_and_ref
+    model = runner.model
+    hidden = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    buffer = torch.full((4, model.config.vocab_size), float("nan"))
+    result = model.logits(hidden, out=buffer[:3])
+    assert result.data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer[:3], model.logits(hidden))
+    assert buffer[3].isnan().all()
+
+
 def test_model_info(runner_and_ref) -> None:
     runner, model = runner_and_ref
     info = runner.info

@@ -91,6 +91,9 @@ def test_linear_quantize_drops_the_float_weight() -> None:
     out = layer(x)
     assert out.dtype == KERNEL_DTYPE
     torch.testing.assert_close(out.float(), before, atol=0.02, rtol=0.02)
+    buffer = torch.empty(3, 32, dtype=KERNEL_DTYPE)
+    assert layer(x, out=buffer).data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer, out)
     with pytest.raises(RuntimeError):
         layer.quantize("int8")
 

@@ -412,6 +412,24 @@ def test_gemv_matches_linear(rows: int, out_features: int, in_features: int,
                                               None if b is None else b.float()).to(dtype)
         for config in (GemvConfig(4, 64, 4), GemvConfig(16, 32, 4)):
             _close(gemv(x, weight, b, config), expected)
+            buffer = torch.full((rows, out_features), float("nan"), dtype=dtype)
+            result = gemv(x, weight, b, config, out=buffer)
+            assert result.data_ptr() == buffer.data_ptr()
+            _close(buffer, expected)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_into_a_buffer_is_the_same_matmul(bias: bool) -> None:
+    """`linear(..., out=)` (a decode graph's LM head writing into its static logits) gives
+    bit for bit what the plain call returns, in the buffer it was given."""
+    x = _randn(5, 48, dtype=torch.float32, seed=21)
+    weight = _randn(40, 48, dtype=torch.float32, seed=22)
+    b = _randn(40, dtype=torch.float32, seed=23) if bias else None
+    buffer = torch.full((8, 40), float("nan"))
+    result = torch_ops.linear(x, weight, b, out=buffer[:5])
+    assert result.data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer[:5], torch_ops.linear(x, weight, b))
+    assert buffer[5:].isnan().all()
 
 
 def _cascade_case() -> tuple[list[list[int]], list[int]]:

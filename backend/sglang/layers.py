@@ -24,7 +24,7 @@ from transformers import PretrainedConfig
 
 from backend.batch import ForwardBatch
 from backend.kv_pool import KVPool
-from backend.sglang.kernels import KernelSet
+from backend.sglang.kernels import KernelSet, torch_ops
 from backend.sglang.quant import QuantizedWeight, quantize_head_weight, quantize_weight
 
 logger = logging.getLogger(__name__)
@@ -145,11 +145,14 @@ class Linear(nn.Module):
         self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
         self.quantized: QuantizedWeight | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`x W^T + b`; into `out` when given (2-D x)."""
         if self.quantized is not None:
-            out = self.quantized.matmul(x)
-            return out if self.bias is None else out.add_(self.bias)
-        return self.ops.linear(x, self.weight, self.bias)
+            result = self.quantized.matmul(x)
+            if self.bias is not None:
+                result.add_(self.bias)
+            return result if out is None else out.copy_(result)
+        return self.ops.linear(x, self.weight, self.bias, out)
 
     def quantize(self, method: str, head: bool = False) -> None:
         """Pack the loaded weight (`int8` | `int4`); call once, after the weights are in.
@@ -353,18 +356,21 @@ class CausalLM(nn.Module):
         else:
             self.tied_head = quantize_head_weight(self.model.embed_tokens.weight.detach(), method)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits of normed hidden rows, in the head's output dtype (bfloat16 for
-        a bfloat16 model): the sampler widens them only where it computes with them."""
+        a bfloat16 model): the sampler widens them only where it computes with them. Into
+        `out` when given (a decode graph's static logits buffer: no copy after the head)."""
         if self.lm_head is not None:
-            return self.lm_head.forward(hidden)
+            return self.lm_head.forward(hidden, out)
         if self.tied_head is not None:
-            return self.tied_head.matmul(hidden)
-        return F.linear(hidden, self.model.embed_tokens.weight)
+            result = self.tied_head.matmul(hidden)
+            return result if out is None else out.copy_(result)
+        return torch_ops.linear(hidden, self.model.embed_tokens.weight, None, out)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
-                kv_pool: KVPool) -> torch.Tensor:
-        """Logits [len(batch.logits_indices), vocab] of the rows that sample (`logits`)."""
+                kv_pool: KVPool, logits_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [len(batch.logits_indices), vocab] of the rows that sample (`logits`),
+        into `logits_out` when given."""
         self.ops.prepare_attention(batch)
         hidden = self.model.embed_tokens.forward(input_ids)
         residual: torch.Tensor | None = None
@@ -373,15 +379,16 @@ class CausalLM(nn.Module):
                                              batch, kv_pool)
         assert residual is not None
         return self.head(hidden, residual, None if samples_every_row(batch)
-                         else batch.logits_indices)
+                         else batch.logits_indices, logits_out)
 
     def head(self, hidden: torch.Tensor, residual: torch.Tensor,
-             rows: torch.Tensor | None) -> torch.Tensor:
-        """Logits of the last layer's `rows` (all when None): final norm, LM head."""
+             rows: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the last layer's `rows` (all when None): final norm, LM head (into
+        `out` when given)."""
         if rows is not None:
             hidden, residual = hidden.index_select(0, rows), residual.index_select(0, rows)
         hidden, _ = self.model.norm.add_and_norm(hidden, residual)
-        return self.logits(hidden)
+        return self.logits(hidden, out)
 
 
 def samples_every_row(batch: ForwardBatch) -> bool:

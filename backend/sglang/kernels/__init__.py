@@ -43,7 +43,8 @@ class KernelSet(Protocol):
     ) -> torch.Tensor: ...
 
     def linear(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...

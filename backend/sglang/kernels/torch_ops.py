@@ -43,9 +43,15 @@ def fused_add_rms_norm(
     return rms_norm(new_residual, weight, eps), new_residual
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x W^T + b` (weight [out, in], as nn.Linear stores it)."""
-    return F.linear(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """`x W^T + b` (weight [out, in], as nn.Linear stores it), for a 2-D x into `out` when
+    given (the same cuBLAS call as `F.linear`, writing where the caller wants the result)."""
+    if out is None:
+        return F.linear(x, weight, bias)
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

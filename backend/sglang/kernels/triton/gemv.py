@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from backend.sglang.kernels.torch_ops import linear as torch_linear
+
 logger = logging.getLogger(__name__)
 
 GEMV_MAX_ROWS = 2  # at 4 rows cuBLAS measured faster on an H100 for every decoder shape
@@ -69,9 +71,10 @@ def _gemv_kernel(
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-         config: GemvConfig = GemvConfig(8, 1024, 4)) -> torch.Tensor:
+         config: GemvConfig = GemvConfig(8, 1024, 4), out: torch.Tensor | None = None
+         ) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for x [M <= GEMV_MAX_ROWS, K], weight [N, K] (rows
-    contiguous); returns [M, N] in x's dtype."""
+    contiguous); returns [M, N] in x's dtype (`out`, with contiguous rows, when given)."""
     rows, k = x.shape
     n = weight.shape[0]
     if rows > GEMV_MAX_ROWS:
@@ -80,7 +83,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         x = x.contiguous()
     if weight.stride(1) != 1:
         raise ValueError("gemv needs weight rows contiguous in the input dim")
-    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((rows, n), dtype=x.dtype, device=x.device) if out is None else out
+    if y.stride(1) != 1:
+        raise ValueError("gemv writes rows contiguous in the output dim")
     if rows == 0:
         return y
     block_k = min(config.block_k, triton.next_power_of_2(k))
@@ -121,12 +126,14 @@ def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return best
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear`, through the GEMV kernel where it measured faster (CUDA, half precision,
-    at most GEMV_MAX_ROWS rows)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """`torch_ops.linear`, through the GEMV kernel where it measured faster (CUDA, half
+    precision, at most GEMV_MAX_ROWS rows)."""
     if (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_ROWS
-            and x.dtype in GEMV_DTYPES and weight.dtype == x.dtype and weight.stride(1) == 1):
+            and x.dtype in GEMV_DTYPES and weight.dtype == x.dtype and weight.stride(1) == 1
+            and (out is None or out.stride(1) == 1)):
         config = choose(x, weight, bias)
         if config is not None:
-            return gemv(x, weight, bias, config)
-    return F.linear(x, weight, bias)
+            return gemv(x, weight, bias, config, out)
+    return torch_linear(x, weight, bias, out)
