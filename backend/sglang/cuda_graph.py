@@ -49,7 +49,6 @@ KV_INDEX_SLACK = 4  # static KV index capacity, in multiples of the pool (shared
 DEFAULT_CAPTURE_BUDGET_S = 120.0
 
 
-
 class DecodeModel(Protocol):
     """The model a graph records: logits of every row, into `logits_out` when given."""
 
