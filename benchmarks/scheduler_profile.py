@@ -9,13 +9,17 @@ finished) with no forward at all, under cProfile. Printed: host milliseconds per
 mixed (prefill) steps apart from decode steps, and the functions that cost the most in each.
 On CUDA the engine overlaps this with the previous step's device time (overlap scheduling),
 so a step kind whose figure here approaches its device time is one the host holds back. The
-CPU slot-table gather (`torch.cat`) is this machine's stand-in for the CUDA kernel.
+CPU slot-table gather (`torch.cat`) is this machine's stand-in for the CUDA kernel. As in
+the engine, what exists before the first request (torch, the tables) is frozen out of the
+garbage collector's passes: without that, offline's mixed steps read ~60% higher here
+(12.4 against 7.6 ms).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import pstats
 import time
@@ -55,6 +59,9 @@ def main() -> None:
     config = Config(max_running_requests=256, chunked_prefill_size=args.chunked_prefill_size)
     scheduler = Scheduler(config, num_slots=1_000_000, device=torch.device("cpu"),
                           max_context_len=40960, cascade_min_prefix=args.cascade_min_prefix)
+    # as the engine does at start-up: what exists now is out of the collector's full passes
+    gc.collect()
+    gc.freeze()
     for index, request in enumerate(workload(args.workload, args.num_prompts)):
         params = SamplingParams(max_new_tokens=request.max_new_tokens, ignore_eos=True)
         scheduler.add(Req(rid=str(index), prompt_ids=request.prompt_ids, params=params,
