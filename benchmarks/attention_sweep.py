@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend.batch import prefix_heavy  # noqa: E402
 from backend.sglang.kernels.triton.decode_attention import (  # noqa: E402
-    choose_num_splits,
+    choose_long_block_splits,
     decode_attention,
 )
 from backend.sglang.kernels.triton.extend_attention import extend_attention  # noqa: E402
@@ -56,7 +56,7 @@ class Launch:
                 f"stages={self.num_stages or 'dflt'} splits x{self.split_factor}")
 
 
-DEFAULT = Launch(64, None, None, 1)
+DEFAULT = Launch(128, None, 2, 1)  # the engine's launch on cards with long-block memory
 
 
 def cases(rng: random.Random) -> list[Case]:
@@ -122,7 +122,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> list
     kv_indices = torch.arange(1, total + 1, dtype=torch.int32, device=device)
     q = torch.randn(len(case.seq_lens), args.q_heads, args.head_dim, dtype=dtype, device=device)
     nbytes = 2 * k_pool.element_size() * total * args.kv_heads * args.head_dim
-    base_splits = choose_num_splits(len(case.seq_lens), args.kv_heads, 40960, device)
+    base_splits = choose_long_block_splits(len(case.seq_lens), args.kv_heads, 40960, device)
     reference = decode_attention(q, k_pool, v_pool, kv_indptr, kv_indices, 0.088, base_splits)
     def call(launch: Launch) -> torch.Tensor:
         splits = min(32, base_splits * launch.split_factor)

@@ -19,7 +19,11 @@ from backend.sglang.kernels.triton.cascade_attention import (
     measure_shared_prefixes,
 )
 from backend.sglang.kernels.triton.common import has_long_block_smem
-from backend.sglang.kernels.triton.decode_attention import choose_num_splits, decode_attention
+from backend.sglang.kernels.triton.decode_attention import (
+    choose_long_block_splits,
+    choose_num_splits,
+    decode_attention,
+)
 from backend.sglang.kernels.triton.elementwise import (
     apply_rotary,
     qkv_prepare,
@@ -128,15 +132,13 @@ def _one_token_attention(
     rows = q.shape[0]
     block_n = _block_n(q)
     long_blocks = q.shape[-1] <= 128 and has_long_block_smem(q.device)
-    num_splits = choose_num_splits(rows, num_kv_heads, batch.max_single_seq_len, q.device)
     kv = (k_pool_layer, v_pool_layer, batch.kv_indptr, batch.kv_indices)
-    # large batches (one slice a row): twice the keys per step, measured 3-6% faster (H100)
-    whole_rows = num_splits == 1 and long_blocks
     if batch.cascade is not None:
+        num_splits = choose_num_splits(rows, num_kv_heads, batch.max_single_seq_len, q.device)
         # not for a mixed step's rows (req_ids): cascade needs a long shared prefix, so no
         # warm-up request reaches that variant with one slice, and it would compile in
         # traffic; a decode step's variant compiles while its graph bucket is captured
-        whole_suffix = whole_rows and req_ids is None
+        whole_suffix = num_splits == 1 and long_blocks and req_ids is None
         return cascade_decode_attention(
             q, *kv, batch.cascade, scale, num_splits,
             choose_prefix_splits(rows, q.shape[1], num_kv_heads, q.device),
@@ -144,9 +146,12 @@ def _one_token_attention(
             prefix_block_n=2 * block_n if long_blocks else block_n,
             req_ids=req_ids, suffix_stages=2 if whole_suffix else None,
         )
-    if whole_rows:
-        return decode_attention(q, *kv, scale, 1, block_n=2 * block_n, num_stages=2,
+    if long_blocks:  # twice the keys per step, in fewer programs (H100: BENCHMARKS.md)
+        num_splits = choose_long_block_splits(rows, num_kv_heads, batch.max_single_seq_len,
+                                              q.device)
+        return decode_attention(q, *kv, scale, num_splits, block_n=2 * block_n, num_stages=2,
                                 req_ids=req_ids)
+    num_splits = choose_num_splits(rows, num_kv_heads, batch.max_single_seq_len, q.device)
     return decode_attention(q, *kv, scale, num_splits, block_n=block_n, req_ids=req_ids)
 
 
