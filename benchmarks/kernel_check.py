@@ -344,6 +344,42 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def split_k_rows(
+    triton_ops: Any, s: Shapes, dtype: torch.dtype, device: torch.device, iters: int
+) -> list[Row]:
+    """o_proj and down_proj with the residual add + RMSNorm after them: torch against every
+    split-K launch shape (float32 partials the norm adds up), and against the triton set's
+    own `linear_into_norm` (split-K where its start-up measurement chose it, else cuBLAS)."""
+    from backend.sglang.kernels.triton.split_k import CANDIDATES, split_k_linear
+
+    shapes = {"o_proj": (s.hidden, s.q_heads * s.head_dim), "down_proj": (s.hidden, s.intermediate)}
+    rows = []
+    for rows_in in (4, 64):
+        for name, (out_features, in_features) in shapes.items():
+            x = torch.randn(rows_in, in_features, dtype=dtype, device=device)
+            weight = torch.randn(out_features, in_features, dtype=dtype, device=device) * 0.05
+            residual = torch.randn(rows_in, out_features, dtype=dtype, device=device)
+            norm_weight = 1.0 + 0.1 * torch.randn(out_features, dtype=dtype, device=device)
+            for config in (None, *CANDIDATES):
+                def call(ops: Any, config: Any = config, args: Any = (x, weight, residual,
+                                                                      norm_weight)) -> Any:
+                    x, weight, residual, norm_weight = args
+                    if ops is torch_ops or config is None:
+                        y = ops.linear_into_norm(x, weight, None)
+                    else:
+                        y = split_k_linear(x, weight, config)
+                    return ops.fused_add_rms_norm(y, residual, norm_weight, 1e-6)
+
+                label = "linear_into_norm" if config is None else (
+                    f"split-K m{config.block_m} n{config.block_n} k{config.block_k} "
+                    f"s{config.splits}")
+                row = compare(f"{name} + add_rms_norm", f"{rows_in}x{in_features}", call,
+                              torch_ops, triton_ops, device, iters)
+                rows.append(Row(f"{row.op} [{label}]", row.shape, row.torch_ms, row.triton_ms,
+                                row.max_err, row.ok))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -363,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = elementwise_rows(triton_ops, shapes, dtype, device, args.iters, kv_dtype)
     rows += attention_rows(triton_ops, shapes, dtype, device, args.iters, kv_dtype)
     rows += linear_rows(triton_ops, shapes, dtype, device, args.iters)
+    rows += split_k_rows(triton_ops, shapes, dtype, device, args.iters)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{name}, {args.dtype}, KV {kv_dtype}, {shapes}")
     print(table(rows))

@@ -210,6 +210,60 @@ def test_mixed_batch_matches_hf(runner_and_ref) -> None:
     torch.testing.assert_close(rest[0], hf_last_logits(model, full["mid"]), atol=ATOL, rtol=0)
 
 
+class SplitInputOps:
+    """The torch kernel set, except that `linear_into_norm` hands back its product as a
+    `SplitSum` of two partial products over halves of the input dim, as the CUDA set's
+    split-K layers do, so the layers' path for partial sums runs on the CPU."""
+
+    def __init__(self) -> None:
+        self.splits = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch_ops, name)
+
+    def linear_into_norm(self, x: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor | torch_ops.SplitSum:
+        if bias is not None:
+            return torch_ops.linear(x, weight, bias)
+        self.splits += 1
+        half = x.shape[1] // 2
+        partials = torch.stack([x[:, :half].float() @ weight[:, :half].float().t(),
+                                x[:, half:].float() @ weight[:, half:].float().t()])
+        return torch_ops.SplitSum(partials, x.dtype)
+
+
+def test_split_sums_between_layers_match_hf(tiny_model) -> None:
+    """With o_proj and down_proj handing partial sums to the norms after them (and to the
+    head's row selection of a mixed step), a mixed batch and a decode step still match
+    transformers."""
+    model, folder = tiny_model
+    runner = NativeRunner(folder, model.config, dtype=torch.float32, device=CPU,
+                          num_kv_slots=NUM_SLOTS)
+    split_ops = SplitInputOps()
+    for module in runner.model.modules():
+        if hasattr(module, "ops"):
+            setattr(module, "ops", split_ops)  # noqa: B010 - not an nn.Module attribute
+    full = {name: random_tokens(n, seed) for name, n, seed in
+            (("dec", 9, 21), ("fresh", 12, 22), ("chunk", 14, 23))}
+    requests = Requests.shuffled(5)
+    runner.forward(requests.step({"dec": full["dec"][:-1], "chunk": full["chunk"][:6]}))
+    logits = runner.forward(requests.step(
+        {"dec": full["dec"][-1:], "fresh": full["fresh"], "chunk": full["chunk"][6:]},
+        sample={"chunk": False}))
+    for row, name in enumerate(("dec", "fresh")):
+        torch.testing.assert_close(logits[row], hf_last_logits(model, full[name]), atol=ATOL,
+                                   rtol=0)
+    full["dec"] += [3]
+    full["fresh"] += [5]
+    decoded = runner.forward(requests.step({"dec": [3], "fresh": [5]}))
+    for row, name in enumerate(("dec", "fresh")):
+        torch.testing.assert_close(decoded[row], hf_last_logits(model, full[name]), atol=ATOL,
+                                   rtol=0)
+    decoder = runner.model.config
+    unbiased = (not decoder.o_bias) + (not decoder.mlp_bias)
+    assert split_ops.splits == 3 * unbiased * decoder.num_layers > 0
+
+
 def test_logits_into_a_buffer_equal_the_plain_head(runner_and_ref) -> None:
     """The LM head writing into a caller's buffer (the decode graphs' static logits), tied
     to the embeddings or not, gives bit for bit the logits it returns otherwise."""

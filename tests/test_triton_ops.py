@@ -418,6 +418,46 @@ def test_gemv_matches_linear(rows: int, out_features: int, in_features: int,
             _close(buffer, expected)
 
 
+@pytest.mark.parametrize(("rows", "out_features", "in_features"),
+                         [(1, 24, 96), (5, 40, 200), (20, 33, 130)])
+def test_split_k_partials_sum_to_the_linear(rows: int, out_features: int,
+                                            in_features: int) -> None:
+    """The split-K kernel's float32 partials add up to x W^T (ragged rows, columns and input
+    dim, several row and column blocks, a last slice shorter than the others), and the
+    fused add + norm that reads them gives the torch reference's result for the same sum."""
+    from backend.sglang.kernels.triton.norm import fused_add_rms_norm
+    from backend.sglang.kernels.triton.split_k import SplitConfig, split_k_linear
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _randn(rows, in_features, dtype=dtype, seed=31)
+        weight = _randn(out_features, in_features, dtype=dtype, seed=32)
+        residual = _randn(rows, out_features, dtype=dtype, seed=33)
+        norm_weight = _randn(out_features, dtype=dtype, seed=34)
+        exact = x.double() @ weight.double().t()
+        for config in (SplitConfig(16, 16, 16, 4, 4), SplitConfig(16, 32, 32, 3, 4)):
+            split = split_k_linear(x, weight, config)
+            assert split.partials.dtype == torch.float32 and split.shape == (rows, out_features)
+            assert split.partials.shape[0] > 1
+            torch.testing.assert_close(split.partials.sum(0).double(), exact, atol=1e-3,
+                                       rtol=1e-4)
+            out, new_residual = fused_add_rms_norm(split, residual, norm_weight, EPS)
+            ref_out, ref_residual = torch_ops.fused_add_rms_norm(split, residual, norm_weight,
+                                                                 EPS)
+            _close(out, ref_out)
+            _close(new_residual, ref_residual)
+            assert torch.equal(torch_ops.dense(split), split.total())
+
+
+def test_linear_into_norm_stays_plain_off_cuda(ops: ModuleType) -> None:
+    """On the CPU (and for float32, or rows past the limit) the triton set's
+    `linear_into_norm` is the plain matmul: split-K is only chosen by measuring on a GPU."""
+    x = _randn(3, 64, dtype=torch.bfloat16, seed=41)
+    weight = _randn(32, 64, dtype=torch.bfloat16, seed=42)
+    result = ops.linear_into_norm(x, weight, None)
+    assert isinstance(result, torch.Tensor)
+    assert torch.equal(result, torch_ops.linear(x, weight, None))
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_into_a_buffer_is_the_same_matmul(bias: bool) -> None:
     """`linear(..., out=)` (a decode graph's LM head writing into its static logits) gives

@@ -25,9 +25,14 @@ from transformers import PretrainedConfig
 from backend.batch import ForwardBatch
 from backend.kv_pool import KVPool
 from backend.sglang.kernels import KernelSet, torch_ops
+from backend.sglang.kernels.torch_ops import SplitSum, dense
 from backend.sglang.quant import QuantizedWeight, quantize_head_weight, quantize_weight
 
 logger = logging.getLogger(__name__)
+
+# what o_proj and down_proj hand to the residual add + RMSNorm after them: a tensor, or a
+# split-K layer's partial sums, which that norm adds up itself (kernels/triton/split_k.py)
+Hidden = torch.Tensor | SplitSum
 
 
 class UnsupportedModelError(ValueError):
@@ -124,7 +129,7 @@ class RMSNorm(nn.Module):
         return self.ops.rms_norm(x, self.weight, self.eps)
 
     def add_and_norm(
-        self, x: torch.Tensor, residual: torch.Tensor
+        self, x: Hidden, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
@@ -153,6 +158,13 @@ class Linear(nn.Module):
                 result.add_(self.bias)
             return result if out is None else out.copy_(result)
         return self.ops.linear(x, self.weight, self.bias, out)
+
+    def forward_into_norm(self, x: torch.Tensor) -> Hidden:
+        """`forward` for a result that only `RMSNorm.add_and_norm` reads: the kernel set may
+        leave it as partial sums (`KernelSet.linear_into_norm`)."""
+        if self.quantized is not None:
+            return self.forward(x)
+        return self.ops.linear_into_norm(x, self.weight, self.bias)
 
     def quantize(self, method: str, head: bool = False) -> None:
         """Pack the loaded weight (`int8` | `int4`); call once, after the weights are in.
@@ -261,8 +273,10 @@ class MLP(nn.Module):
         )
         self.down_proj = Linear(size, config.hidden_size, config.mlp_bias, ops, dtype, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj.forward(self.ops.silu_and_mul(self.gate_up_proj.forward(x)))
+    def forward(self, x: torch.Tensor) -> Hidden:
+        """The block's output, for the next residual add + RMSNorm (`Linear.forward_into_norm`)."""
+        return self.down_proj.forward_into_norm(
+            self.ops.silu_and_mul(self.gate_up_proj.forward(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -277,14 +291,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype, device)
         self.mlp = MLP(config, ops, dtype, device)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+    def forward(self, hidden: Hidden, residual: torch.Tensor | None,
                 positions: torch.Tensor, cos_sin_cache: torch.Tensor, batch: ForwardBatch,
-                kv_pool: KVPool) -> tuple[torch.Tensor, torch.Tensor]:
+                kv_pool: KVPool) -> tuple[Hidden, torch.Tensor]:
         q, residual = self.before_attention(hidden, residual, positions, cos_sin_cache,
                                             batch.out_slots, kv_pool)
         return self.after_attention(self.self_attn.attend(q, batch, kv_pool), residual)
 
-    def before_attention(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+    def before_attention(self, hidden: Hidden, residual: torch.Tensor | None,
                          positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                          out_slots: torch.Tensor, kv_pool: KVPool,
                          q_out: torch.Tensor | None = None
@@ -293,17 +307,17 @@ class DecoderLayer(nn.Module):
         residual). Shapes follow the token count only, so piecewise CUDA graphs capture
         it."""
         if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm.forward(hidden)
+            residual = dense(hidden)
+            normed = self.input_layernorm.forward(residual)
         else:
-            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
-        q = self.self_attn.prepare(hidden, positions, cos_sin_cache, out_slots, kv_pool, q_out)
+            normed, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        q = self.self_attn.prepare(normed, positions, cos_sin_cache, out_slots, kv_pool, q_out)
         return q, residual
 
     def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        ) -> tuple[Hidden, torch.Tensor]:
         """o_proj, the post-attention norm and the MLP: (hidden, residual)."""
-        hidden = self.self_attn.o_proj.forward(attn_out)
+        hidden = self.self_attn.o_proj.forward_into_norm(attn_out)
         hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
         return self.mlp.forward(hidden), residual
 
@@ -372,7 +386,7 @@ class CausalLM(nn.Module):
         """Logits [len(batch.logits_indices), vocab] of the rows that sample (`logits`),
         into `logits_out` when given."""
         self.ops.prepare_attention(batch)
-        hidden = self.model.embed_tokens.forward(input_ids)
+        hidden: Hidden = self.model.embed_tokens.forward(input_ids)
         residual: torch.Tensor | None = None
         for layer in self.model.layers:
             hidden, residual = layer.forward(hidden, residual, positions, self.cos_sin_cache,
@@ -381,12 +395,12 @@ class CausalLM(nn.Module):
         return self.head(hidden, residual, None if samples_every_row(batch)
                          else batch.logits_indices, logits_out)
 
-    def head(self, hidden: torch.Tensor, residual: torch.Tensor,
+    def head(self, hidden: Hidden, residual: torch.Tensor,
              rows: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the last layer's `rows` (all when None): final norm, LM head (into
         `out` when given)."""
         if rows is not None:
-            hidden, residual = hidden.index_select(0, rows), residual.index_select(0, rows)
+            hidden, residual = dense(hidden).index_select(0, rows), residual.index_select(0, rows)
         hidden, _ = self.model.norm.add_and_norm(hidden, residual)
         return self.logits(hidden, out)
 

@@ -41,7 +41,8 @@ import torch
 from backend.batch import ForwardBatch
 from backend.kv_pool import KVPool
 from backend.sglang.cuda_graph import choose_bucket
-from backend.sglang.layers import CausalLM, DecoderLayer
+from backend.sglang.kernels.torch_ops import dense
+from backend.sglang.layers import CausalLM, DecoderLayer, Hidden
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ class PiecewiseGraphRunner:
     def _piece(self, index: int, rows: int) -> None:
         """Piece `index` over the buffers' first `rows` rows (module docstring)."""
         model, buffers, layers = self.model, self.buffers, self.layers
+        hidden: Hidden
         if index == 0:
             hidden = model.model.embed_tokens.forward(buffers.input_ids[:rows])
             residual = None
@@ -149,7 +151,7 @@ class PiecewiseGraphRunner:
                 buffers.attn_out[:rows], buffers.residual[:rows])
         if index == len(layers):
             assert residual is not None
-            buffers.hidden[:rows].copy_(hidden)
+            buffers.hidden[:rows].copy_(dense(hidden))
             buffers.residual[:rows].copy_(residual)
             return
         _, residual = layers[index].before_attention(

@@ -15,6 +15,7 @@ from typing import Any, Protocol, cast
 import torch
 
 from backend.batch import ForwardBatch
+from backend.sglang.kernels.torch_ops import SplitSum
 
 KERNEL_SETS: dict[str, str] = {
     "torch": "backend.sglang.kernels.torch_ops",
@@ -30,7 +31,8 @@ class KernelSet(Protocol):
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
     def fused_add_rms_norm(
-        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+        self, x: torch.Tensor | SplitSum, residual: torch.Tensor, weight: torch.Tensor,
+        eps: float,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def build_rope_cache(
@@ -46,6 +48,11 @@ class KernelSet(Protocol):
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
+
+    def linear_into_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | SplitSum:
+        """`linear` whose result only `fused_add_rms_norm` reads (it may stay split)."""
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...
 

@@ -35,11 +35,38 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x.float(), shape, None, eps).to(x.dtype)
 
 
+@dataclass(frozen=True)
+class SplitSum:
+    """`sum(partials[s] for s in range(splits))` [rows, out] in `dtype`, not yet added up:
+    partials [splits, rows, out] float32."""
+
+    partials: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.partials.shape[1:]
+
+    @property
+    def device(self) -> torch.device:
+        return self.partials.device
+
+    def total(self) -> torch.Tensor:
+        """The sum as a plain tensor (rounded once, to `dtype`)."""
+        return self.partials.sum(dim=0).to(self.dtype)
+
+
+def dense(x: torch.Tensor | SplitSum) -> torch.Tensor:
+    """`x` as a plain tensor (a `SplitSum` added up)."""
+    return x.total() if isinstance(x, SplitSum) else x
+
+
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor | SplitSum, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return `(rms_norm(x + residual), x + residual)`."""
-    new_residual = residual + x
+    """Return `(rms_norm(x + residual), x + residual)` (x added up first when it is a
+    `SplitSum`)."""
+    new_residual = residual + dense(x)
     return rms_norm(new_residual, weight, eps), new_residual
 
 
@@ -52,6 +79,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if bias is None:
         return torch.mm(x, weight.t(), out=out)
     return torch.addmm(bias, x, weight.t(), out=out)
+
+
+def linear_into_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                     ) -> torch.Tensor | SplitSum:
+    """`linear` for a result that only `fused_add_rms_norm` reads (o_proj, down_proj): a
+    kernel set may return it as a `SplitSum`; here it is always the plain product."""
+    return linear(x, weight, bias)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -33,12 +33,14 @@ from backend.sglang.kernels.triton.elementwise import (
 from backend.sglang.kernels.triton.extend_attention import extend_attention
 from backend.sglang.kernels.triton.gemv import linear
 from backend.sglang.kernels.triton.norm import fused_add_rms_norm, rms_norm
+from backend.sglang.kernels.triton.split_k import linear_into_norm
 
 __all__ = [
     "apply_rotary",
     "build_rope_cache",
     "fused_add_rms_norm",
     "linear",
+    "linear_into_norm",
     "paged_attention",
     "prepare_attention",
     "qkv_prepare",

@@ -1,7 +1,9 @@
 """RMSNorm and fused residual-add + RMSNorm: one program per row, float32 math.
 
 Rounding follows torch_ops: the residual sum is rounded to its dtype before it is normalised,
-and the normalised row is rounded to the input dtype before the weight multiplies it.
+and the normalised row is rounded to the input dtype before the weight multiplies it. The
+fused add also takes its x as a `SplitSum` (a split-K linear layer's float32 partials): it
+adds them up itself, rounding the sum to the model dtype as the unsplit layer would have.
 """
 
 from __future__ import annotations
@@ -10,14 +12,17 @@ import torch
 import triton
 import triton.language as tl
 
+from backend.sglang.kernels.torch_ops import SplitSum
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     inner, stride_x_outer, stride_x_inner, stride_r_outer, stride_r_inner,
-    dim, eps,
+    dim, eps, stride_x_split,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     outer_idx = row // inner
@@ -25,7 +30,13 @@ def _rms_norm_kernel(
     offs = tl.arange(0, BLOCK_D)
     mask = offs < dim
     x_row = x_ptr + outer_idx * stride_x_outer + inner_idx * stride_x_inner
-    x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if SPLITS:  # float32 partial sums, added up and rounded as the unsplit layer's output
+        x = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for split in tl.static_range(SPLITS):
+            x += tl.load(x_row + split * stride_x_split + offs, mask=mask, other=0.0)
+        x = x.to(residual_out_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r_row = residual_ptr + outer_idx * stride_r_outer + inner_idx * stride_r_inner
         r = tl.load(r_row + offs, mask=mask, other=0.0).to(tl.float32)
@@ -56,12 +67,19 @@ def _rows_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 
 
 def _launch(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor | SplitSum, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     dim = x.shape[-1]
     if weight.shape != (dim,):
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match last dim {dim}")
-    x_rows, inner, stride_xo, stride_xi = _rows_view(x)
+    splits, stride_split = 0, 0
+    if isinstance(x, SplitSum):
+        if residual is None or x.partials.dim() != 3 or x.partials.stride(-1) != 1:
+            raise ValueError("a split sum is normalised with a residual, from [S, T, D] rows")
+        splits, stride_split = x.partials.shape[0], x.partials.stride(0)
+        x_rows, inner, stride_xo, stride_xi = x.partials, 1, x.partials.stride(1), 0
+    else:
+        x_rows, inner, stride_xo, stride_xi = _rows_view(x)
     residual_out: torch.Tensor | None = None
     normed_dtype = x.dtype
     r_rows, stride_ro, stride_ri = x_rows, 0, 0
@@ -78,9 +96,10 @@ def _launch(
         _rms_norm_kernel[(num_rows,)](
             x_rows, r_rows, weight, out, residual_out if residual_out is not None else out,
             inner, stride_xo, stride_xi, stride_ro, stride_ri,
-            dim, eps,
+            dim, eps, stride_split,
             HAS_RESIDUAL=residual is not None,
             BLOCK_D=triton.next_power_of_2(dim),
+            SPLITS=splits,
         )
     return out, residual_out
 
@@ -92,9 +111,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor | SplitSum, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return `(rms_norm(x + residual), x + residual)` from one kernel."""
+    """Return `(rms_norm(x + residual), x + residual)` from one kernel (x's partials added
+    up first when it is a `SplitSum`)."""
     out, residual_out = _launch(x, residual, weight, eps)
     assert residual_out is not None
     return out, residual_out
