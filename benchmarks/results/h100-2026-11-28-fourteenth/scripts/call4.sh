@@ -1,0 +1,16 @@
+#!/bin/bash
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl 2>/dev/null
+export PYTHONPATH=/tmp/site:.; root=$PWD; m=$root/.gpu/qwen3-dummy; t0=$(date +%s)
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+b() { timeout 150 python3 bench_suite.py $1 --model $m --load-format dummy --results-dir $OUT --skip-baseline 2>&1 | grep -E "SUMMARY|split-K" | cut -c1-200; }
+for r in 1 2; do
+  echo "base"; (cd .gpu/v_base && PYTHONPATH=/tmp/site:. b offline)
+  echo "new"; b offline
+  echo "base"; (cd .gpu/v_base && PYTHONPATH=/tmp/site:. b latency)
+  echo "new"; b latency
+  echo "t=$(( $(date +%s) - t0 ))"
+done
+echo "new"; b shared_prefix
+echo "t=$(( $(date +%s) - t0 ))"
+rm -f $OUT/*.png
