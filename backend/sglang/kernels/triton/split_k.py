@@ -155,7 +155,7 @@ def _measure(rows: int, weight: torch.Tensor) -> SplitConfig | None:
 def linear_into_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                      ) -> torch.Tensor | SplitSum:
     """`x W^T + b` for a result that only a fused residual-add + RMSNorm reads: split-K
-    partials where that measured faster (CUDA, half precision, no bias, at most
+    partials where that measured faster (CUDA, half precision, no bias, from
     SPLIT_K_MIN_ROWS to SPLIT_K_MAX_ROWS rows), else the plain linear (cuBLAS or the
     GEMV)."""
     if (bias is None and x.is_cuda and x.dim() == 2
