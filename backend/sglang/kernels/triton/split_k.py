@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -143,13 +144,29 @@ def _measure(rows: int, weight: torch.Tensor) -> SplitConfig | None:
         fused_add_rms_norm(y, residual, norm_weight, 1e-6)
 
     timings = {c: min(triton.testing.do_bench_cudagraph(lambda c=c: run(c), rep=5)
-                      for _ in range(2)) for c in (None, *CANDIDATES)}
+                      for _ in range(2)) for c in (None, *_launchable(CANDIDATES, run))}
     best = min(timings, key=lambda c: timings[c])
     if best is not None and timings[best] > (1 - _MIN_GAIN) * timings[None]:
         best = None  # a near tie: keep the plain linear, so the choice does not flip
     logger.debug("split-K linear %d x %s: %s (%.2f us; plain %.2f us)", rows,
                  tuple(weight.shape), best, timings[best] * 1000, timings[None] * 1000)
     return best
+
+
+def _launchable(configs: tuple[SplitConfig, ...], run: Callable[[SplitConfig], None]
+                ) -> list[SplitConfig]:
+    """The configs whose kernel compiles and runs on this card (a smaller one may lack the
+    shared memory for a tile shape); each is run once, eagerly, before any timing graph."""
+    usable = []
+    for config in configs:
+        try:
+            run(config)
+        except Exception as exc:  # noqa: BLE001 - Triton's resource errors vary by version
+            logger.info("split-K %s does not run here (%s): skipped", config,
+                        type(exc).__name__)
+            continue
+        usable.append(config)
+    return usable
 
 
 def linear_into_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
