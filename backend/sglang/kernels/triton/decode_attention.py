@@ -37,10 +37,11 @@ _MAX_SPLITS = 32
 # 2.3 us at 4 rows and 32 slices)
 MERGE_CHUNKS = (8, 32)
 PROGRAMS_PER_SM = 8
-# 128-key blocks in two stages (`long blocks`) fill a multiprocessor's shared memory, one
-# program at a time: rows alone that give every multiprocessor one and a half programs or more
-# want no slices (H100, offline lengths: 32-128 rows 4-11% faster with one slice than with
-# 2-5), fewer rows about four slices per multiprocessor (16 rows: 3-6 slices best)
+# 128-key blocks in two stages (`long blocks`; 40 KiB of shared memory a program for sm_90):
+# measured on an H100 over the offline workload's lengths, rows alone that give every
+# multiprocessor one and a half programs or more want no slices (32-128 rows 4-11% faster
+# with one slice than with 2-5: no merge, no float32 partials), fewer rows about four
+# programs per multiprocessor (16 rows: 3-6 slices best)
 LONG_BLOCK_PROGRAMS_PER_SM = 4
 LONG_BLOCK_WHOLE_ROW_WAVES = 1.5
 
