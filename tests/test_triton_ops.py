@@ -448,6 +448,17 @@ def test_split_k_partials_sum_to_the_linear(rows: int, out_features: int,
             assert torch.equal(torch_ops.dense(split), split.total())
 
 
+def test_measured_choice_keeps_the_library_on_a_near_tie() -> None:
+    """The start-up choices (GEMV, split-K) take a kernel only when it beats the library's
+    own call (None) by the margin asked for."""
+    from backend.sglang.kernels.triton.gemv import fastest
+
+    assert fastest({None: 10.0, "a": 8.0, "b": 9.0}, 0.1) == "a"
+    assert fastest({None: 10.0, "a": 9.5}, 0.1) is None
+    assert fastest({None: 10.0, "a": 9.5}, 0.01) == "a"
+    assert fastest({None: 7.0, "a": 8.0}, 0.0) is None
+
+
 def test_linear_into_norm_stays_plain_off_cuda(ops: ModuleType) -> None:
     """On the CPU (and for float32, or rows past the limit) the triton set's
     `linear_into_norm` is the plain matmul: split-K is only chosen by measuring on a GPU."""

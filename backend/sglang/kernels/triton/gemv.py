@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ import triton.language as tl
 from backend.sglang.kernels.torch_ops import linear as torch_linear
 
 logger = logging.getLogger(__name__)
+_C = TypeVar("_C")
 
 GEMV_MAX_ROWS = 2  # at 4 rows cuBLAS measured faster on an H100 for every decoder shape
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
@@ -99,6 +101,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y
 
 
+def fastest(timings: dict[_C | None, float], min_gain: float) -> _C | None:
+    """The fastest entry of `timings`, unless it beats None (the library's own call) by less
+    than `min_gain` of None's time: a near tie keeps None, so choices do not flip run to
+    run."""
+    best = min(timings, key=lambda c: timings[c])
+    if best is not None and timings[best] > (1 - min_gain) * timings[None]:
+        return None
+    return best
+
+
 def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
            ) -> GemvConfig | None:
     """The kernel shape that beats cuBLAS for this call's sizes, or None (use cuBLAS).
@@ -117,9 +129,7 @@ def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     for config in CANDIDATES:
         timings[config] = triton.testing.do_bench(lambda c=config: gemv(x, weight, bias, c),
                                                   warmup=5, rep=20)
-    best = min(timings, key=lambda c: timings[c])
-    if best is not None and timings[best] > (1 - _MIN_GAIN) * timings[None]:
-        best = None  # a near tie: keep cuBLAS, so the choice does not flip run to run
+    best = fastest(timings, _MIN_GAIN)
     logger.debug("linear %s: %s (%.2f us; cuBLAS %.2f us)", key[:3], best,
                  timings[best] * 1000, timings[None] * 1000)
     _CHOICE[key] = best

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from backend.sglang.kernels.torch_ops import SplitSum
 from backend.sglang.kernels.triton.common import dot_precision, mma, upcast_dots
-from backend.sglang.kernels.triton.gemv import GEMV_MAX_ROWS
+from backend.sglang.kernels.triton.gemv import GEMV_MAX_ROWS, fastest
 from backend.sglang.kernels.triton.gemv import linear as gemv_linear
 
 logger = logging.getLogger(__name__)
@@ -145,9 +145,7 @@ def _measure(rows: int, weight: torch.Tensor) -> SplitConfig | None:
 
     timings = {c: min(triton.testing.do_bench_cudagraph(lambda c=c: run(c), rep=5)
                       for _ in range(2)) for c in (None, *_launchable(CANDIDATES, run))}
-    best = min(timings, key=lambda c: timings[c])
-    if best is not None and timings[best] > (1 - _MIN_GAIN) * timings[None]:
-        best = None  # a near tie: keep the plain linear, so the choice does not flip
+    best = fastest(timings, _MIN_GAIN)
     logger.debug("split-K linear %d x %s: %s (%.2f us; plain %.2f us)", rows,
                  tuple(weight.shape), best, timings[best] * 1000, timings[None] * 1000)
     return best
