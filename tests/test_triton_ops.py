@@ -459,6 +459,24 @@ def test_measured_choice_keeps_the_library_on_a_near_tie() -> None:
     assert fastest({None: 7.0, "a": 8.0}, 0.0) is None
 
 
+def test_timing_copies_make_the_weights_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start-up timing cycles through copies of the weight that add up to STREAM_BYTES
+    (more than a card's L2), each its own memory with the same values; a weight that large
+    already is used alone."""
+    from backend.sglang.kernels.triton import timing
+
+    monkeypatch.setattr(timing, "STREAM_BYTES", 4096)
+    small = _randn(16, 16, dtype=torch.bfloat16, seed=43)  # 512 bytes
+    copies = timing.weight_copies(small)
+    assert len(copies) == 8 and copies[0] is small
+    assert len({c.data_ptr() for c in copies}) == 8
+    assert all(torch.equal(c, small) for c in copies)
+    monkeypatch.setattr(timing, "MAX_COPIES", 5)
+    assert len(timing.weight_copies(small)) == 5
+    large = _randn(64, 64, dtype=torch.bfloat16, seed=44)  # 8 KiB
+    assert timing.weight_copies(large) == [large]
+
+
 def test_linear_into_norm_stays_plain_off_cuda(ops: ModuleType) -> None:
     """On the CPU (and for float32, or rows past the limit) the triton set's
     `linear_into_norm` is the plain matmul: split-K is only chosen by measuring on a GPU."""

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import triton
@@ -29,6 +30,7 @@ from backend.sglang.kernels.torch_ops import SplitSum
 from backend.sglang.kernels.triton.common import dot_precision, mma, upcast_dots
 from backend.sglang.kernels.triton.gemv import GEMV_MAX_ROWS, fastest
 from backend.sglang.kernels.triton.gemv import linear as gemv_linear
+from backend.sglang.kernels.triton.timing import streamed_timings
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ def split_k_linear(x: torch.Tensor, weight: torch.Tensor, config: SplitConfig) -
 def choose(x: torch.Tensor, weight: torch.Tensor) -> SplitConfig | None:
     """The launch shape that beats the plain linear for x's row bucket (the next of
     ROW_BUCKETS), or None (use the plain one). The first call for a weight shape measures
-    every bucket (CUDA-graph replays: Triton's slower launches would otherwise decide); while
+    every bucket (as timing.py says: Triton's slower launches would otherwise decide); while
     a CUDA graph is being captured nothing can be timed, so an unmeasured shape takes the
     plain linear there."""
     def key(rows: int) -> tuple[int, int, int, torch.dtype, torch.device]:
@@ -129,22 +131,21 @@ def choose(x: torch.Tensor, weight: torch.Tensor) -> SplitConfig | None:
 
 
 def _measure(rows: int, weight: torch.Tensor) -> SplitConfig | None:
-    """The fastest of the plain linear (cuBLAS) and CANDIDATES at `rows` rows,
-    each followed by the residual add + RMSNorm that reads its output; the best of two
-    timings each."""
+    """The fastest of the plain linear (cuBLAS) and CANDIDATES at `rows` rows, each
+    followed by the residual add + RMSNorm that reads its output (timed as timing.py
+    says)."""
     from backend.sglang.kernels.triton.norm import fused_add_rms_norm
 
     x = torch.randn((rows, weight.shape[1]), dtype=weight.dtype, device=weight.device)
     residual = torch.randn((rows, weight.shape[0]), dtype=weight.dtype, device=weight.device)
     norm_weight = torch.ones(weight.shape[0], dtype=weight.dtype, device=weight.device)
 
-    def run(config: SplitConfig | None) -> None:
-        y = gemv_linear(x, weight, None) if config is None else split_k_linear(x, weight,
-                                                                              config)
+    def run(config: SplitConfig | None, w: torch.Tensor) -> None:
+        y = gemv_linear(x, w, None) if config is None else split_k_linear(x, w, config)
         fused_add_rms_norm(y, residual, norm_weight, 1e-6)
 
-    timings = {c: min(triton.testing.do_bench_cudagraph(lambda c=c: run(c), rep=5)
-                      for _ in range(2)) for c in (None, *_launchable(CANDIDATES, run))}
+    configs = (None, *_launchable(CANDIDATES, lambda c: run(c, weight)))
+    timings = streamed_timings(weight, {c: partial(run, c) for c in configs})
     best = fastest(timings, _MIN_GAIN)
     logger.debug("split-K linear %d x %s: %s (%.2f us; plain %.2f us)", rows,
                  tuple(weight.shape), best, timings[best] * 1000, timings[None] * 1000)
