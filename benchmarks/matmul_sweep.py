@@ -8,7 +8,8 @@ grid of column blocks, K chunks and warps, and for o_proj and down_proj the spli
 (`kernels/triton/split_k.py`) over its tile shapes and slice counts, each followed by the
 residual add + RMSNorm that reads its output (as in the model), against cuBLAS. Times are
 the start-up choices' own (`kernels/triton/timing.py`): CUDA-graph replays cycling through
-128 MiB of weight copies, so the weights stream from memory and no Python launch is timed.
+up to 128 MiB of weight copies, so the weights stream from memory and no Python launch is
+timed. The bandwidth column counts the weight bytes only.
 The table says which candidates are worth the start-up's time (gemv.CANDIDATES,
 split_k.CANDIDATES) and from how many rows cuBLAS wins.
 """
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend.sglang.kernels.triton import gemv as gemv_module  # noqa: E402
+from backend.sglang.kernels.triton import split_k  # noqa: E402
 from backend.sglang.kernels.triton.gemv import GemvConfig, gemv  # noqa: E402
 from backend.sglang.kernels.triton.norm import fused_add_rms_norm  # noqa: E402
 from backend.sglang.kernels.triton.split_k import SplitConfig, split_k_linear  # noqa: E402
@@ -42,9 +44,13 @@ def gemv_configs() -> list[GemvConfig]:
     return [GemvConfig(n, k, warps) for n in (1, 2, 4, 8) for k, warps in shapes]
 
 
-def split_configs() -> list[SplitConfig]:
-    return [SplitConfig(16, n, k, splits, 4) for n, k, splits in
+def split_configs(rows: int) -> list[SplitConfig]:
+    """A grid of tile shapes and slice counts (64-row tiles past 16 rows), plus the
+    engine's own candidates."""
+    block_m = 16 if rows <= 16 else 64
+    grid = [SplitConfig(block_m, n, k, splits, 4) for n, k, splits in
             itertools.product((16, 32, 64), (64, 128, 256), (2, 4, 8))]
+    return list(dict.fromkeys([*split_k.CANDIDATES, *grid]))
 
 
 def matmul_runs(x: torch.Tensor, out_features: int, into_norm: bool) -> dict[str, Run]:
@@ -66,8 +72,9 @@ def matmul_runs(x: torch.Tensor, out_features: int, into_norm: bool) -> dict[str
             runs[f"gemv n{config.block_n} k{config.block_k} w{config.num_warps}"] = wrap(
                 partial(gemv, x, bias=None, config=config))
     if into_norm:
-        for split in split_configs():
-            runs[f"split-K n{split.block_n} k{split.block_k} s{split.splits}"] = wrap(
+        for split in split_configs(rows):
+            runs[f"split-K m{split.block_m} n{split.block_n} k{split.block_k} "
+                 f"s{split.splits}"] = wrap(
                 partial(split_k_linear, x, config=split))
     return runs
 
@@ -96,7 +103,7 @@ def sweep(name: str, out_features: int, in_features: int, rows: int, into_norm: 
     mbytes = weight.nbytes / 1e6
     cublas = timings["cuBLAS"]
     lines = [f"{name:8s} {rows:3d} rows  {'cuBLAS':32s} {cublas * 1e3:6.2f} us "
-             f"{mbytes / cublas / 1e3:5.2f} TB/s"]
+             f"{mbytes / cublas / 1e3:5.2f} TB/s of weights"]
     for label, ms in sorted(timings.items(), key=lambda item: item[1])[:top]:
         lines.append(f"{'':18s}{label:32s} {ms * 1e3:6.2f} us {mbytes / ms / 1e3:5.2f} TB/s "
                      f"{cublas / ms:5.2f}x")

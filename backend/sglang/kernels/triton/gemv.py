@@ -131,7 +131,12 @@ def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     runs: dict[GemvConfig | None, Callable[[torch.Tensor], object]] = {
         None: partial(F.linear, x, bias=bias)}
     runs.update({config: partial(gemv, x, bias=bias, config=config) for config in CANDIDATES})
-    timings = streamed_timings(weight, runs)
+    try:
+        timings = streamed_timings(weight, runs)
+    except RuntimeError as exc:  # a failed timing costs speed, never the start-up
+        logger.warning("linear %s: timing failed (%s); cuBLAS", key[:3], exc)
+        _CHOICE[key] = None
+        return None
     best = fastest(timings, _MIN_GAIN)
     logger.info("linear %s: %s (%.2f us; cuBLAS %.2f us)", key[:3], best or "cuBLAS",
                 timings[best] * 1000, timings[None] * 1000)

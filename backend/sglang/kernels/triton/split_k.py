@@ -110,7 +110,7 @@ def split_k_linear(x: torch.Tensor, weight: torch.Tensor, config: SplitConfig) -
 def choose(x: torch.Tensor, weight: torch.Tensor) -> SplitConfig | None:
     """The launch shape that beats the plain linear for x's row bucket (the next of
     ROW_BUCKETS), or None (use the plain one). The first call for a weight shape measures
-    every bucket (as timing.py says: Triton's slower launches would otherwise decide); while
+    every bucket (CUDA-graph replays over streamed weight copies, timing.py); while
     a CUDA graph is being captured nothing can be timed, so an unmeasured shape takes the
     plain linear there."""
     def key(rows: int) -> tuple[int, int, int, torch.dtype, torch.device]:
@@ -145,7 +145,12 @@ def _measure(rows: int, weight: torch.Tensor) -> SplitConfig | None:
         fused_add_rms_norm(y, residual, norm_weight, 1e-6)
 
     configs = (None, *_launchable(CANDIDATES, lambda c: run(c, weight)))
-    timings = streamed_timings(weight, {c: partial(run, c) for c in configs})
+    try:
+        timings = streamed_timings(weight, {c: partial(run, c) for c in configs})
+    except RuntimeError as exc:  # a failed timing costs speed, never the start-up
+        logger.warning("split-K linear %d x %s: timing failed (%s); plain linear", rows,
+                       tuple(weight.shape), exc)
+        return None
     best = fastest(timings, _MIN_GAIN)
     logger.debug("split-K linear %d x %s: %s (%.2f us; plain %.2f us)", rows,
                  tuple(weight.shape), best, timings[best] * 1000, timings[None] * 1000)
