@@ -6,9 +6,10 @@ owns BLOCK_I columns of the intermediate: it computes their gate and up values f
 rows of the gate/up weight, gates them, and multiplies them straight into its BLOCK_I
 columns of the down weight, adding that part of the output into a float32 buffer with
 atomics. The intermediate never leaves the program, so no program waits for another and
-the layer is one launch that streams both weights once. The output is a one-slice
-`SplitSum` for the fused residual-add + RMSNorm after it to read (the order of the atomic
-adds varies, so the last bits of the sum may differ from run to run).
+the layer is one kernel (after a memset of the output) that streams both weights once.
+The output is a one-slice `SplitSum` for the fused residual-add + RMSNorm after it to read
+(the order of the atomic adds varies, so the last bits of the sum may differ from run to
+run).
 
 Not yet chosen by the engine: `benchmarks/matmul_sweep.py --mlp` times it against the three
 launches, as the start-up choices time kernels.
