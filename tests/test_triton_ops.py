@@ -452,10 +452,11 @@ def test_split_k_partials_sum_to_the_linear(rows: int, out_features: int,
                          [(1, 64, 48, 40), (3, 96, 40, 24), (4, 80, 64, 64)])
 def test_fused_mlp_is_the_gated_mlp(rows: int, hidden: int, intermediate: int,
                                     out_features: int) -> None:
-    """One kernel for gate/up, SiLU-and-mul and down: its one-slice float32 sum is the
-    three-op MLP's (the gated activations rounded to the input dtype, as that path stores
-    them), with ragged intermediate and output dims over one and several chunks of each,
-    and the fused add + norm reads it as the torch reference does."""
+    """One kernel for gate/up, SiLU-and-mul and down: its one-slice float32 sum is close
+    to the three-op MLP's (the gated activations rounded to the input dtype, as that path
+    stores them), with ragged intermediate and output dims over one and several chunks of
+    each; the fused add + norm reads it as the torch reference does; shapes that do not
+    chain are refused."""
     from backend.sglang.kernels.triton.fused_mlp import MlpConfig, fused_mlp
     from backend.sglang.kernels.triton.norm import fused_add_rms_norm
 
@@ -472,7 +473,7 @@ def test_fused_mlp_is_the_gated_mlp(rows: int, hidden: int, intermediate: int,
             result = fused_mlp(x, gate_up, down, config)
             assert result.partials.shape == (1, rows, out_features)
             # bf16: Triton's interpreter rounds the gated values to bf16 toward zero (a GPU
-            # rounds to nearest), so each may be one bf16 step (0.4%) smaller
+            # rounds to nearest), so each may be one bf16 step (0.4-0.8%) smaller
             tolerance = 1e-4 if dtype == torch.float32 else 5e-2
             torch.testing.assert_close(result.partials[0].double(), exact, atol=tolerance,
                                        rtol=tolerance)
@@ -481,6 +482,12 @@ def test_fused_mlp_is_the_gated_mlp(rows: int, hidden: int, intermediate: int,
                                                                  norm_weight, EPS)
             _close(out, ref_out)
             _close(new_residual, ref_residual)
+    x = _randn(rows, hidden, dtype=torch.bfloat16, seed=56)
+    gate_up = _randn(2 * intermediate, hidden, dtype=torch.bfloat16, seed=57)
+    with pytest.raises(ValueError, match="do not chain"):
+        fused_mlp(x, gate_up, _randn(out_features, intermediate + 1, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="one dtype"):
+        fused_mlp(x, gate_up, _randn(out_features, intermediate, dtype=torch.float32))
 
 
 def test_measured_choice_keeps_the_library_on_a_near_tie() -> None:
