@@ -493,7 +493,7 @@ def test_fused_mlp_is_the_gated_mlp(rows: int, hidden: int, intermediate: int,
 def test_measured_choice_keeps_the_library_on_a_near_tie() -> None:
     """The start-up choices (GEMV, split-K) take a kernel only when it beats the library's
     own call (None) by the margin asked for."""
-    from backend.sglang.kernels.triton.gemv import fastest
+    from backend.sglang.kernels.triton.timing import fastest
 
     assert fastest({None: 10.0, "a": 8.0, "b": 9.0}, 0.1) == "a"
     assert fastest({None: 10.0, "a": 9.5}, 0.1) is None

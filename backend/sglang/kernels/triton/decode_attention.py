@@ -143,14 +143,13 @@ def multiprocessor_count(device: torch.device) -> int:
 
 def choose_num_splits(
     batch_size: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
-    programs_per_sm: int | None = None,
+    programs_per_sm: int = PROGRAMS_PER_SM,
 ) -> int:
-    """Enough slices to give every multiprocessor about `programs_per_sm` programs
-    (PROGRAMS_PER_SM by default: each streams its slice's keys one block at a time, so
-    bandwidth needs several in flight per multiprocessor), none of them tiny."""
-    per_sm = PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
+    """Enough slices to give every multiprocessor about `programs_per_sm` programs (each
+    streams its slice's keys one block at a time, so bandwidth needs several in flight per
+    multiprocessor), none of them tiny."""
     programs = batch_size * num_kv_heads
-    wanted = triton.cdiv(per_sm * multiprocessor_count(device), max(programs, 1))
+    wanted = triton.cdiv(programs_per_sm * multiprocessor_count(device), max(programs, 1))
     by_length = triton.cdiv(max_seq_len, _MIN_SPLIT_TOKENS)
     return max(1, min(wanted, by_length, _MAX_SPLITS))
 

@@ -19,7 +19,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +26,9 @@ import triton
 import triton.language as tl
 
 from backend.sglang.kernels.torch_ops import linear as torch_linear
-from backend.sglang.kernels.triton.timing import streamed_timings
+from backend.sglang.kernels.triton.timing import measured_choice
 
 logger = logging.getLogger(__name__)
-_C = TypeVar("_C")
 
 GEMV_MAX_ROWS = 2  # at 4 rows cuBLAS measured faster on an H100 for every decoder shape
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
@@ -106,16 +104,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y
 
 
-def fastest(timings: dict[_C | None, float], min_gain: float) -> _C | None:
-    """The fastest entry of `timings`, unless it beats None (the library's own call) by less
-    than `min_gain` of None's time: a near tie keeps None, so choices do not flip run to
-    run."""
-    best = min(timings, key=lambda c: timings[c])
-    if best is not None and timings[best] > (1 - min_gain) * timings[None]:
-        return None
-    return best
-
-
 def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
            ) -> GemvConfig | None:
     """The kernel shape that beats cuBLAS for this call's sizes, or None (use cuBLAS).
@@ -131,15 +119,8 @@ def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     runs: dict[GemvConfig | None, Callable[[torch.Tensor], object]] = {
         None: partial(F.linear, x, bias=bias)}
     runs.update({config: partial(gemv, x, bias=bias, config=config) for config in CANDIDATES})
-    try:
-        timings = streamed_timings(weight, runs)
-    except RuntimeError as exc:  # a failed timing costs speed, never the start-up
-        logger.warning("linear %s: timing failed (%s); cuBLAS", key[:3], exc)
-        _CHOICE[key] = None
-        return None
-    best = fastest(timings, _MIN_GAIN)
-    logger.info("linear %s: %s (%.2f us; cuBLAS %.2f us)", key[:3], best or "cuBLAS",
-                timings[best] * 1000, timings[None] * 1000)
+    best = measured_choice(weight, runs, _MIN_GAIN, f"linear {key[:3]}, GEMV against cuBLAS",
+                           logging.INFO)
     _CHOICE[key] = best
     return best
 

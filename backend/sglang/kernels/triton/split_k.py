@@ -28,9 +28,9 @@ import triton.language as tl
 
 from backend.sglang.kernels.torch_ops import SplitSum
 from backend.sglang.kernels.triton.common import dot_precision, mma, upcast_dots
-from backend.sglang.kernels.triton.gemv import GEMV_MAX_ROWS, fastest
+from backend.sglang.kernels.triton.gemv import GEMV_MAX_ROWS
 from backend.sglang.kernels.triton.gemv import linear as gemv_linear
-from backend.sglang.kernels.triton.timing import streamed_timings
+from backend.sglang.kernels.triton.timing import measured_choice
 
 logger = logging.getLogger(__name__)
 
@@ -145,16 +145,8 @@ def _measure(rows: int, weight: torch.Tensor) -> SplitConfig | None:
         fused_add_rms_norm(y, residual, norm_weight, 1e-6)
 
     configs = (None, *_launchable(CANDIDATES, lambda c: run(c, weight)))
-    try:
-        timings = streamed_timings(weight, {c: partial(run, c) for c in configs})
-    except RuntimeError as exc:  # a failed timing costs speed, never the start-up
-        logger.warning("split-K linear %d x %s: timing failed (%s); plain linear", rows,
-                       tuple(weight.shape), exc)
-        return None
-    best = fastest(timings, _MIN_GAIN)
-    logger.debug("split-K linear %d x %s: %s (%.2f us; plain %.2f us)", rows,
-                 tuple(weight.shape), best, timings[best] * 1000, timings[None] * 1000)
-    return best
+    return measured_choice(weight, {c: partial(run, c) for c in configs}, _MIN_GAIN,
+                           f"split-K linear {rows} x {tuple(weight.shape)}")
 
 
 def _launchable(configs: tuple[SplitConfig, ...], run: Callable[[SplitConfig], None]

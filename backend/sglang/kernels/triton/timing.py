@@ -14,10 +14,13 @@ engines on several GPUs in one process each time on their own card.
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 STREAM_BYTES = 128 << 20  # the weight copies of one timing: more than the L2 of any card here
 MAX_COPIES = 256  # SmolLM2-135M's smallest matmul (576 x 576) takes 203
@@ -86,3 +89,30 @@ def streamed_timings(weight: torch.Tensor, runs: Mapping[_K, Callable[[torch.Ten
     finally:
         del copies
         torch.cuda.empty_cache()
+
+
+def fastest(timings: Mapping[_K | None, float], min_gain: float) -> _K | None:
+    """The fastest entry of `timings`, unless it beats None (the plain call: cuBLAS, or the
+    GEMV where that won) by less than `min_gain` of None's time: a near tie keeps None, so
+    choices do not flip run to run."""
+    best = min(timings, key=lambda c: timings[c])
+    if best is not None and timings[best] > (1 - min_gain) * timings[None]:
+        return None
+    return best
+
+
+def measured_choice(weight: torch.Tensor,
+                    runs: Mapping[_K | None, Callable[[torch.Tensor], object]],
+                    min_gain: float, label: str, level: int = logging.DEBUG) -> _K | None:
+    """The start-up choice among `runs` (None: the plain call): `fastest` of their
+    `streamed_timings`, logged at `level`. A timing that fails costs speed, never the
+    start-up: it leaves the plain call."""
+    try:
+        timings = streamed_timings(weight, runs)
+    except RuntimeError as exc:
+        logger.warning("%s: timing failed (%s); the plain call", label, exc)
+        return None
+    best = fastest(timings, min_gain)
+    logger.log(level, "%s: %s (%.2f us; plain %.2f us)", label, best or "plain",
+               timings[best] * 1000, timings[None] * 1000)
+    return best
