@@ -9,7 +9,7 @@
 #     --platform manylinux2014_x86_64 -d .gpu/whl pytest pluggy iniconfig pytest-timeout \
 #     diffusers importlib_metadata     # diffusers for `image`
 # Usage: benchmarks/gpu_check.sh [kernels] [equivalence] [bf16] [latency] [offline] [shared_prefix]
-#        [sweep] [matmul] [mlp] [timeline] [pool] [image] [fp8] [piecewise]
+#        [sweep] [matmul] [timeline] [pool] [image] [fp8] [piecewise]
 # `image` runs model_configs/z-image-turbo (the pipeline's architecture, no weights: they are
 # random, --load-format dummy) with the carried tokenizer standing in for Qwen's.
 # `fp8` runs the kernel checks, the bf16 agreement and the three workloads with K/V in 8 bits
@@ -49,8 +49,6 @@ for step in $steps; do
       python3 -m benchmarks.attention_sweep --extend 2>&1 | tee "$OUT/sweep-extend.txt" ;;
     matmul)
       python3 -m benchmarks.matmul_sweep 2>&1 | tee "$OUT/sweep-matmul.txt" ;;
-    mlp)
-      python3 -m benchmarks.matmul_sweep --mlp 2>&1 | tee "$OUT/sweep-mlp.txt" ;;
     timeline)
       for workload in offline shared_prefix; do
         python3 -m benchmarks.step_timeline --workload $workload --model "$model" \

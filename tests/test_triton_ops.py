@@ -448,48 +448,6 @@ def test_split_k_partials_sum_to_the_linear(rows: int, out_features: int,
             assert torch.equal(torch_ops.dense(split), split.total())
 
 
-@pytest.mark.parametrize(("rows", "hidden", "intermediate", "out_features"),
-                         [(1, 64, 48, 40), (3, 96, 40, 24), (4, 80, 64, 64)])
-def test_fused_mlp_is_the_gated_mlp(rows: int, hidden: int, intermediate: int,
-                                    out_features: int) -> None:
-    """One kernel for gate/up, SiLU-and-mul and down: its one-slice float32 sum is close
-    to the three-op MLP's (the gated activations rounded to the input dtype, as that path
-    stores them), with ragged intermediate and output dims over one and several chunks of
-    each; the fused add + norm reads it as the torch reference does; shapes that do not
-    chain are refused."""
-    from backend.sglang.kernels.triton.fused_mlp import MlpConfig, fused_mlp
-    from backend.sglang.kernels.triton.norm import fused_add_rms_norm
-
-    for dtype in (torch.float32, torch.bfloat16):
-        x = _randn(rows, hidden, dtype=dtype, seed=51)
-        gate_up = _randn(2 * intermediate, hidden, dtype=dtype, seed=52) * 0.2
-        down = _randn(out_features, intermediate, dtype=dtype, seed=53) * 0.2
-        residual = _randn(rows, out_features, dtype=dtype, seed=54)
-        norm_weight = _randn(out_features, dtype=dtype, seed=55)
-        projected = (x.double() @ gate_up.double().t()).float()
-        act = torch_ops.silu_and_mul(projected).to(dtype)
-        exact = act.double() @ down.double().t()
-        for config in (MlpConfig(16, 32, 16, 4), MlpConfig(8, 64, 64, 2)):
-            result = fused_mlp(x, gate_up, down, config)
-            assert result.partials.shape == (1, rows, out_features)
-            # bf16: Triton's interpreter rounds the gated values to bf16 toward zero (a GPU
-            # rounds to nearest), so each may be one bf16 step (0.4-0.8%) smaller
-            tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-            torch.testing.assert_close(result.partials[0].double(), exact, atol=tolerance,
-                                       rtol=tolerance)
-            out, new_residual = fused_add_rms_norm(result, residual, norm_weight, EPS)
-            ref_out, ref_residual = torch_ops.fused_add_rms_norm(result, residual,
-                                                                 norm_weight, EPS)
-            _close(out, ref_out)
-            _close(new_residual, ref_residual)
-    x = _randn(rows, hidden, dtype=torch.bfloat16, seed=56)
-    gate_up = _randn(2 * intermediate, hidden, dtype=torch.bfloat16, seed=57)
-    with pytest.raises(ValueError, match="do not chain"):
-        fused_mlp(x, gate_up, _randn(out_features, intermediate + 1, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="one dtype"):
-        fused_mlp(x, gate_up, _randn(out_features, intermediate, dtype=torch.float32))
-
-
 def test_measured_choice_keeps_the_library_on_a_near_tie() -> None:
     """The start-up choices (GEMV, split-K) take a kernel only when it beats the library's
     own call (None) by the margin asked for."""
