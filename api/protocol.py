@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.request import Usage
 from engine.sampling_params import InvalidRequestError
 
 SEED_MIN = -(2**63)
@@ -186,10 +185,6 @@ class UsageInfo(BaseModel):
             total_tokens=prompt + completion,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
-
-    @classmethod
-    def from_usage(cls, usage: Usage) -> UsageInfo:
-        return cls.of(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
 
 
 class TopLogprob(BaseModel):
