@@ -84,8 +84,16 @@ class ControlServer:
         while not self._stopped.is_set():
             if not self._socket.poll(POLL_MS):
                 continue
-            raw = self._socket.recv()
-            self._socket.send(json.dumps(self.handle(raw)).encode())
+            # every frame of a multipart message is read, so that REP may answer it
+            frames = self._socket.recv_multipart()
+            reply = (self.handle(frames[0]) if len(frames) == 1 else
+                     {"ok": False, "error": "the request must be a single-frame message"})
+            try:
+                body = json.dumps(reply).encode()
+            except (TypeError, ValueError) as exc:  # a result that is not JSON
+                logger.exception("control reply could not be encoded")
+                body = json.dumps({"ok": False, "error": f"reply not encodable: {exc}"}).encode()
+            self._socket.send(body)
 
     def handle(self, raw: bytes) -> dict[str, Any]:
         """The reply to one raw request (never raises)."""
@@ -93,9 +101,11 @@ class ControlServer:
             request = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
             return {"ok": False, "error": "the request is not JSON"}
+        except RecursionError:
+            return {"ok": False, "error": "the request is nested too deeply"}
         if not isinstance(request, dict):
             return {"ok": False, "error": "the request must be a JSON object"}
-        if self.token and not hmac.compare_digest(str(request.get("token", "")), self.token):
+        if self.token and not self._authorized(request.get("token")):
             return {"ok": False, "error": "unauthorized: missing or wrong token"}
         name = request.get("cmd")
         command = self._commands.get(name) if isinstance(name, str) else None
@@ -109,6 +119,12 @@ class ControlServer:
         except Exception as exc:  # the control plane keeps answering
             logger.exception("control command %s failed", name)
             return {"ok": False, "error": f"{name} failed: {type(exc).__name__}: {exc}"}
+
+    def _authorized(self, token: Any) -> bool:
+        """Whether `token` is ZMQ_CONTROL_TOKEN, compared in constant time as UTF-8 bytes
+        (any text may come, not only ASCII)."""
+        return isinstance(token, str) and hmac.compare_digest(
+            token.encode("utf-8", "surrogatepass"), self.token.encode("utf-8"))
 
     def _engines(self) -> list[dict[str, Any]]:
         return [{**view, "in_flight": slot.in_flight}

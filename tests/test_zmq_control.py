@@ -88,17 +88,21 @@ def test_token_and_garbage(control: tuple[LiveServer, str]) -> None:
     assert request("metrics", endpoint)["ok"] is False  # no token
     wrong = request("metrics", endpoint, "not-it")
     assert wrong == {"ok": False, "error": "unauthorized: missing or wrong token"}
+    assert request("metrics", endpoint, "é-not-ascii")["ok"] is False
+    assert request("metrics", endpoint, 12345)["ok"] is False  # type: ignore[arg-type]
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    for raw in (b"\xff\xfe not json", b"[1, 2]", b"{}", json.dumps(
-            {"cmd": "explode", "token": TOKEN}).encode()):
+    nested = b"[" * 100_000 + b"]" * 100_000  # past the JSON decoder's recursion limit
+    for frames in ([b"\xff\xfe not json"], [b"[1, 2]"], [b"{}"], [nested],
+                   [json.dumps({"cmd": "explode", "token": TOKEN}).encode()],
+                   [json.dumps({"cmd": "health", "token": TOKEN}).encode(), b"more"]):
         sock = context.socket(zmq.REQ)
         sock.setsockopt(zmq.RCVTIMEO, 5000)
         sock.connect(endpoint)
-        sock.send(raw)
+        sock.send_multipart(frames)
         reply = json.loads(sock.recv())
         sock.close(linger=0)
         assert reply["ok"] is False and reply["error"]
-    assert _ask(endpoint, "health")["ok"] is True  # still answering
+        assert _ask(endpoint, "health")["ok"] is True  # still answering
 
 
 def test_command_line_client(control: tuple[LiveServer, str]) -> None:
