@@ -199,6 +199,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("MAX_REQUEST_BYTES", "max_request_bytes", _int_at_least(0), "8388608",
          "Largest request body in bytes (413 beyond); 0 = no limit."),
     Flag("MAX_N", "max_n", _int_at_least(1), "16", "Most choices (`n`) per request (at most 16)."),
+    Flag("MAX_PROMPTS", "max_prompts", _int_at_least(1), "64",
+         "Most prompts in one /v1/completions prompt array (400 beyond); each gets `n` choices."),
     Flag("MAX_PENDING_REQUESTS", "max_pending_requests", _int_at_least(0), "0",
          "Most generation requests in flight in the server (429 beyond); 0 = no limit."),
     # Logging
@@ -415,6 +417,7 @@ class Config:
     request_timeout_s: float = 0.0
     max_request_bytes: int = 8388608
     max_n: int = 16
+    max_prompts: int = 64
     max_pending_requests: int = 0
     log_level: str = "info"
 

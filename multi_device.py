@@ -357,10 +357,12 @@ class EnginePool:
         capacity = self._capacity()
         return self._total / capacity if capacity else 0.0
 
-    def adapt_max_tokens(self, max_tokens: int) -> int:
-        """ADAPTIVE_MAX_NEW_TOKENS: `max_tokens` scaled down while the pool is loaded."""
+    def adapt_max_tokens(self, max_tokens: int, prompt_len: int) -> int:
+        """ADAPTIVE_MAX_NEW_TOKENS: `max_tokens` scaled down while the pool is loaded. A
+        request past the context is left as it is, to be refused as it would be unloaded."""
         config = self.config
-        if not config.adaptive_max_new_tokens or self.load() < config.adaptive_load_threshold:
+        if (not config.adaptive_max_new_tokens or self.load() < config.adaptive_load_threshold
+                or prompt_len + max_tokens > self.max_context_len):
             return max_tokens
         return max(1, int(max_tokens * config.adaptive_factor))
 

@@ -190,6 +190,9 @@ async def completions(body: CompletionRequest, request: Request, ctx: ServingCon
     if body.echo and body.logprobs is not None:
         raise InvalidRequestError("echo with logprobs is not supported", "echo")
     prompts = completion_prompts(body.prompt)
+    if len(prompts) > ctx.max_prompts:
+        raise InvalidRequestError(
+            f"at most {ctx.max_prompts} prompts per request, got {len(prompts)}", "prompt")
     sampling = body.sampling_kwargs() | {
         "n": body.n,
         "logprobs": body.logprobs is not None,

@@ -62,6 +62,7 @@ class ServerSettings:
     request_timeout_s: float = 0.0
     max_request_bytes: int = 8 * 1024 * 1024
     max_n: int = MAX_N
+    max_prompts: int = 64
     max_pending_requests: int = 0
 
 
@@ -105,6 +106,7 @@ class ServerState:
                 self.metrics,
                 timeout_s=settings.request_timeout_s,
                 max_n=settings.max_n,
+                max_prompts=settings.max_prompts,
                 max_in_flight=settings.max_pending_requests,
                 max_new_tokens_default=engine.first.config.max_new_tokens_default,
             )

@@ -26,13 +26,17 @@ class ServingContext:
     texts: TokenTexts
     timeout_s: float
     max_n: int
+    max_prompts: int
     max_in_flight: int
     max_new_tokens_default: int
     kv_capacity: int
 
     @classmethod
     def build(cls, engine: EnginePool, metrics: ServerMetrics, **limits: Any) -> ServingContext:
-        capacity = int(engine.snapshot().get("kv_total_slots", 0)) or engine.max_context_len
+        # a request runs on one engine: the smallest engine's KV cache bounds it
+        views = engine.snapshot()["engines"]
+        capacity = min((int(v["kv_total_slots"]) for v in views if v.get("kv_total_slots")),
+                       default=0) or engine.max_context_len
         return cls(engine, metrics, TokenTexts(engine.tokenizer), kv_capacity=capacity, **limits)
 
     @property

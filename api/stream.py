@@ -246,7 +246,7 @@ class GenerationStream(DeltaStream):
         for prompt in prompts:
             ids = _tokenize(self._engine, prompt)
             params = params_for(ids)
-            adapted = self._engine.adapt_max_tokens(params.max_new_tokens)
+            adapted = self._engine.adapt_max_tokens(params.max_new_tokens, len(ids))
             if adapted != params.max_new_tokens:
                 self.adjusted_max_tokens = adapted
                 params = replace(params, max_new_tokens=adapted)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
+MAX_TOP_K = 2**31 - 1  # top_k past the vocabulary keeps every token
 
 
 class InvalidRequestError(ValueError):
@@ -47,6 +48,8 @@ class SamplingParams:
             raise InvalidRequestError("max_tokens must be at least 1", "max_tokens")
         if not 0.0 <= self.temperature <= 2.0:
             raise InvalidRequestError("temperature must be in [0, 2]", "temperature")
+        if self.top_k > MAX_TOP_K:
+            raise InvalidRequestError(f"top_k must be at most {MAX_TOP_K}", "top_k")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError("top_p must be in (0, 1]", "top_p")
         if not 0.0 <= self.min_p <= 1.0:

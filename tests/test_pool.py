@@ -215,6 +215,19 @@ def test_warm_prefixes_adaptive_tokens_and_metrics(model_dir: str) -> None:
         live.stop()
 
 
+def test_default_max_tokens_fits_one_engines_kv_cache(model_dir: str) -> None:
+    """Two engines of 300 KV slots under a 512-token context: a request that names no
+    max_tokens gets what one engine holds (a request runs on one engine), not a 400."""
+    live = _server(model_dir, KV_CACHE_CPU_TOKENS="300", MAX_NEW_TOKENS_DEFAULT="512")
+    try:
+        reply = httpx.post(live.url + "/v1/completions", timeout=60, json={
+            "model": "qwen3", "prompt": _ids(4, 16), "temperature": 0, "ignore_eos": True})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == 300 - 16
+    finally:
+        live.stop()
+
+
 async def _long_and_short(url: str) -> dict[str, Any]:
     """A long request holds one of two slots; the next one is cut by the adaptive factor."""
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
@@ -224,6 +237,12 @@ async def _long_and_short(url: str) -> dict[str, Any]:
         await asyncio.sleep(0.3)
         short = await client.post(
             "/v1/completions", json={**body, "prompt": _ids(2, 16), "max_tokens": 20})
+        # past the context: refused as it would be unloaded, never scaled into range or a 500
+        for too_many in (10**400, 10**6):
+            refused = await client.post("/v1/completions", json={
+                **body, "prompt": _ids(3, 16), "max_tokens": too_many})
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["param"] == "max_tokens"
         await long_task
         result: dict[str, Any] = short.json()
         return result

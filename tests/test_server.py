@@ -511,6 +511,7 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     ("/v1/chat/completions", {"presence_penalty": 3}, 400, "presence_penalty"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 50}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"seed": 2**70}, 400, "seed"),
+    ("/v1/chat/completions", {"top_k": 10**400}, 400, "top_k"),
     ("/v1/chat/completions", {"stop": ["ok", ""]}, 400, "stop"),
     ("/v1/chat/completions", {"tools": [{"type": "function"}]}, 400, "tools"),
     ("/v1/chat/completions", {"logit_bias": {"5": 10}}, 400, "logit_bias"),
@@ -523,6 +524,7 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [5, 2**63]}, 400, "prompt"),  # beyond 64 bits
     ("/v1/completions", {"prompt": [-1, 5]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["x"] * 65}, 400, "prompt"),  # past MAX_PROMPTS
     ("/v1/completions", {"prompt": "x", "logprobs": 30}, 400, "top_logprobs"),
     ("/v1/completions", {"prompt": "x", "suffix": "tail"}, 400, "suffix"),
     ("/generate", {"prompt": 5}, 400, "prompt"),
