@@ -48,7 +48,7 @@ import torch
 
 from backend.factory import create_engine
 from config import Config, ConfigError, get_config
-from engine.base import EngineBase, GenerateOutput, Prompt
+from engine.base import SNAPSHOT_GAUGES, EngineBase, GenerateOutput, Prompt
 from engine.request import Sink, StreamDelta, Usage
 from engine.sampling_params import SamplingParams
 
@@ -188,6 +188,7 @@ class EngineSlot:
     in_flight: int = 0  # sequences routed here and not finished
     alive: bool = True
     requests: dict[str, _Routed] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)  # the last snapshot's counters
 
 
 @dataclass(eq=False)
@@ -310,19 +311,27 @@ class EnginePool:
             for s in self.slots]}
 
     def snapshot(self) -> dict[str, Any]:
-        """Engine counters summed over live engines, plus each engine's own view."""
+        """Engine gauges summed over live engines and counters over all of them (a stopped
+        engine keeps the counts it last reported, so totals never go down), plus each
+        engine's own view."""
         per_engine = []
         totals: dict[str, float] = {}
         windows = [slot.window.summary() for slot in self.slots]
         for slot, window in zip(self.slots, windows, strict=True):
             view: dict[str, Any] = {"engine": slot.index, "alive": slot.alive,
                                     "in_flight": slot.in_flight, "window": window}
+            numbers = dict(slot.counts)
             if slot.alive:
                 snap = slot.engine.snapshot()
                 view.update(snap)
-                for key, value in snap.items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool):
-                        totals[key] = totals.get(key, 0) + value
+                numbers = {key: value for key, value in snap.items()
+                           if isinstance(value, (int, float)) and not isinstance(value, bool)}
+                slot.counts = {key: value for key, value in numbers.items()
+                               if key not in SNAPSHOT_GAUGES}
+            else:
+                view.update(numbers)
+            for key, value in numbers.items():
+                totals[key] = totals.get(key, 0) + value
             per_engine.append(view)
         if "kv_total_slots" in totals and totals["kv_total_slots"]:
             totals["kv_usage"] = totals.get("kv_used_slots", 0) / totals["kv_total_slots"]

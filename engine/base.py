@@ -58,6 +58,11 @@ class TextState:
     stopper: StopChecker
 
 
+# the keys of an engine snapshot that are levels; every other number there is a count
+SNAPSHOT_GAUGES = frozenset({"num_running", "num_waiting", "kv_total_slots", "kv_used_slots",
+                             "kv_cached_slots", "kv_usage"})
+
+
 @dataclass
 class EngineStats:
     """Counters since start-up (read by /metrics)."""
@@ -162,7 +167,8 @@ class EngineBase:
         raise NotImplementedError
 
     def snapshot(self) -> dict[str, Any]:
-        """Queue lengths, KV usage and counters (for /metrics)."""
+        """Queue lengths, KV usage and counters (for /metrics): the SNAPSHOT_GAUGES keys
+        are levels now, every other number a count since start-up (it never goes down)."""
         raise NotImplementedError
 
     def flush_cache(self) -> int:

@@ -261,13 +261,18 @@ def test_a_dead_engine_degrades_the_pool(model_dir: str) -> None:
                 tasks = [asyncio.create_task(client.post(
                     "/v1/completions", json={**body, "prompt": _ids(i, 16)})) for i in range(2)]
                 await asyncio.sleep(0.3)
+                counted.update(pool.snapshot())
                 victim._stopped.set()  # the loop stops mid-request, as a crashed loop would
                 victim._inbox.put(("stop", None))
                 return list(await asyncio.gather(*tasks))
 
+        counted: dict[str, Any] = {}
         start = time.monotonic()
         responses = asyncio.run(scenario())
         assert sorted(r.status_code for r in responses) == [200, 503]
+        after = pool.snapshot()  # counters keep the stopped engine's counts: never go down
+        assert after["num_requests"] >= counted["num_requests"] > 0
+        assert after["generation_tokens"] >= counted["generation_tokens"] > 0
         failed = next(r for r in responses if r.status_code == 503)
         assert failed.json()["error"]["code"] == "engine_unavailable"
         assert time.monotonic() - start < 60
