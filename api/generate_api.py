@@ -9,23 +9,21 @@ plain transformers `generate` baseline (`backend.hf.baseline.HFBaseline`), loade
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from api.errors import APIError
-from api.protocol import GenerateRequest, UsageInfo, unsupported_fields
-from api.serving import ServingContext
-from api.stream import NO_BUFFERING, ClientDisconnected, GenerationResponse, GenerationStream
+from api.protocol import GenerateRequest, unsupported_fields
+from api.serving import ServingContext, check_in_flight
+from api.stream import ClientDisconnected, DeltaStream, GenerationResponse, HFStream
 from config import Config
-from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +48,14 @@ async def generate(
     body: GenerateRequest, request: Request, ctx: ServingContext, hf: HFMode
 ) -> Response:
     unsupported_fields(body)
+    rid = f"gen-{uuid.uuid4().hex}"
+    stream: DeltaStream
     if body.mode == "hf":
-        return await hf.generate(body, ctx)
-    params_for = ctx.params_for(body.sampling_kwargs(), body.max_new_tokens)
-    stream = ctx.open_stream()
-    await stream.start([body.prompt], params_for, f"gen-{uuid.uuid4().hex}")
+        stream = await hf.open(body, ctx, rid)
+    else:
+        params_for = ctx.params_for(body.sampling_kwargs(), body.max_new_tokens)
+        stream = ctx.open_stream()
+        await stream.start([body.prompt], params_for, rid)
     if body.stream:
         return GenerationResponse(_ndjson_lines(stream), stream, NDJSON_MEDIA_TYPE)
     try:
@@ -71,7 +72,7 @@ async def generate(
     )
 
 
-async def _ndjson_lines(stream: GenerationStream) -> AsyncIterator[str]:
+async def _ndjson_lines(stream: DeltaStream) -> AsyncIterator[str]:
     try:
         async for _, delta in stream.deltas():
             if delta.text:
@@ -97,49 +98,22 @@ class HFMode:
         self._failure: str | None = None
         self._lock = asyncio.Lock()
 
-    async def generate(self, body: GenerateRequest, ctx: ServingContext) -> Response:
+    async def open(self, body: GenerateRequest, ctx: ServingContext, rid: str) -> HFStream:
+        """Check the request as the engine would (sampling, context, the in-flight cap),
+        load the baseline on first use, and start its generation."""
         sampling = body.sampling_kwargs()
         for name, neutral in _HF_NEUTRAL.items():
             if sampling.get(name, neutral) != neutral:
                 raise APIError(400, f"'{name}' is not supported with mode 'hf'", param=name)
-        params = ctx.params_for(sampling, body.max_new_tokens)
+        params_for = ctx.params_for(sampling, body.max_new_tokens)
         prompt_ids = await asyncio.to_thread(ctx.engine.tokenize, body.prompt)
-        sp = params(prompt_ids)
+        params = params_for(prompt_ids)
+        ctx.engine.first.check_fits(prompt_ids, params)
+        check_in_flight(ctx.metrics, ctx.max_in_flight)
         baseline = await self._load(ctx)
-        pieces = _hf_text(baseline, prompt_ids, sp)
-        if body.stream:
-            return StreamingResponse(
-                self._ndjson_lines(pieces, ctx, prompt_ids, sp),
-                media_type=NDJSON_MEDIA_TYPE,
-                headers=NO_BUFFERING,
-            )
-        try:
-            text = await asyncio.wait_for(_join(pieces), ctx.timeout_s or None)
-        except asyncio.TimeoutError:
-            raise APIError(
-                504, "the request ran past the server's time limit", code="request_timeout"
-            ) from None
-        reason, usage = await asyncio.to_thread(_hf_usage, ctx, prompt_ids, text, sp)
-        return JSONResponse({"text": text, "finish_reason": reason, "usage": usage.model_dump()})
-
-    async def _ndjson_lines(
-        self,
-        pieces: AsyncIterator[str],
-        ctx: ServingContext,
-        prompt_ids: list[int],
-        params: SamplingParams,
-    ) -> AsyncIterator[str]:
-        text = ""
-        try:
-            async for piece in pieces:
-                text += piece
-                if piece:
-                    yield ndjson({"text_delta": piece})
-        except APIError as exc:
-            yield ndjson({"event": "error", **exc.body()})
-            return
-        reason, usage = await asyncio.to_thread(_hf_usage, ctx, prompt_ids, text, params)
-        yield ndjson({"event": "done", "finish_reason": reason, "usage": usage.model_dump()})
+        stream = HFStream(ctx.metrics, ctx.timeout_s, time.monotonic())
+        stream.start(baseline, ctx.engine.tokenizer, prompt_ids, params, rid)
+        return stream
 
     async def _load(self, ctx: ServingContext) -> Any:
         async with self._lock:
@@ -170,61 +144,3 @@ class HFMode:
             trust_remote_code=config.trust_remote_code,
             seed=config.seed,
         )
-
-
-def _hf_usage(
-    ctx: ServingContext, prompt_ids: list[int], text: str, params: SamplingParams
-) -> tuple[str, UsageInfo]:
-    """Usage of a baseline answer; its token count is the text re-tokenized."""
-    completion = len(ctx.engine.tokenizer.encode(text, add_special_tokens=False))
-    reason = "length" if completion >= params.max_new_tokens else "stop"
-    return reason, UsageInfo.of(len(prompt_ids), completion, 0)
-
-
-async def _join(pieces: AsyncIterator[str]) -> str:
-    return "".join([piece async for piece in pieces])
-
-
-async def _hf_text(
-    baseline: Any, prompt_ids: list[int], params: SamplingParams
-) -> AsyncIterator[str]:
-    """The baseline's blocking text stream, pumped by a thread; stops when the consumer goes."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
-    stop = threading.Event()
-
-    def put(item: str | BaseException | None) -> None:
-        with contextlib.suppress(RuntimeError):  # the event loop is closed
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    def pump() -> None:
-        pieces: Iterator[str] = baseline.stream(
-            prompt_ids,
-            params.max_new_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            ignore_eos=params.ignore_eos,
-            seed=params.seed,
-        )
-        try:
-            for piece in pieces:
-                if stop.is_set():
-                    break
-                put(piece)
-        except Exception as exc:
-            put(exc)
-        finally:
-            close = getattr(pieces, "close", None)
-            if close is not None:
-                close()
-            put(None)
-
-    threading.Thread(target=pump, name="hf-baseline-pump", daemon=True).start()
-    try:
-        while (item := await queue.get()) is not None:
-            if isinstance(item, BaseException):
-                raise APIError(500, f"the HF baseline failed: {item}", type="server_error")
-            yield item
-    finally:
-        stop.set()

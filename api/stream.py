@@ -7,7 +7,8 @@ with the response's choice index (`prompt_index * n + delta.index`). It owns the
 `close()` aborts every engine request still running and is called when the response ends
 for any reason (finished, client gone, timeout, error). It also records the request's
 latencies in the server's metrics. A `VLMStream` does the same for one job of the
-vision-language service.
+vision-language service, an `HFStream` for one generation of the transformers baseline
+(`/generate` with `mode: "hf"`).
 """
 
 from __future__ import annotations
@@ -316,6 +317,56 @@ class VLMStream(DeltaStream):
     def _abort_running(self, rids: list[str]) -> None:
         if self._job is not None:
             self._job.cancel()
+
+
+class HFStream(DeltaStream):
+    """The one sequence of the transformers baseline (`mode: "hf"`), behind one HTTP
+    response: a thread pumps the baseline's text stream into the deltas, so the baseline
+    shares the engine streams' in-flight count, deadline, disconnect checks and abort."""
+
+    def __init__(self, metrics: ServerMetrics, timeout_s: float, arrival: float) -> None:
+        super().__init__(metrics, timeout_s, arrival)
+        self._stop = threading.Event()
+
+    def start(self, baseline: Any, tokenizer: Any, prompt_ids: list[int],
+              params: SamplingParams, rid: str) -> None:
+        """Start the generation (`baseline` is a backend.hf.baseline.HFBaseline)."""
+        self._base[rid] = 0
+        self._sequences[0] = _Sequence(prompt=0)
+        self._remaining = 1
+        self._rids.append(rid)
+        threading.Thread(target=self._pump, args=(baseline, tokenizer, prompt_ids, params, rid),
+                         name="hf-baseline-pump", daemon=True).start()
+
+    def _pump(self, baseline: Any, tokenizer: Any, prompt_ids: list[int],
+              params: SamplingParams, rid: str) -> None:
+        pieces = baseline.stream(prompt_ids, params.max_new_tokens,
+                                 temperature=params.temperature, top_p=params.top_p,
+                                 top_k=params.top_k, ignore_eos=params.ignore_eos,
+                                 seed=params.seed)
+        text = ""
+        try:
+            for piece in pieces:
+                if self._stop.is_set():
+                    return
+                text += piece
+                if piece:
+                    self._sink(StreamDelta(rid, 0, piece, []))
+            # the baseline streams text: its token count is the text re-tokenized
+            completion = len(tokenizer.encode(text, add_special_tokens=False))
+        except Exception as exc:
+            logger.exception("the HF baseline failed")
+            self._sink(StreamDelta(rid, 0, "", [], finish_reason="abort",
+                                   error=f"the HF baseline failed: {exc}"))
+            return
+        finally:
+            pieces.close()  # stops the generation at its next step
+        reason = "length" if completion >= params.max_new_tokens else "stop"
+        self._sink(StreamDelta(rid, 0, "", [], finish_reason=reason,
+                               usage=Usage(len(prompt_ids), completion, 0)))
+
+    def _abort_running(self, rids: list[str]) -> None:
+        self._stop.set()
 
 
 def _retrieve_exception(future: asyncio.Future[Any]) -> None:

@@ -46,7 +46,7 @@ def _token_ids(prompt: Any) -> list[int] | None:
         return array.array("q", prompt).tolist()
     except TypeError:  # an item that is not an integer
         return None
-    except OverflowError:  # beyond 64 bits: `_check_fits` reports it outside the vocabulary
+    except OverflowError:  # beyond 64 bits: `check_fits` reports it outside the vocabulary
         return [int(t) for t in prompt] if all(isinstance(t, int) for t in prompt) else None
 
 
@@ -200,7 +200,7 @@ class EngineBase:
         cannot be served: bad parameters, an empty prompt, or one that does not fit)."""
         self.check_params(params)
         ids = self.tokenize(prompt)
-        self._check_fits(ids, params)
+        self.check_fits(ids, params)
         return ids
 
     def submit(
@@ -352,7 +352,9 @@ class EngineBase:
         gc.unfreeze()  # let the collector reach what start-up froze, this engine's included
 
     # -------------------------------------------------------------- validation
-    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
+    def check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError unless the prompt and max_tokens fit the context and
+        the KV cache, with every id in the vocabulary."""
         if not ids:
             raise InvalidRequestError("prompt is empty", "prompt")
         limit = self.max_context_len

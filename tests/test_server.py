@@ -463,12 +463,15 @@ def test_generate_hf_mode_runs_the_baseline(server: LiveServer, http: httpx.Clie
     whole = http.post("/generate", json=body)
     assert whole.status_code == 200, whole.text
     assert whole.json()["text"] == expected.text
+    assert whole.json()["usage"]["prompt_tokens"] == expected.usage.prompt_tokens
     with http.stream("POST", "/generate", json={**body, "stream": True}) as response:
         lines = [json.loads(line) for line in response.iter_lines() if line]
     assert "".join(line.get("text_delta", "") for line in lines) == expected.text
-    assert lines[-1]["event"] == "done"
+    assert lines[-1]["event"] == "done" and lines[-1]["finish_reason"] == "length"
     rejected = http.post("/generate", json={**body, "repetition_penalty": 1.3})
     assert rejected.status_code == 400 and rejected.json()["error"]["param"] == "repetition_penalty"
+    too_long = http.post("/generate", json={**body, "max_new_tokens": 10**6})  # past the context
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens"
 
 
 # ---------------------------------------------------------------- errors
@@ -701,6 +704,25 @@ def test_too_many_requests_in_flight_is_429(guarded: tuple[LiveServer, httpx.Res
             busy = session.post("/generate", json=body)
     assert busy.status_code == 429
     assert busy.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_hf_mode_keeps_the_time_limit_and_the_in_flight_cap(
+    guarded: tuple[LiveServer, httpx.Response],
+) -> None:
+    live, _ = guarded
+    hf = {"prompt": "Go", "max_new_tokens": 400, "temperature": 0, "ignore_eos": True,
+          "mode": "hf"}
+    with httpx.Client(base_url=live.url, headers=auth(), timeout=120) as session:
+        with session.stream("POST", "/generate", json=hf) as response:
+            lines = [json.loads(line) for line in response.iter_lines() if line]
+        assert lines[-1]["event"] == "error", lines[-1]
+        assert lines[-1]["error"]["code"] == "request_timeout"
+        engine = {"prompt": "Go", "max_new_tokens": 500, "temperature": 0, "ignore_eos": True}
+        with session.stream("POST", "/generate", json=engine) as running:
+            held = running.iter_lines()  # held: dropping the iterator closes the connection
+            assert "text_delta" in json.loads(next(held))
+            busy = session.post("/generate", json=hf)
+        assert busy.status_code == 429, busy.text
 
 
 # ------------------------------------------------------- the embedded default
