@@ -201,11 +201,7 @@ class Engine(EngineBase):
     def flush_cache(self) -> int:
         """Drop every unreferenced prefix from the caches; returns freed slots."""
 
-        def flush() -> int:
-            self.scheduler.prefill_cache.clear()
-            return self.scheduler.radix.reset()
-
-        return int(self.call(flush))
+        return int(self.call(self.scheduler.flush_cache))
 
     def snapshot(self) -> dict[str, Any]:
         """Queue lengths, KV usage and counters (for /metrics)."""
@@ -347,9 +343,7 @@ class Engine(EngineBase):
 
     def _fail_all(self, message: str) -> None:
         self._in_flight = None
-        sched = self.scheduler
-        for req in list(sched.running) + list(sched.waiting):
-            sched.remove(req)
+        for req in self.scheduler.drop_all():
             if not req.finished:
                 self._finish(req, "abort", "", error=message)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
 MAX_TOP_K = 2**31 - 1  # top_k past the vocabulary keeps every token
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy (dividing by it would overflow)
 
 
 class InvalidRequestError(ValueError):
@@ -20,8 +21,9 @@ class InvalidRequestError(ValueError):
 class SamplingParams:
     """How to pick the next tokens of one request.
 
-    temperature 0 means greedy. top_k <= 0 and top_p == 1 and min_p == 0 disable those
-    filters. Penalties of 1.0 (repetition) and 0.0 (presence, frequency) are neutral.
+    temperature 0 (or below GREEDY_BELOW) means greedy. top_k <= 0 and top_p == 1 and
+    min_p == 0 disable those filters. Penalties of 1.0 (repetition) and 0.0 (presence,
+    frequency) are neutral.
     `seed` makes the request's samples depend only on the seed and its own logits.
     """
 
@@ -73,7 +75,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def needs_penalties(self) -> bool:

@@ -126,6 +126,25 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
 
+    def drop_all(self) -> list[Req]:
+        """After a step failed: every request out of the queues with none of its KV cached
+        (the failed step's K/V was never written), then both caches flushed, since prompts
+        cached right after that step's launch may hold unwritten slots. Returns the
+        requests."""
+        dropped = self.running + list(self.waiting)
+        for req in self.running:
+            self.allocator.free(req.slots[req.cached_len :])
+            self._unhold(req)
+        self.running.clear()
+        self.waiting.clear()
+        self.flush_cache()
+        return dropped
+
+    def flush_cache(self) -> int:
+        """Drop every unreferenced prefix from both caches; returns the freed slots."""
+        self.prefill_cache.clear()
+        return self.radix.reset()
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -269,7 +288,7 @@ class Scheduler:
         scheduled: list[tuple[Req, int]],
         hits: list[tuple[Req, torch.Tensor]],
     ) -> None:
-        prefilling = [r.token_ids for r in self.running if r.cached_len < len(r.prompt_ids)]
+        prefilling = [r.token_ids for r in self.running if r.num_computed < len(r.prompt_ids)]
         for req in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_running_requests:
                 return
@@ -411,6 +430,11 @@ class Scheduler:
         own_duplicates = req.slots[req.cached_len : result.num_present]
         beyond = req.slots[max(result.num_cached, req.cached_len) :]
         self.allocator.free(own_duplicates + beyond)
+        self._unhold(req)
+
+    def _unhold(self, req: Req) -> None:
+        """The end of a request's hold on the pool once its own slots are handled: its tree
+        lock and slot-table row go back, and it holds no slots."""
         if req.node is not None:
             self.radix.unlock(req.node)
         self._hold(req, None)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from backend.batch import ForwardBatch
 from backend.sglang.kernels.triton.extend_attention import tile_tokens
 from backend.sglang.runner import NativeRunner
 from config import ConfigError, load_config
@@ -311,6 +312,55 @@ def test_abort_frees_slots(tiny_model_factory, overlap: str) -> None:
         snap = engine.snapshot()
         assert snap["num_running"] == 0 and snap["kv_used_slots"] == 0
         assert snap["num_aborted"] == 1
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("overlap", OVERLAP)
+def test_a_failed_step_caches_none_of_its_kv(tiny_model_factory, overlap: str) -> None:
+    """A step that raises (a device out of memory, say) ends the requests in it with an
+    error and the engine keeps serving; the slots that step never wrote reach no cache, so
+    the same prompt again is computed afresh and equals HF."""
+    path = tiny_model_factory("llama")
+    engine = make_engine(path, OVERLAP_SCHEDULE=overlap)
+    forward = engine.runner.forward
+    calls = 0
+
+    def fails_once(batch: ForwardBatch) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected: out of memory")
+        return forward(batch)
+
+    engine.runner.forward = fails_once  # type: ignore[method-assign]
+    try:
+        prompt = random_prompts(1, 40, 40, seed=7)[0]
+        [[failed]] = engine.generate([prompt], greedy())
+        assert failed.finish_reason == "abort"
+        snap = engine.snapshot()
+        assert snap["kv_used_slots"] == 0 and snap["kv_cached_slots"] == 0
+        [[again]] = engine.generate([prompt], greedy())
+        assert again.usage.cached_tokens == 0
+        assert again.token_ids == Reference(path).generate(prompt)
+    finally:
+        engine.shutdown()
+
+
+def test_a_truncated_prefix_cache_does_not_serialize_sharers(tiny_model_factory) -> None:
+    """With PREFIX_CACHE_MAX_TOKENS below the prompt, requests sharing a prompt (n > 1
+    siblings, an extension) still decode together once the first prompt is computed."""
+    path = tiny_model_factory("llama")
+    engine = make_engine(path, PREFIX_CACHE_MAX_TOKENS="16")
+    try:
+        prompt = random_prompts(1, 80, 80, seed=5)[0]
+        steps = engine.stats.num_steps
+        pair = SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True, n=2)
+        outs = engine.generate([prompt, prompt + [123, 456]], [pair, greedy(30)])
+        assert engine.stats.num_steps - steps < 2 * 30  # together, not one after the other
+        ref = Reference(path)
+        assert [o.token_ids for o in outs[0]] == [ref.generate(prompt, 30)] * 2
+        assert outs[1][0].token_ids == ref.generate(prompt + [123, 456], 30)
     finally:
         engine.shutdown()
 

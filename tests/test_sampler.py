@@ -45,6 +45,16 @@ def test_greedy_equals_argmax() -> None:
     assert out.logprobs is None and out.top_logprobs is None
 
 
+@pytest.mark.parametrize("temperature", [1e-6, 1e-30, 1e-38, 1e-45])
+def test_a_vanishing_temperature_is_greedy(temperature: float) -> None:
+    """Dividing the logits by it would overflow to inf and NaN; it samples the argmax."""
+    logits = random_logits(8, seed=3)
+    params = [SamplingParams(temperature=temperature, top_p=0.9) for _ in range(8)]
+    params[0].validate()
+    out = make_sampler().sample(logits, params, histories_for(params))
+    assert out.token_ids == logits.argmax(dim=-1).tolist()
+
+
 def test_greedy_rows_equal_argmax_in_a_mixed_batch() -> None:
     logits = random_logits(6)
     params = [

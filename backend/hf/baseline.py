@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from backend.loader import ModelSource, eos_token_ids, load_tokenizer
+from engine.sampling_params import GREEDY_BELOW
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class HFBaseline:
         config, so "no EOS" must be an empty list, not None."""
         from transformers import GenerationConfig
 
-        sampling = temperature > 0
+        sampling = temperature >= GREEDY_BELOW
         generation = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=sampling,
