@@ -138,7 +138,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = 400 if exc.status_code == 422 else exc.status_code
-        return APIError(status, str(exc.detail)).response()
+        code = "request_too_large" if status == 413 else None  # a chunked body past the limit
+        return APIError(status, str(exc.detail), code=code).response()
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

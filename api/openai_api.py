@@ -29,7 +29,7 @@ from api.protocol import (
 from api.serving import SSE_DONE, SSE_MEDIA_TYPE, ServingContext, sse
 from api.stream import ClientDisconnected, DeltaStream, GenerationResponse, GenerationStream
 from engine.engine import Prompt
-from engine.sampling_params import InvalidRequestError
+from engine.sampling_params import MAX_TOP_LOGPROBS, InvalidRequestError
 
 IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
 AUDIO_PARTS = frozenset({"input_audio", "audio"})
@@ -189,6 +189,8 @@ async def completions(body: CompletionRequest, request: Request, ctx: ServingCon
         raise InvalidRequestError("best_of other than n is not supported", "best_of")
     if body.echo and body.logprobs is not None:
         raise InvalidRequestError("echo with logprobs is not supported", "echo")
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
     prompts = completion_prompts(body.prompt)
     if len(prompts) > ctx.max_prompts:
         raise InvalidRequestError(

@@ -528,7 +528,7 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     ("/v1/completions", {"prompt": [5, 2**63]}, 400, "prompt"),  # beyond 64 bits
     ("/v1/completions", {"prompt": [-1, 5]}, 400, "prompt"),
     ("/v1/completions", {"prompt": ["x"] * 65}, 400, "prompt"),  # past MAX_PROMPTS
-    ("/v1/completions", {"prompt": "x", "logprobs": 30}, 400, "top_logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 30}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "suffix": "tail"}, 400, "suffix"),
     ("/generate", {"prompt": 5}, 400, "prompt"),
     ("/generate", {"prompt": "x", "mode": "turbo"}, 400, "mode"),
@@ -662,6 +662,7 @@ def test_oversized_body_is_413(guarded: tuple[LiveServer, httpx.Response]) -> No
     for response in (sized, chunked):
         assert response.status_code == 413, response.text
         assert response.json()["error"]["type"] == "invalid_request_error"
+        assert response.json()["error"]["code"] == "request_too_large"
 
 
 def test_request_timeout_aborts_and_tells_the_client(
