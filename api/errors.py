@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.sampling_params import InvalidRequestError
@@ -120,6 +120,10 @@ def _is_union_tag(part: Any) -> bool:
     return text in ("str", "int", "float", "bool") or "[" in text
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready (while queued or generating)."""
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every exception a request can raise to OpenAI's error body."""
 
@@ -134,6 +138,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return validation_error(exc.errors()).response()
+
+    @app.exception_handler(ClientDisconnected)
+    async def on_client_gone(_: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

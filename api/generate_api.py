@@ -55,7 +55,7 @@ async def generate(
     else:
         params_for = ctx.params_for(body.sampling_kwargs(), body.max_new_tokens)
         stream = ctx.open_stream()
-        await stream.start([body.prompt], params_for, rid)
+        await stream.start([body.prompt], params_for, rid, request.is_disconnected)
     if body.stream:
         return GenerationResponse(_ndjson_lines(stream), stream, NDJSON_MEDIA_TYPE)
     try:

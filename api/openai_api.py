@@ -55,7 +55,7 @@ async def chat_completions(
     params_for = ctx.params_for(sampling, max_tokens)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     stream = ctx.open_stream()
-    await stream.start([messages], params_for, rid)
+    await stream.start([messages], params_for, rid, request.is_disconnected)
     texts = ctx.texts if body.logprobs else None
     return await chat_answer(body, request, stream, rid, ctx.model_name, texts)
 
@@ -203,7 +203,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: ServingCon
     params_for = ctx.params_for(sampling, body.max_tokens)
     rid = f"cmpl-{uuid.uuid4().hex}"
     stream = ctx.open_stream()
-    await stream.start(prompts, params_for, rid)
+    await stream.start(prompts, params_for, rid, request.is_disconnected)
     echoes = [_echo_text(ctx, p) for p in prompts] if body.echo else None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

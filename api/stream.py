@@ -26,7 +26,7 @@ import jinja2
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from api.errors import APIError
+from api.errors import APIError, ClientDisconnected
 from api.metrics import ServerMetrics
 from api.protocol import UsageInfo
 from backend.vlm.runner import VLMPrompt
@@ -43,10 +43,6 @@ DISCONNECT_POLL_S = 0.5
 
 ParamsFor = Callable[[list[int]], SamplingParams]
 IsDisconnected = Callable[[], Awaitable[bool]]
-
-
-class ClientDisconnected(Exception):
-    """The client went away before its non-streaming answer was ready."""
 
 
 @dataclass
@@ -226,16 +222,18 @@ class GenerationStream(DeltaStream):
         self._engine = engine
 
     # ------------------------------------------------------------ submission
-    async def start(self, prompts: Sequence[Prompt], params_for: ParamsFor, rid: str) -> None:
+    async def start(self, prompts: Sequence[Prompt], params_for: ParamsFor, rid: str,
+                    is_disconnected: IsDisconnected | None = None) -> None:
         """Tokenize every prompt (in a worker thread), then admit each into the pool (waiting
-        for room in its queue) and submit it; raises on a bad request or a full pool."""
+        for room in its queue, and leaving it if the client goes: ClientDisconnected) and
+        submit it; raises on a bad request or a full pool."""
         work = self._loop.run_in_executor(None, self._tokenize_all, list(prompts), params_for)
         work.add_done_callback(_retrieve_exception)
         try:
             prepared = await asyncio.shield(work)
             for number, (ids, params) in enumerate(prepared):
                 sub_rid = rid if len(prompts) == 1 else f"{rid}-{number}"
-                await self._admit_and_submit(number, ids, params, sub_rid)
+                await self._admit_and_submit(number, ids, params, sub_rid, is_disconnected)
         except BaseException:
             self.close()
             raise
@@ -255,10 +253,11 @@ class GenerationStream(DeltaStream):
         return prepared
 
     async def _admit_and_submit(
-        self, number: int, ids: list[int], params: SamplingParams, sub_rid: str
+        self, number: int, ids: list[int], params: SamplingParams, sub_rid: str,
+        is_disconnected: IsDisconnected | None,
     ) -> None:
         try:
-            slot = await self._engine.admit(ids, params.n)
+            slot = await self._admit(ids, params.n, is_disconnected)
         except PoolBusy as exc:
             self._metrics.failed.labels("busy").inc()
             raise APIError(429, str(exc), code="server_busy",
@@ -266,6 +265,24 @@ class GenerationStream(DeltaStream):
         except PoolDown as exc:
             raise APIError(503, str(exc), code="engine_unavailable") from None
         self._submit(number, ids, params, sub_rid, slot)
+
+    async def _admit(self, ids: list[int], weight: int,
+                     is_disconnected: IsDisconnected | None) -> EngineSlot:
+        """The pool's admission, given up (leaving its queue) once the client is gone."""
+        admission = asyncio.ensure_future(self._engine.admit(ids, weight))
+        try:
+            while True:
+                done, _ = await asyncio.wait({admission}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return admission.result()
+                if is_disconnected is not None and await is_disconnected():
+                    self._fail("disconnect")
+                    raise ClientDisconnected
+        finally:
+            if not admission.done():
+                admission.cancel()  # the pool drops the waiter (and any place it was given)
+                with contextlib.suppress(asyncio.CancelledError, PoolBusy, PoolDown):
+                    await admission
 
     def _submit(
         self, number: int, ids: list[int], params: SamplingParams, sub_rid: str, slot: EngineSlot

@@ -248,6 +248,29 @@ async def _long_and_short(url: str) -> dict[str, Any]:
         return result
 
 
+def test_a_client_that_leaves_while_queued_gives_its_place_back(model_dir: str) -> None:
+    """With the one place in flight taken, a request queued behind it whose client goes
+    away leaves the queue within a disconnect poll, not at QUEUE_TIMEOUT_S."""
+    live = _server(model_dir, MAX_INFLIGHT_TOTAL="1", MAX_QUEUE="1", QUEUE_TIMEOUT_S="60")
+    try:
+        pool = live.app.state.server.engine
+        taken = pool.route(_ids(1))  # the place, held without an engine request
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(live.url + "/v1/completions", timeout=1.0, json={
+                "model": "qwen3", "prompt": _ids(2, 16), "max_tokens": 4})
+        deadline = time.monotonic() + 5
+        while pool.snapshot()["pool"]["queued"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pool.snapshot()["pool"]["queued"] == 0
+        assert pool.snapshot()["pool"]["in_flight"] == 1  # only the place taken above
+        pool.cancel(taken, 1)
+        after = httpx.post(live.url + "/v1/completions", timeout=60, json={
+            "model": "qwen3", "prompt": _ids(3, 16), "max_tokens": 4})
+        assert after.status_code == 200, after.text
+    finally:
+        live.stop()
+
+
 def test_a_dead_engine_degrades_the_pool(model_dir: str) -> None:
     live = _server(model_dir, SCHEDULER_MODE="rr")
     try:
