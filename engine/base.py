@@ -184,6 +184,10 @@ class EngineBase:
         if ids is not None:
             return ids
         if prompt and all(isinstance(m, dict) for m in prompt):
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise InvalidRequestError(
+                    "this model has no chat template: send text to /v1/completions instead",
+                    "messages")
             messages: Any = prompt
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True

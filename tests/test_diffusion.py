@@ -159,6 +159,8 @@ def test_a_seed_gives_the_same_pixels(live: LiveServer) -> None:
 
 @pytest.mark.parametrize(("body", "status", "param"), [
     ({"size": "100x100"}, 400, "size"),
+    ({"size": "\u00b2x64"}, 400, "size"),  # a superscript digit
+    ({"size": "1" * 5000 + "x64"}, 400, "size"),
     ({"aspect": "2:1"}, 400, "aspect"),
     ({"size": "64x64", "aspect": "1:1"}, 400, "size"),
     ({"n": 0}, 400, "n"),
@@ -262,6 +264,7 @@ def test_image_to_video(live: LiveServer) -> None:
     ({"fps": 0}, "fps"),
     ({"response_format": "gif"}, "response_format"),
     ({"size": "50x32"}, "size"),
+    ({"size": "2048x2048", "num_frames": 129}, "num_frames"),  # past 81 frames of 720p
     ({"image_url": "http://127.0.0.1/cat.png"}, "image_url"),
     ({"image_url": "/etc/hosts"}, "image_url"),
     ({"image_url": "data:image/png;base64,not-base64!"}, "image_url"),

@@ -365,6 +365,28 @@ def test_a_truncated_prefix_cache_does_not_serialize_sharers(tiny_model_factory)
         engine.shutdown()
 
 
+def test_chat_without_a_chat_template_is_a_clear_error(tiny_model_factory, tmp_path) -> None:
+    """Chat messages for a model whose tokenizer has no chat template: a 400-class error
+    naming `messages`, not a crash deep in the tokenizer."""
+    import json
+    import shutil
+
+    folder = tmp_path / "no-template"
+    shutil.copytree(tiny_model_factory("llama"), folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    engine = make_engine(str(folder))
+    try:
+        with pytest.raises(InvalidRequestError, match="no chat template") as caught:
+            engine.tokenize([{"role": "user", "content": "hi"}])
+        assert caught.value.param == "messages"
+        assert engine.tokenize("hi")  # text still works
+    finally:
+        engine.shutdown()
+
+
 def test_warmup_leaves_nothing_behind(tiny_model_factory) -> None:
     """Warm-up (on CUDA: also prompts extending a short and a long cached prompt beside
     requests decoding it, and an extend alone) runs each of those steps, also when called

@@ -397,10 +397,21 @@ def test_image_part_without_a_vlm_is_a_400(llm_dir: str) -> None:
         ("fc00::1", False),
         ("::ffff:127.0.0.1", False),
         ("::ffff:8.8.8.8", True),
+        ("::127.0.0.1", False),  # IPv4-compatible
+        ("64:ff9b::a9fe:a9fe", False),  # NAT64 of 169.254.169.254
+        ("2002:7f00:1::1", False),  # 6to4 of 127.0.0.1
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo
     ],
 )
 def test_public_addresses(address: str, public: bool) -> None:
     assert is_public_address(ipaddress.ip_address(address)) is public
+
+
+def test_only_raster_formats_are_decoded() -> None:
+    """PostScript is never handed to Pillow's EPS plugin (which runs Ghostscript)."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    with pytest.raises(ImageInputError, match="not an image format the server reads"):
+        decode_image(eps, ImagePolicy())
 
 
 def test_hosts_resolving_to_private_addresses_are_refused() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,10 +66,10 @@ def parse_size(size: str | None, aspect: str | None) -> tuple[int, int]:
         return ASPECT_PRESETS[aspect]
     if not size:
         return DEFAULT_SIZE, DEFAULT_SIZE
-    width_text, sep, height_text = size.lower().partition("x")
-    if not sep or not width_text.isdigit() or not height_text.isdigit():
-        raise ImageRequestError(f"size must look like 1024x1024, got {size!r}", "size")
-    width, height = int(width_text), int(height_text)
+    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size.lower(), flags=re.ASCII)
+    if match is None:
+        raise ImageRequestError(f"size must look like 1024x1024, got {size[:40]!r}", "size")
+    width, height = int(match[1]), int(match[2])
     check_size(width, height)
     return width, height
 

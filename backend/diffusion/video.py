@@ -20,6 +20,7 @@ from backend.vlm.images import ImageInputError, ImagePolicy, data_url_bytes, dec
 
 DEFAULT_FRAMES = 81
 MAX_FRAMES = 129
+MAX_VIDEO_PIXELS = 1280 * 720 * 81  # Wan 2.1's largest: 81 frames of 720p
 FRAME_STRIDE = 4  # Wan's VAE packs 4 frames per latent after the first: 4k + 1 frames
 DEFAULT_FPS = 16
 MAX_FPS = 60
@@ -52,6 +53,10 @@ def validate_video(request: VideoRequest) -> None:
         raise ImageRequestError(
             f"num_frames must be 4k + 1 between 1 and {MAX_FRAMES} (e.g. 49, 81), got {frames}",
             "num_frames")
+    if request.width * request.height * frames > MAX_VIDEO_PIXELS:
+        raise ImageRequestError(
+            f"width x height x num_frames must be at most {MAX_VIDEO_PIXELS:,} (81 frames of "
+            f"1280x720), got {request.width}x{request.height}x{frames}", "num_frames")
     if not 1 <= request.fps <= MAX_FPS:
         raise ImageRequestError(f"fps must be between 1 and {MAX_FPS}", "fps")
     if request.steps is not None and not 1 <= request.steps <= MAX_STEPS:

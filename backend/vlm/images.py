@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # what a request may send
 _USER_AGENT = "mini-sglang-image-fetch/1"
 
 
@@ -160,11 +161,22 @@ def read_file(url: str, max_bytes: int) -> bytes:
 
 
 # ------------------------------------------------------------------- http(s)
+_EMBEDS_IPV4 = (ipaddress.IPv6Network("::/96"), ipaddress.IPv6Network("64:ff9b::/96"),
+                ipaddress.IPv6Network("64:ff9b:1::/48"))  # IPv4-compatible and NAT64
+
+
 def is_public_address(address: IPAddress) -> bool:
-    """Whether `address` is a globally routable unicast address (IPv4-mapped IPv6 addresses
-    are judged by their IPv4 address)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Whether `address` is a globally routable unicast address. An IPv6 address that
+    carries an IPv4 address (mapped, compatible, NAT64, 6to4) is judged by that address too,
+    and Teredo is refused."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.teredo is not None:
+            return False
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and any(address in net for net in _EMBEDS_IPV4):
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None and not is_public_address(embedded):
+            return False
     return address.is_global and not address.is_multicast
 
 
@@ -288,7 +300,8 @@ def decode_image(data: bytes, policy: ImagePolicy) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            # raster formats only: Pillow would hand EPS/PS to Ghostscript, a program
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
             if width * height > policy.max_pixels:
                 raise _bomb(width, height, policy.max_pixels)
