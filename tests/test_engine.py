@@ -473,6 +473,38 @@ def test_other_architectures_fall_back_to_transformers(tiny_model_factory, arch:
         engine.shutdown()
 
 
+@pytest.mark.parametrize("change", ["yarn_rope", "bin_weights"])
+def test_auto_falls_back_to_transformers_for_what_native_lacks(
+    tiny_model_factory, tmp_path, change: str
+) -> None:
+    """A rope scaling the native runner lacks, or weights only as pytorch_model.bin:
+    BACKEND_IMPL=auto serves the model through the transformers runner, equal to HF."""
+    import json
+    import shutil
+
+    folder = tmp_path / change
+    shutil.copytree(tiny_model_factory("llama"), folder)
+    if change == "yarn_rope":
+        config = json.loads((folder / "config.json").read_text())
+        config["rope_scaling"] = {"rope_type": "yarn", "factor": 2.0,
+                                  "original_max_position_embeddings": 256}
+        config.pop("rope_parameters", None)
+        (folder / "config.json").write_text(json.dumps(config))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        for weights in folder.glob("*.safetensors"):
+            weights.unlink()
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    engine = make_engine(str(folder))
+    try:
+        assert type(engine.runner).__name__ == "HFRunner"
+        prompt = random_prompts(1, 12, 12, seed=21)[0]
+        [[out]] = engine.generate([prompt], greedy(6))
+        assert out.token_ids == Reference(str(folder)).generate(prompt, 6)
+    finally:
+        engine.shutdown()
+
+
 def test_prefill_cache_serves_an_identical_prompt(tiny_model_factory) -> None:
     path = tiny_model_factory("qwen2")
     engine = make_engine(path)

@@ -26,7 +26,7 @@ from backend.sglang.layers import CausalLM, DecoderConfig, UnsupportedModelError
 from backend.sglang.models import MODEL_REGISTRY, get_model_class
 from backend.sglang.piecewise_graph import PiecewiseGraphRunner
 from backend.sglang.quant import WEIGHT_QUANT_CHOICES, head_quant_method
-from backend.sglang.weights import init_dummy_weights, load_weights
+from backend.sglang.weights import checkpoint_files, init_dummy_weights, load_weights
 from config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,11 @@ class NativeRunner:
         self.device = device
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"unknown load_format {load_format!r} (auto | dummy)")
+        if load_format == "auto":
+            try:
+                checkpoint_files(model_path)
+            except FileNotFoundError as exc:  # e.g. only pytorch_model.bin: transformers reads it
+                raise UnsupportedModelError(f"{exc}; the native runner reads safetensors") from None
         self.ops: KernelSet = load_kernel_set(kernel_set or default_kernel_set(device))
         self.weight_quant = weight_quant
 

@@ -21,6 +21,7 @@ from backend.batch import ForwardBatch
 from backend.kv_pool import to_pool_dtype
 
 _ROPE_TYPE_KEYS = ("rope_type", "type")
+ROPE_TYPES = ("default", "linear", "llama3")  # the rotary scalings `_inv_freq` computes
 _T = TypeVar("_T")
 
 
@@ -117,7 +118,7 @@ def _inv_freq(head_dim: int, theta: float, rope_scaling: dict[str, Any] | None) 
         return _llama3_inv_freq(inv_freq, rope_scaling)
     raise NotImplementedError(
         f"rope type {kind!r} is not supported by the native runner "
-        "(supported: default, linear, llama3); use BACKEND_IMPL=hf for this model"
+        f"(supported: {', '.join(ROPE_TYPES)}); use BACKEND_IMPL=hf for this model"
     )
 
 
