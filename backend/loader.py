@@ -258,9 +258,11 @@ def embedded_model_dir(config: Config) -> str:
 
 
 def convert_gguf(gguf_path: str, config: Config) -> str:
-    """A .gguf file as a safetensors folder under `<cache>/converted/` (converted once)."""
+    """A .gguf file as a safetensors folder under `<cache>/converted/` (converted once per
+    version of the file: its path, size and modification time name the folder)."""
     path = Path(gguf_path).expanduser().resolve()
-    digest = hashlib.sha256(f"{path}:{path.stat().st_size}".encode()).hexdigest()[:12]
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = Path(config.cache_dir) / "converted" / f"{path.stem}-{digest}"
     return _convert_once(path, target, config.trust_remote_code)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -172,6 +173,13 @@ def test_gguf_path_is_converted_once_into_the_cache(tiny_gguf: Path, tmp_path: P
     again = resolve_model(_config(model_name=str(tiny_gguf), model_cache_dir=str(cache)))
     assert again.path == source.path
     assert marker.stat().st_mtime_ns == before
+
+    replaced = tmp_path / "replaced.gguf"  # a file rewritten in place, same size: converted anew
+    shutil.copy(tiny_gguf, replaced)
+    first = resolve_model(_config(model_name=str(replaced), model_cache_dir=str(cache)))
+    os.utime(replaced, ns=(time.time_ns(), replaced.stat().st_mtime_ns + 10**9))
+    second = resolve_model(_config(model_name=str(replaced), model_cache_dir=str(cache)))
+    assert second.path != first.path
 
 
 def test_interrupted_conversion_leftovers_are_replaced(tiny_gguf: Path, tmp_path: Path) -> None:
