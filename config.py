@@ -157,7 +157,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("KV_CACHE_MEM_FRACTION", "kv_cache_mem_fraction", _fraction, "0.85",
          "Fraction of free accelerator memory, after weights, for the KV pool."),
     Flag("KV_CACHE_CPU_TOKENS", "kv_cache_cpu_tokens", _int_at_least(16), "65536",
-         "KV pool size in tokens on CPU/MPS when KV_CACHE_TOKENS is 0."),
+         "KV pool size in tokens on CPU/MPS when KV_CACHE_TOKENS is 0 (cut to what fits in a "
+         "quarter of the RAM available at start-up)."),
     Flag("MAX_RUNNING_REQUESTS", "max_running_requests", _int_at_least(1, 65535), "256",
          "Most requests in the running batch at once (at most 65535: one CUDA grid axis)."),
     Flag("CHUNKED_PREFILL_SIZE", "chunked_prefill_size", _int_at_least(0), "0",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,8 +20,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def kv_cache_tokens(config: Config, device: torch.device) -> int:
-    """Slots of the KV pool: KV_CACHE_TOKENS, else KV_CACHE_CPU_TOKENS off CUDA.
+CPU_KV_RAM_FRACTION = 0.25  # most of the available RAM the default CPU/MPS pool takes
+
+
+def kv_cache_tokens(config: Config, device: torch.device, bytes_per_token: int = 0) -> int:
+    """Slots of the KV pool: KV_CACHE_TOKENS, else KV_CACHE_CPU_TOKENS off CUDA, cut to what
+    fits in CPU_KV_RAM_FRACTION of the available RAM (`bytes_per_token` of K/V a token).
 
     On CUDA without KV_CACHE_TOKENS the runner sizes the pool from the memory left free
     after its weights (KV_CACHE_MEM_FRACTION); this returns 0 for that case.
@@ -30,7 +34,47 @@ def kv_cache_tokens(config: Config, device: torch.device) -> int:
         return config.kv_cache_tokens
     if device.type == "cuda":
         return 0
-    return config.kv_cache_cpu_tokens
+    tokens = config.kv_cache_cpu_tokens
+    available = available_ram_bytes()
+    if bytes_per_token and available:
+        fits = max(16, int(available * CPU_KV_RAM_FRACTION) // bytes_per_token)
+        if fits < tokens:
+            logger.warning("KV pool: %d tokens instead of KV_CACHE_CPU_TOKENS=%d, to stay within "
+                           "%.0f%% of the %.1f GiB of RAM available (%d bytes a token)", fits,
+                           tokens, 100 * CPU_KV_RAM_FRACTION, available / 2**30, bytes_per_token)
+            tokens = fits
+    return tokens
+
+
+def available_ram_bytes() -> int:
+    """RAM available to new allocations (Linux: MemAvailable; elsewhere the physical RAM);
+    0 when unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def kv_bytes_per_token(config: Config, hf_config: Any) -> int:
+    """K and V bytes one token takes in the pool, from the model's config.json (0 when its
+    text config does not say)."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    try:
+        heads = int(text.num_attention_heads)
+        kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+        layers = int(text.num_hidden_layers)
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return 0
+    itemsize = torch.empty((), dtype=config.resolved_kv_dtype()).element_size()
+    return 2 * layers * kv_heads * head_dim * itemsize
 
 
 def check_kv_cache_dtype(config: Config, device: torch.device) -> None:
@@ -82,7 +126,7 @@ def create_runner(config: Config, source: ModelSource) -> ModelRunner:
     """BACKEND_IMPL: sgl/torch → native; hf → transformers; auto → native, else hf (logged)."""
     device = config.resolved_device()
     dtype = config.resolved_dtype()
-    slots = kv_cache_tokens(config, device)
+    slots = kv_cache_tokens(config, device, kv_bytes_per_token(config, source.hf_config))
     impl = config.backend_impl
     if impl == "mlx":
         raise ConfigError("BACKEND_IMPL=mlx runs in its own engine: build engines with "

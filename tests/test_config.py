@@ -55,3 +55,19 @@ def test_every_flag_is_documented() -> None:
     documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", DOCS.read_text()))
     missing = [flag.env for flag in FLAGS if flag.env not in documented]
     assert not missing, f"undocumented flags: {missing}"
+
+
+def test_the_default_cpu_kv_pool_fits_the_available_ram(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KV_CACHE_CPU_TOKENS is cut to a quarter of the RAM available; an explicit
+    KV_CACHE_TOKENS is kept as asked."""
+    from backend import factory
+
+    cpu = torch.device("cpu")
+    assert factory.available_ram_bytes() > 0
+    per_token = 200_000  # e.g. a 28-layer model with 8 KV heads of 128 in float32 is 229,376
+    monkeypatch.setattr(factory, "available_ram_bytes", lambda: 4 * 2**30)
+    assert factory.kv_cache_tokens(load_config({}), cpu, per_token) == 2**30 // per_token
+    assert factory.kv_cache_tokens(load_config({"KV_CACHE_TOKENS": "100000"}), cpu,
+                                   per_token) == 100_000
+    monkeypatch.setattr(factory, "available_ram_bytes", lambda: 64 * 2**30)
+    assert factory.kv_cache_tokens(load_config({}), cpu, per_token) == 65_536
