@@ -157,14 +157,15 @@ class RollingWindow:
         self._lock = threading.Lock()
 
     def record(self, latency_s: float, tokens: int, now: float | None = None) -> None:
+        now = now or time.monotonic()
         with self._lock:
-            self._events.append((now or time.monotonic(), latency_s, tokens))
+            self._events.append((now, latency_s, tokens))
+            self._trim(now)  # bounded by the window even if nobody reads it
 
     def summary(self, now: float | None = None) -> dict[str, float | int | None]:
         now = now or time.monotonic()
         with self._lock:
-            while self._events and self._events[0][0] < now - self.seconds:
-                self._events.popleft()
+            self._trim(now)
             events = list(self._events)
         latencies = sorted(e[1] for e in events)
         tokens = sum(e[2] for e in events)
@@ -175,6 +176,10 @@ class RollingWindow:
             "latency_mean_s": sum(latencies) / len(latencies) if latencies else None,
             "latency_p50_s": latencies[len(latencies) // 2] if latencies else None,
         }
+
+    def _trim(self, now: float) -> None:
+        while self._events and self._events[0][0] < now - self.seconds:
+            self._events.popleft()
 
 
 @dataclass(eq=False)
@@ -275,13 +280,18 @@ class EnginePool:
         return [p for p in self.config.warm_prefixes.split(WARM_SEPARATOR) if p.strip()]
 
     def shutdown(self) -> None:
+        """Stop the engines; a request still open on one ends with a 503 error."""
         self._stopped.set()
         self._warm_queue.put(None)
         for slot in self.slots:
             slot.engine.shutdown()
+            if slot.alive:
+                self._take_out(slot, "the server is shutting down; retry the request")
 
     def live_slots(self) -> list[EngineSlot]:
-        return [s for s in self.slots if s.alive]
+        """Engines in rotation whose loop (or worker) still runs: one that just stopped is
+        skipped before the watchdog takes it out."""
+        return [s for s in self.slots if s.alive and s.engine.alive]
 
     def insert_prefix(self, prompt: Prompt) -> int:
         """Cache `prompt` in every live engine; returns the tokens inserted per engine."""
@@ -521,11 +531,14 @@ class EnginePool:
             self._rid_slot[rid] = slot
         try:
             slot.engine.submit(ids, params, pool_sink, rid=rid)
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 slot.requests.pop(rid, None)
                 self._rid_slot.pop(rid, None)
             self._release(slot, params.n)
+            if isinstance(exc, RuntimeError) and not slot.engine.alive:
+                raise PoolDown(f"engine {slot.index} of the pool stopped; retry the "
+                               "request") from exc
             raise
         return rid
 
@@ -616,13 +629,15 @@ class EnginePool:
                 if slot.alive and not slot.engine.alive and not self._stopped.is_set():
                     self._take_out(slot)
 
-    def _take_out(self, slot: EngineSlot) -> None:
-        """Out of rotation; every request still on it ends with a 503 error."""
-        logger.error("engine %d stopped; taking it out of the pool", slot.index)
+    def _take_out(self, slot: EngineSlot, message: str = "") -> None:
+        """Out of rotation; every request still on it ends with a 503 error (`message`, or
+        that its engine stopped)."""
+        if not message:
+            logger.error("engine %d stopped; taking it out of the pool", slot.index)
+            message = f"engine {slot.index} of the pool stopped; retry the request"
         with self._lock:
             slot.alive = False
             stranded = list(slot.requests.items())
-        message = f"engine {slot.index} of the pool stopped; retry the request"
         for rid, routed in stranded:
             for index in sorted(routed.pending):
                 usage = Usage(0, 0, 0)
@@ -634,7 +649,8 @@ class EnginePool:
                     logger.exception("failing request %s of a stopped engine", rid)
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._dispatch)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._dispatch)
 
 
 def _merge(deltas: list[StreamDelta]) -> GenerateOutput:

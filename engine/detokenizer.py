@@ -45,14 +45,17 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
     ) -> None:
         self._skip_special_tokens = skip_special_tokens
+        self._backend = _stream_backend(tokenizer)
+        self._decode_ids = _decoder(tokenizer, self._backend)
         context = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:]) if prompt_ids else []
+        if context and self._decode_ids(context, skip_special_tokens).endswith(
+                _REPLACEMENT_CHAR):
+            context = []  # a prompt ending inside a character: its text would leak out
         self._ids: list[int] = context
         self._prefix_offset = 0
         self._read_offset = len(context)
         self._prefix_text: str | None = None  # decode of [prefix_offset, read_offset)
         self._text = ""
-        self._backend = _stream_backend(tokenizer)
-        self._decode_ids = _decoder(tokenizer, self._backend)
         self._stream = _decode_stream(context, skip_special_tokens, self._backend)
 
     @property

@@ -28,7 +28,8 @@ class LoopMailbox:
     """Runs `deliver(item)` on `loop` for items posted from any thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # weak: the registry's key must not be kept alive by its own value
+        self._loop: weakref.ref[asyncio.AbstractEventLoop] = weakref.ref(loop)
         self._items: deque[tuple[Callable[[Any], None], Any]] = deque()
         self._lock = threading.Lock()
         self._scheduled = False  # a drain is queued on the loop and has not started
@@ -43,8 +44,11 @@ class LoopMailbox:
                 return
             self._scheduled = True
             self.wakeups += 1
+        loop = self._loop()
         try:
-            self._loop.call_soon_threadsafe(self._drain)
+            if loop is None:
+                raise RuntimeError("the event loop is gone")
+            loop.call_soon_threadsafe(self._drain)
         except RuntimeError:
             with self._lock:
                 self._scheduled = False

@@ -83,7 +83,8 @@ class ProcessEngine(EngineBase):
                  wait: bool = True) -> None:
         super().__init__(config, source=source)
         self._open: dict[str, _Open] = {}
-        self._lock = threading.Lock()  # guards _open, _closing and sends
+        self._lock = threading.Lock()  # guards _open and _closing
+        self._send_lock = threading.Lock()  # one writer on the pipe at a time
         self._closing = False
         self._dead = threading.Event()
         self._ready: queue.SimpleQueue[WorkerReady | BaseException] = queue.SimpleQueue()
@@ -155,12 +156,11 @@ class ProcessEngine(EngineBase):
             if self._closing:
                 raise RuntimeError(f"the engine worker on {self.device_name} has stopped")
             self._open[rid] = _Open(sink, set(range(params.n)))
-            try:
-                self._conn.send(("submit", (rid, ids, params)))
-            except (OSError, ValueError) as exc:
-                del self._open[rid]
-                raise RuntimeError(f"the engine worker on {self.device_name} has stopped"
-                                   ) from exc
+        if not self._send(("submit", (rid, ids, params))):
+            with self._lock:
+                unanswered = self._open.pop(rid, None) is not None
+            if unanswered:  # (else the worker's exit has failed it through its sink)
+                raise RuntimeError(f"the engine worker on {self.device_name} has stopped")
         return rid
 
     def submit_many(
@@ -209,9 +209,11 @@ class ProcessEngine(EngineBase):
 
     # ------------------------------------------------------------- plumbing
     def _send(self, message: tuple[str, Any]) -> bool:
-        with self._lock:
-            if self._closing:
-                return False
+        """Write to the worker under its own lock: never under `_lock`, which the reader
+        needs for every delta (a full pipe must not stop the reader draining the other)."""
+        if self._closing:
+            return False
+        with self._send_lock:
             try:
                 self._conn.send(message)
             except (OSError, ValueError):
@@ -338,6 +340,8 @@ class _Outbox:
         """After a turn of the loop (loop thread): send its deltas and maybe a snapshot."""
         now = time.monotonic()
         idle = not self.engine.busy
+        if self.deltas or not idle:
+            self.idle_sent = False  # work happened: the first idle turn reports it
         due = now - self.last_snapshot >= SNAPSHOT_PERIOD_S or (idle and not self.idle_sent)
         if not self.deltas and not due:
             return

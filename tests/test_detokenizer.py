@@ -233,3 +233,13 @@ def test_text_without_stop_is_emitted_whole_after_flush() -> None:
     text = "no stop here, only st and sto"
     checker = StopChecker(["stop!", "STOP"])
     assert feed(checker, chunked(text, [3])) == (text, False)
+
+
+def test_a_prompt_ending_inside_a_character_does_not_leak_into_the_text(tokenizer: Any) -> None:
+    """Token-id prompts may stop inside a UTF-8 character: the generated text is still
+    the decode of the generated ids, without the prompt's own text."""
+    prompt = tokenizer.encode("The password hint", add_special_tokens=False)
+    lead_byte = tokenizer.convert_tokens_to_ids("\u00cf")  # a lone UTF-8 lead byte's token
+    generated = tokenizer.encode(" Provider of things", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, prompt + [lead_byte])
+    assert "".join(stream(detok, generated)) == tokenizer.decode(generated)

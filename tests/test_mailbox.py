@@ -74,3 +74,22 @@ def test_posting_to_a_closed_loop_raises_and_the_mailbox_recovers() -> None:
         mailbox.post(print, "late")
     with pytest.raises(RuntimeError):  # not silently swallowed as "already scheduled"
         mailbox.post(print, "later")
+
+
+def test_a_mailbox_does_not_keep_its_loop_alive() -> None:
+    """The registry holds loops weakly; a mailbox must not hold its own loop strongly."""
+    import gc
+    import weakref
+
+    async def touch() -> None:
+        loop_mailbox(asyncio.get_running_loop())
+
+    loops = []
+    for _ in range(3):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(touch())
+        loop.close()
+        loops.append(weakref.ref(loop))
+        del loop
+    gc.collect()
+    assert all(ref() is None for ref in loops)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -127,6 +128,9 @@ def test_prefix_index_and_window() -> None:
     window.record(1.5, 40, now=105.0)
     summary = window.summary(now=112.0)
     assert summary["requests"] == 1 and summary["output_tokens_per_s"] == 4.0
+    for second in range(1000):  # nobody reads it: still bounded by the window
+        window.record(0.1, 1, now=200.0 + second)
+    assert len(window._events) <= 11
 
 
 def test_warm_queue_inserts_once(model_dir: str) -> None:
@@ -269,6 +273,32 @@ def test_a_client_that_leaves_while_queued_gives_its_place_back(model_dir: str) 
         assert after.status_code == 200, after.text
     finally:
         live.stop()
+
+
+def test_a_stopped_engine_gets_no_work_and_shutdown_ends_open_requests(model_dir: str) -> None:
+    """An engine whose loop stopped leaves rotation at once (not at the watchdog's next
+    look); shutting the pool down ends every request still open with an abort."""
+    pool = make_pool(model_dir, SCHEDULER_MODE="rr")
+    try:
+        victim = pool.slots[1].engine
+        victim._stopped.set()  # type: ignore[attr-defined]
+        victim._inbox.put(("stop", None))  # type: ignore[attr-defined]
+        victim._thread.join(timeout=30)  # type: ignore[attr-defined]
+        assert [s.index for s in pool.live_slots()] == [0]
+        outs = pool.generate([_ids(i, 8) for i in range(4)], greedy(3))
+        assert [o[0].finish_reason for o in outs] == ["length"] * 4
+        results: list[Any] = []
+        running = threading.Thread(target=lambda: results.append(
+            pool.generate([_ids(9, 8)], greedy(480))), daemon=True)
+        running.start()
+        deadline = time.monotonic() + 30
+        while not pool.slots[0].requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        pool.shutdown()
+    running.join(timeout=30)
+    assert not running.is_alive()
+    assert results[0][0][0].finish_reason == "abort"
 
 
 def test_a_dead_engine_degrades_the_pool(model_dir: str) -> None:
