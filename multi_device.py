@@ -266,6 +266,12 @@ class EnginePool:
     def max_context_len(self) -> int:
         return self.first.max_context_len
 
+    def check(self, ids: list[int], params: SamplingParams) -> None:
+        """InvalidRequestError for a request no engine could serve, before it is routed (a
+        refused prompt neither waits in the queue nor counts as held by an engine)."""
+        self.first.check_params(params)
+        self.first.check_fits(ids, params)
+
     def tokenize(self, prompt: Prompt) -> list[int]:
         return self.first.tokenize(prompt)
 
@@ -609,17 +615,18 @@ class EnginePool:
 
     def _warm_one(self, ids: list[int]) -> None:
         hashes = PrefixIndex.hashes(ids)
-        with self._lock:
+        whole = len(ids) - len(ids) % PREFIX_BLOCK  # the router sees whole blocks only
+        with self._lock:  # one section: a live request cannot slip in between
             live = self.live_slots()
-            held = any(s.prefixes.match(hashes) >= len(ids) - len(ids) % PREFIX_BLOCK > 0
-                       for s in live)
-        if held or not live:  # cached already, or a live request routed there computes it
-            self.warm_stats["skipped"] += 1
-            return
-        slot = min(live, key=lambda s: (s.in_flight, s.index))
-        with self._lock:  # recorded first: live requests sharing it now go to this engine,
-            slot.prefixes.insert(hashes)  # which computes the prefix once for both
-        slot.engine.insert_prefix(ids)
+            held = any(s.prefixes.match(hashes) >= whole for s in live)
+            # shorter than a block: nothing worth warming, and the router could not tell
+            # whether a live request computes it already
+            if not whole or held or not live:
+                self.warm_stats["skipped"] += 1
+                return
+            slot = min(live, key=lambda s: (s.in_flight, s.index))
+            slot.prefixes.insert(hashes)  # recorded first: live requests sharing it now go
+        slot.engine.insert_prefix(ids)  # to this engine, which computes it once for both
         self.warm_stats["inserted"] += 1
 
     # ------------------------------------------------------------ liveness

@@ -249,6 +249,7 @@ class GenerationStream(DeltaStream):
             if adapted != params.max_new_tokens:
                 self.adjusted_max_tokens = adapted
                 params = replace(params, max_new_tokens=adapted)
+            self._engine.check(ids, params)
             prepared.append((ids, params))
         return prepared
 

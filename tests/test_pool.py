@@ -219,6 +219,23 @@ def test_warm_prefixes_adaptive_tokens_and_metrics(model_dir: str) -> None:
         live.stop()
 
 
+def test_a_refused_request_is_not_routed(model_dir: str) -> None:
+    """A request refused with a 400 never reaches the router: its prompt is not counted
+    as held by an engine, so a later warm or request is not misled."""
+    live = _server(model_dir)
+    try:
+        pool = live.app.state.server.engine
+        prompt = _ids(6, 48)
+        refused = httpx.post(live.url + "/v1/completions", timeout=60, json={
+            "model": "qwen3", "prompt": prompt, "max_tokens": 10**6})
+        assert refused.status_code == 400
+        hashes = PrefixIndex.hashes(prompt)
+        assert all(slot.prefixes.match(hashes) == 0 for slot in pool.slots)
+        assert pool.snapshot()["pool"]["in_flight"] == 0
+    finally:
+        live.stop()
+
+
 def test_default_max_tokens_fits_one_engines_kv_cache(model_dir: str) -> None:
     """Two engines of 300 KV slots under a 512-token context: a request that names no
     max_tokens gets what one engine holds (a request runs on one engine), not a 400."""
