@@ -267,10 +267,12 @@ class EnginePool:
         return self.first.max_context_len
 
     def check(self, ids: list[int], params: SamplingParams) -> None:
-        """InvalidRequestError for a request no engine could serve, before it is routed (a
-        refused prompt neither waits in the queue nor counts as held by an engine)."""
+        """InvalidRequestError for a request some engine could not serve, before it is
+        routed (a refused prompt neither waits in the queue nor counts as held by an engine);
+        any engine may be picked, so the smallest one's KV cache bounds it."""
         self.first.check_params(params)
-        self.first.check_fits(ids, params)
+        for slot in self.live_slots() or self.slots[:1]:
+            slot.engine.check_fits(ids, params)
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         return self.first.tokenize(prompt)
@@ -539,8 +541,11 @@ class EnginePool:
             slot.engine.submit(ids, params, pool_sink, rid=rid)
         except BaseException as exc:
             with self._lock:
-                slot.requests.pop(rid, None)
-                self._rid_slot.pop(rid, None)
+                mine = slot.requests.pop(rid, None) is routed
+                if mine:
+                    self._rid_slot.pop(rid, None)
+            if not mine:  # taken out meanwhile: its sink has the 503, its place is released
+                return rid
             self._release(slot, params.n)
             if isinstance(exc, RuntimeError) and not slot.engine.alive:
                 raise PoolDown(f"engine {slot.index} of the pool stopped; retry the "

@@ -186,7 +186,7 @@ class ProcessEngine(EngineBase):
     @property
     def alive(self) -> bool:
         """False once the worker has stopped (its open requests have been failed first)."""
-        return self._started and not self._dead.is_set()
+        return self._started and not self._dead.is_set() and not self._closing
 
     @property
     def open_requests(self) -> int:

@@ -18,7 +18,8 @@ import pytest
 
 from api.server import create_app
 from config import load_config
-from engine.sampling_params import SamplingParams
+from engine.engine import Engine
+from engine.sampling_params import InvalidRequestError, SamplingParams
 from multi_device import EnginePool, PoolBusy, PoolDown, PrefixIndex, RollingWindow
 from tests.test_server import LiveServer
 
@@ -234,6 +235,22 @@ def test_a_refused_request_is_not_routed(model_dir: str) -> None:
         assert pool.snapshot()["pool"]["in_flight"] == 0
     finally:
         live.stop()
+
+
+def test_the_check_before_routing_holds_for_every_engine(model_dir: str) -> None:
+    """Engines of different KV sizes: a request the smaller one cannot hold is refused
+    before routing, whichever engine the router would pick."""
+    env = {"MODEL_LOCAL_DIR": model_dir, "DTYPE": "float32", "SCHEDULER_MODE": "rr"}
+    engines = [Engine(load_config({**env, "KV_CACHE_CPU_TOKENS": tokens}))
+               for tokens in ("4096", "300")]
+    pool = EnginePool(load_config(env), engines=engines)  # type: ignore[arg-type]
+    try:
+        ids = _ids(8, 48)
+        with pytest.raises(InvalidRequestError, match="KV cache of 300"):
+            pool.check(ids, greedy(400))
+        pool.check(ids, greedy(200))
+    finally:
+        pool.shutdown()
 
 
 def test_default_max_tokens_fits_one_engines_kv_cache(model_dir: str) -> None:
