@@ -132,9 +132,10 @@ class Scheduler:
         cached right after that step's launch may hold unwritten slots. Returns the
         requests."""
         dropped = self.running + list(self.waiting)
-        for req in self.running:
-            self.allocator.free(req.slots[req.cached_len :])
-            self._unhold(req)
+        for req in dropped:  # a waiting one holds nothing, unless the step failed admitting it
+            if req.slots or req.row or req.node is not None:
+                self.allocator.free(req.slots[req.cached_len :])
+                self._unhold(req)
         self.running.clear()
         self.waiting.clear()
         self.flush_cache()
