@@ -338,7 +338,6 @@ class EnginePool:
         for slot, window in zip(self.slots, windows, strict=True):
             view: dict[str, Any] = {"engine": slot.index, "alive": slot.alive,
                                     "in_flight": slot.in_flight, "window": window}
-            numbers = dict(slot.counts)
             if slot.alive:
                 snap = slot.engine.snapshot()
                 view.update(snap)
@@ -347,6 +346,7 @@ class EnginePool:
                 slot.counts = {key: value for key, value in numbers.items()
                                if key not in SNAPSHOT_GAUGES}
             else:
+                numbers = slot.counts
                 view.update(numbers)
             for key, value in numbers.items():
                 totals[key] = totals.get(key, 0) + value

@@ -108,7 +108,7 @@ class HFMode:
         params_for = ctx.params_for(sampling, body.max_new_tokens)
         prompt_ids = await asyncio.to_thread(ctx.engine.tokenize, body.prompt)
         params = params_for(prompt_ids)
-        ctx.engine.first.check_fits(prompt_ids, params)
+        ctx.engine.check(prompt_ids, params)
         check_in_flight(ctx.metrics, ctx.max_in_flight)
         baseline = await self._load(ctx)
         stream = HFStream(ctx.metrics, ctx.timeout_s, time.monotonic())

@@ -271,25 +271,22 @@ class GenerationStream(DeltaStream):
                      is_disconnected: IsDisconnected | None) -> EngineSlot:
         """The pool's admission, given up (leaving its queue) once the client is gone."""
         admission = asyncio.ensure_future(self._engine.admit(ids, weight))
-        handed_over = False
         try:
             while True:
                 done, _ = await asyncio.wait({admission}, timeout=DISCONNECT_POLL_S)
                 if done:
-                    slot = admission.result()
-                    handed_over = True
-                    return slot
+                    return admission.result()
                 if is_disconnected is not None and await is_disconnected():
                     self._fail("disconnect")
                     raise ClientDisconnected
-        finally:
+        except BaseException:  # the client left, or this task was cancelled
             if not admission.done():
                 admission.cancel()  # the pool drops the waiter (and any place it was given)
                 with contextlib.suppress(asyncio.CancelledError, PoolBusy, PoolDown):
                     await admission
-            if not handed_over and admission.done() and not admission.cancelled() \
-                    and admission.exception() is None:
+            if not admission.cancelled() and admission.exception() is None:
                 self._engine.cancel(admission.result(), weight)  # placed as we gave up
+            raise
 
     def _submit(
         self, number: int, ids: list[int], params: SamplingParams, sub_rid: str, slot: EngineSlot

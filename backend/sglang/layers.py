@@ -69,10 +69,9 @@ class DecoderConfig:
             raise UnsupportedModelError(f"activation {activation!r} is not supported (silu only)")
         num_heads = hf_config.num_attention_heads
         theta, scaling = rope_settings(hf_config)
-        if torch_ops.rope_type(scaling) not in torch_ops.ROPE_TYPES:
-            raise UnsupportedModelError(
-                f"rope type {torch_ops.rope_type(scaling)!r} is not supported (supported: "
-                f"{', '.join(torch_ops.ROPE_TYPES)})")
+        if (rope := torch_ops.rope_type(scaling)) not in torch_ops.ROPE_TYPES:
+            raise UnsupportedModelError(f"rope type {rope!r} is not supported (supported: "
+                                        f"{', '.join(torch_ops.ROPE_TYPES)})")
         return cls(
             vocab_size=hf_config.vocab_size,
             hidden_size=hf_config.hidden_size,

