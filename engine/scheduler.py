@@ -153,6 +153,9 @@ class Scheduler:
     # ---------------------------------------------------------------- schedule
     def schedule(self) -> StepPlan | None:
         budget = self.step_budget
+        # Prompts not yet computed before this step reach the radix cache after it at the
+        # earliest: requests sharing them wait (their chunks below count this step's work).
+        uncached = [r.token_ids for r in self.running if r.num_computed < len(r.prompt_ids)]
         decoding: list[Req] = []
         prefilling: list[Req] = []
         for req in self.running:
@@ -179,7 +182,7 @@ class Scheduler:
                 budget -= n
         sample_hits: list[tuple[Req, torch.Tensor]] = []
         if budget > 0:
-            self._admit(budget, scheduled, sample_hits)
+            self._admit(budget, scheduled, sample_hits, uncached)
         if not scheduled and not sample_hits:
             return None
         return self._plan(scheduled, sample_hits)
@@ -288,8 +291,8 @@ class Scheduler:
         budget: int,
         scheduled: list[tuple[Req, int]],
         hits: list[tuple[Req, torch.Tensor]],
+        prefilling: list[list[int]],
     ) -> None:
-        prefilling = [r.token_ids for r in self.running if r.num_computed < len(r.prompt_ids)]
         for req in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_running_requests:
                 return

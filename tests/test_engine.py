@@ -387,6 +387,27 @@ def test_chat_without_a_chat_template_is_a_clear_error(tiny_model_factory, tmp_p
         engine.shutdown()
 
 
+@pytest.mark.parametrize("overlap", OVERLAP)
+def test_a_prompt_split_over_steps_is_shared_not_recomputed(
+    tiny_model_factory, overlap: str
+) -> None:
+    """A prompt whose prefill takes two steps is cached only after the second: a request
+    sharing its first 80 tokens, sent beside it, waits for that and reuses them instead of
+    computing them again in the second step."""
+    path = tiny_model_factory("llama")
+    engine = make_engine(path, CHUNKED_PREFILL_SIZE="64", OVERLAP_SCHEDULE=overlap)
+    try:
+        shared = random_prompts(1, 80, 80, seed=11)[0]
+        first, second = shared + [301, 302], shared + [401, 402, 403]
+        outs = engine.generate([first, second], [greedy(8), greedy(8)])
+        assert outs[1][0].usage.cached_tokens >= 64  # the shared tokens, to a cache block
+        ref = Reference(path)
+        assert outs[0][0].token_ids == ref.generate(first, 8)
+        assert outs[1][0].token_ids == ref.generate(second, 8)
+    finally:
+        engine.shutdown()
+
+
 def test_warmup_leaves_nothing_behind(tiny_model_factory) -> None:
     """Warm-up (on CUDA: also prompts extending a short and a long cached prompt beside
     requests decoding it, and an extend alone) runs each of those steps, also when called
