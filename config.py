@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -64,15 +65,15 @@ def _fraction(raw: str) -> float:
 
 def _non_negative_float(raw: str) -> float:
     value = float(raw)
-    if value < 0:
-        raise ValueError(f"must be >= 0, got {value}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"must be a finite number >= 0, got {value}")
     return value
 
 
 def _positive_float(raw: str) -> float:
     value = float(raw)
-    if value <= 0:
-        raise ValueError(f"must be > 0, got {value}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be a finite number > 0, got {value}")
     return value
 
 
@@ -242,11 +243,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag("ADAPTIVE_FACTOR", "adaptive_factor", _fraction, "0.5",
          "Factor applied to max_tokens under load."),
     Flag("WARM_PREFIXES", "warm_prefixes", _text, "",
-         "Prompts (separated by ||) cached in every engine at start-up."),
+         "Prompts (separated by ||, spaces around each dropped) cached in every engine at "
+         "start-up."),
     Flag("ASYNC_PREFILL_QUEUE", "async_prefill_queue", _parse_bool, "1",
          "Warm prefixes asked for at run time (control plane `warm`) in a background "
          "thread, skipping those an engine already holds or computes."),
-    Flag("METRIC_WINDOW", "metric_window_s", _non_negative_float, "60",
+    Flag("METRIC_WINDOW", "metric_window_s", _positive_float, "60",
          "Seconds of the rolling latency/throughput window, per engine and in total."),
     Flag("ZMQ_CONTROL", "zmq_control", _parse_bool, "0",
          "Serve the ZMQ control plane (ipc/zmq_control.py) beside HTTP."),

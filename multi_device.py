@@ -47,8 +47,8 @@ from typing import Any
 import torch
 
 from backend.factory import create_engine
-from config import Config, ConfigError, get_config
-from engine.base import SNAPSHOT_GAUGES, EngineBase, GenerateOutput, Prompt
+from config import Config, ConfigError, get_config, resolve_device
+from engine.base import PREFIX_PARAMS, SNAPSHOT_GAUGES, EngineBase, GenerateOutput, Prompt
 from engine.request import Sink, StreamDelta, Usage
 from engine.sampling_params import SamplingParams
 
@@ -93,7 +93,7 @@ def use_processes(config: Config, devices: Sequence[str]) -> bool:
     than one engine, all on CUDA)."""
     if config.engine_processes != "auto":
         return config.engine_processes == "1"
-    return len(devices) > 1 and all(d.startswith("cuda") for d in devices)
+    return len(devices) > 1 and all(resolve_device(d).type == "cuda" for d in devices)
 
 
 def build_engines(config: Config) -> list[EngineBase]:
@@ -143,6 +143,10 @@ class PrefixIndex:
             self._blocks.move_to_end(h)
         while len(self._blocks) > self._max_blocks:
             self._blocks.popitem(last=False)
+
+    def remove(self, hashes: Sequence[int]) -> None:
+        for h in hashes:
+            self._blocks.pop(h, None)
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -237,7 +241,7 @@ class EnginePool:
         self._rid_slot: dict[str, EngineSlot] = {}
         self._stopped = threading.Event()
         self._warm_queue: queue.SimpleQueue[list[int] | None] = queue.SimpleQueue()
-        self.warm_stats = {"queued": 0, "inserted": 0, "skipped": 0}
+        self.warm_stats = {"queued": 0, "inserted": 0, "skipped": 0, "failed": 0}
         self._threads = [threading.Thread(target=self._watch, name="pool-watchdog", daemon=True)]
         if self.config.async_prefill_queue:
             self._threads.append(
@@ -285,7 +289,9 @@ class EnginePool:
             self.insert_prefix(prefix)
 
     def warm_prefixes(self) -> list[str]:
-        return [p for p in self.config.warm_prefixes.split(WARM_SEPARATOR) if p.strip()]
+        """WARM_PREFIXES split at ||, each without the spaces around it (a leading space
+        would tokenize unlike the prompts it should match)."""
+        return [p.strip() for p in self.config.warm_prefixes.split(WARM_SEPARATOR) if p.strip()]
 
     def shutdown(self) -> None:
         """Stop the engines; a request still open on one ends with a 503 error."""
@@ -604,8 +610,10 @@ class EnginePool:
         queue is off."""
         if not self.config.async_prefill_queue:
             return False
+        ids = self.tokenize(prompt)
+        self.check(ids, PREFIX_PARAMS)  # a prompt no engine could hold is refused now
         self.warm_stats["queued"] += 1
-        self._warm_queue.put(self.tokenize(prompt))
+        self._warm_queue.put(ids)
         return True
 
     def _warm_worker(self) -> None:
@@ -630,8 +638,15 @@ class EnginePool:
                 self.warm_stats["skipped"] += 1
                 return
             slot = min(live, key=lambda s: (s.in_flight, s.index))
+            new = hashes[slot.prefixes.match(hashes) // PREFIX_BLOCK :]
             slot.prefixes.insert(hashes)  # recorded first: live requests sharing it now go
-        slot.engine.insert_prefix(ids)  # to this engine, which computes it once for both
+        try:  # to this engine, which computes it once for both
+            slot.engine.insert_prefix(ids)
+        except Exception:
+            with self._lock:  # the router must not send requests for what is not there
+                slot.prefixes.remove(new)
+                self.warm_stats["failed"] += 1
+            raise
         self.warm_stats["inserted"] += 1
 
     # ------------------------------------------------------------ liveness

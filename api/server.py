@@ -101,7 +101,7 @@ class ServerState:
             self.engine = engine
             await asyncio.to_thread(engine.warmup)
             settings = self.settings
-            self.serving = ServingContext.build(
+            serving = ServingContext.build(
                 engine,
                 self.metrics,
                 timeout_s=settings.request_timeout_s,
@@ -114,6 +114,7 @@ class ServerState:
                 self.control = ControlServer(engine, self.config.zmq_control_endpoint,
                                              self.config.zmq_control_token).start()
             self._check_vlm_name(engine.model_name)
+            self.serving = serving  # serves only once all of it stands: never half-failed
             self.status = "ready"
             logger.info("model %s ready", engine.model_name)
         except Exception as exc:

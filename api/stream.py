@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -126,16 +127,20 @@ class DeltaStream:
             self.close()
         return [results[i] for i in sorted(results)]
 
+    def _check_deadline(self, now: float) -> None:
+        """APIError 504 once the request has run past REQUEST_TIMEOUT_S (queued time too)."""
+        if self._deadline is not None and now >= self._deadline:
+            self._fail("timeout")
+            raise APIError(
+                504,
+                "the request ran past the server's time limit and was aborted",
+                code="request_timeout",
+            )
+
     async def _next(self, is_disconnected: IsDisconnected | None) -> StreamDelta:
         while True:
             now = time.monotonic()
-            if self._deadline is not None and now >= self._deadline:
-                self._fail("timeout")
-                raise APIError(
-                    504,
-                    "the request ran past the server's time limit and was aborted",
-                    code="request_timeout",
-                )
+            self._check_deadline(now)
             if is_disconnected is not None and now >= self._next_poll:
                 self._next_poll = now + DISCONNECT_POLL_S
                 if await is_disconnected():
@@ -269,11 +274,15 @@ class GenerationStream(DeltaStream):
 
     async def _admit(self, ids: list[int], weight: int,
                      is_disconnected: IsDisconnected | None) -> EngineSlot:
-        """The pool's admission, given up (leaving its queue) once the client is gone."""
+        """The pool's admission, given up (leaving its queue) once the client is gone or the
+        request's time limit passes."""
         admission = asyncio.ensure_future(self._engine.admit(ids, weight))
         try:
             while True:
-                done, _ = await asyncio.wait({admission}, timeout=DISCONNECT_POLL_S)
+                now = time.monotonic()
+                self._check_deadline(now)  # its time limit counts the wait for room too
+                wait = min(DISCONNECT_POLL_S, (self._deadline or math.inf) - now)
+                done, _ = await asyncio.wait({admission}, timeout=wait)
                 if done:
                     return admission.result()
                 if is_disconnected is not None and await is_disconnected():

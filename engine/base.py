@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import gc
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,6 +34,9 @@ from engine.request import Req, Sink, StreamDelta, TokenLogprob, Usage
 from engine.sampling_params import InvalidRequestError, SamplingParams
 
 logger = logging.getLogger(__name__)
+LIVENESS_POLL_S = 0.5  # how often a caller waiting on the loop checks that it still runs
+# what caching a prefix runs (insert_prefix, warming): its prompt and one greedy token
+PREFIX_PARAMS = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
 
 Prompt = str | list[dict[str, Any]] | list[int]
 MAX_N = 16
@@ -318,14 +323,27 @@ class EngineBase:
                         done.set()
 
         rids = self.submit_many([(p, sp, sink, None) for p, sp in zip(prompts, plist)])
-        done.wait()
+        while not done.wait(LIVENESS_POLL_S):
+            if not self.alive:  # its loop died before ending them: never wait for good
+                raise RuntimeError(f"the engine on {self.device_name} has stopped")
         return [[outputs[rid][i] for i in sorted(outputs[rid])] for rid in rids]
 
     def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
         """Run `fn` on the loop thread between steps and return its result."""
         result: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
         self._inbox.put(("call", (fn, result)))
-        ok, value = result.get(timeout=timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = LIVENESS_POLL_S if deadline is None else min(
+                LIVENESS_POLL_S, max(0.0, deadline - time.monotonic()))
+            try:
+                ok, value = result.get(timeout=wait)
+                break
+            except queue.Empty:
+                if not self.alive:
+                    raise RuntimeError(f"the engine on {self.device_name} has stopped") from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
         if not ok:
             raise value
         return value
@@ -333,8 +351,7 @@ class EngineBase:
     def insert_prefix(self, prompt: Prompt) -> int:
         """Compute a prefix once and keep it in the prefix cache; returns its token count."""
         ids = self.tokenize(prompt)
-        params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
-        self.generate([ids], params)
+        self.generate([ids], PREFIX_PARAMS)
         return len(ids)
 
     def warmup(self) -> None:
@@ -402,10 +419,16 @@ class EngineBase:
         self._loop()
 
     def _loop(self) -> None:
-        while not self._stopped.is_set():
-            self._turn()
-            for hook in self._turn_hooks:
-                hook()
+        try:
+            while not self._stopped.is_set():
+                self._turn()
+                for hook in self._turn_hooks:
+                    hook()
+        except BaseException:  # outside a step (a step's own error is handled in _turn)
+            logger.exception("engine loop on %s stopped", self.device_name)
+            self._stopped.set()  # reads as stopped before its requests hear of it
+            with contextlib.suppress(Exception):
+                self._fail_all("engine error: the engine loop stopped")
 
     def _turn(self) -> None:
         """Take what the inbox holds, then run one step if there is work."""

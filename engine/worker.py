@@ -86,6 +86,7 @@ class ProcessEngine(EngineBase):
         self._lock = threading.Lock()  # guards _open and _closing
         self._send_lock = threading.Lock()  # one writer on the pipe at a time
         self._closing = False
+        self._pipe_broken = False  # a write failed: the worker is gone, its EOF may lag
         self._dead = threading.Event()
         self._ready: queue.SimpleQueue[WorkerReady | BaseException] = queue.SimpleQueue()
         self._results: dict[int, queue.SimpleQueue[tuple[bool, Any]]] = {}
@@ -185,8 +186,10 @@ class ProcessEngine(EngineBase):
 
     @property
     def alive(self) -> bool:
-        """False once the worker has stopped (its open requests have been failed first)."""
-        return self._started and not self._dead.is_set() and not self._closing
+        """False once the worker has stopped (its open requests failed first) or a write to
+        it failed (it is gone; the pool fails its requests)."""
+        return (self._started and not self._dead.is_set() and not self._closing
+                and not self._pipe_broken)
 
     @property
     def open_requests(self) -> int:
@@ -217,6 +220,7 @@ class ProcessEngine(EngineBase):
             try:
                 self._conn.send(message)
             except (OSError, ValueError):
+                self._pipe_broken = True
                 return False
         return True
 

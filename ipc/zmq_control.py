@@ -86,14 +86,17 @@ class ControlServer:
                 continue
             # every frame of a multipart message is read, so that REP may answer it
             frames = self._socket.recv_multipart()
+            self._socket.send(self._reply(frames))
+
+    def _reply(self, frames: list[bytes]) -> bytes:
+        """The encoded reply to one message (never raises: REP must answer every request)."""
+        try:
             reply = (self.handle(frames[0]) if len(frames) == 1 else
                      {"ok": False, "error": "the request must be a single-frame message"})
-            try:
-                body = json.dumps(reply).encode()
-            except (TypeError, ValueError) as exc:  # a result that is not JSON
-                logger.exception("control reply could not be encoded")
-                body = json.dumps({"ok": False, "error": f"reply not encodable: {exc}"}).encode()
-            self._socket.send(body)
+            return json.dumps(reply).encode()
+        except Exception as exc:  # a reply that is not JSON, or a bug: the thread goes on
+            logger.exception("control request failed")
+            return json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}).encode()
 
     def handle(self, raw: bytes) -> dict[str, Any]:
         """The reply to one raw request (never raises)."""
@@ -101,6 +104,8 @@ class ControlServer:
             request = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
             return {"ok": False, "error": "the request is not JSON"}
+        except ValueError as exc:  # e.g. an integer past Python's digit limit
+            return {"ok": False, "error": f"the request is not usable JSON: {exc}"}
         except RecursionError:
             return {"ok": False, "error": "the request is nested too deeply"}
         if not isinstance(request, dict):
@@ -160,15 +165,16 @@ class ControlServer:
 
 
 def request(command: str, endpoint: str, token: str = "", *, timeout_ms: int = 10_000,
-            **fields: Any) -> dict[str, Any]:
-    """Send one command and return the reply (a fresh REQ socket per call)."""
+            fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Send one command with its extra `fields` and return the reply (a fresh REQ socket
+    per call)."""
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     socket = context.socket(zmq.REQ)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVTIMEO, timeout_ms)
     try:
         socket.connect(endpoint)
-        message: dict[str, Any] = {"cmd": command, **fields}
+        message: dict[str, Any] = {**(fields or {}), "cmd": command}
         if token:
             message["token"] = token
         socket.send(json.dumps(message).encode())
@@ -198,9 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     fields = {}
     for item in args.arg:
         key, _, value = item.partition("=")
+        if key in ("cmd", "token"):
+            parser.error(f"--arg {key}=... is not an extra field: give the command or --token")
         fields[key] = _parse_value(value)
     try:
-        reply = request(args.cmd, args.endpoint, args.token, **fields)
+        reply = request(args.cmd, args.endpoint, args.token, fields=fields)
     except zmq.Again:
         print(f"no reply from {args.endpoint}", file=sys.stderr)
         return 1

@@ -38,6 +38,9 @@ def test_values_are_typed() -> None:
         ("KV_CACHE_MEM_FRACTION", "1.5"),
         ("CHUNKED_PREFILL_SIZE", "lots"),
         ("LOAD_FORMAT", "pickle"),
+        ("METRIC_WINDOW", "0"),  # a rate over no time
+        ("QUEUE_TIMEOUT_S", "nan"),
+        ("REQUEST_TIMEOUT_S", "inf"),
     ],
 )
 def test_bad_value_names_the_flag(env: str, value: str) -> None:

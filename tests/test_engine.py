@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -404,6 +405,32 @@ def test_a_prompt_split_over_steps_is_shared_not_recomputed(
         ref = Reference(path)
         assert outs[0][0].token_ids == ref.generate(first, 8)
         assert outs[1][0].token_ids == ref.generate(second, 8)
+    finally:
+        engine.shutdown()
+
+
+def test_a_dead_loop_fails_its_requests_and_callers(tiny_model_factory) -> None:
+    """An engine loop that stops outside a step (a bug, say) ends its open requests with an
+    error, and callers waiting on it (a generation, a call between steps) get an error
+    instead of waiting for good."""
+    engine = make_engine(tiny_model_factory("llama"))
+    try:
+        [[first]] = engine.generate([random_prompts(1, 8, 8)[0]], greedy(2))  # it runs
+
+        def dies() -> None:
+            raise SystemExit("injected: the loop stops")
+
+        engine.add_turn_hook(dies)
+        outs = engine.generate([random_prompts(1, 8, 8, seed=3)[0]], greedy(200))
+        assert outs[0][0].finish_reason == "abort"
+        assert not engine.alive
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="has stopped"):
+            engine.call(lambda: 1)
+        with pytest.raises(RuntimeError, match="has stopped"):
+            engine.generate([random_prompts(1, 8, 8, seed=4)[0]], greedy(2))
+        assert time.monotonic() - started < 10
+        assert len(first.token_ids) == 2
     finally:
         engine.shutdown()
 

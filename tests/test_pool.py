@@ -143,10 +143,37 @@ def test_warm_queue_inserts_once(model_dir: str) -> None:
         while pool.warm_stats["inserted"] + pool.warm_stats["skipped"] < 2:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert pool.warm_stats == {"queued": 2, "inserted": 1, "skipped": 1}
+        assert pool.warm_stats == {"queued": 2, "inserted": 1, "skipped": 1, "failed": 0}
         ids = pool.tokenize(text)
         [[out]] = pool.generate([ids + [5, 6]], greedy(2))
         assert out.usage.cached_tokens >= len(ids) - 1
+        with pytest.raises(InvalidRequestError):  # refused before it is queued
+            pool.warm([7] * pool.max_context_len)
+        assert pool.warm_stats["queued"] == 2
+    finally:
+        pool.shutdown()
+
+
+def test_a_failed_warm_leaves_no_router_record(model_dir: str) -> None:
+    """A background warm whose insert fails takes back what it recorded: the router must
+    not send requests to an engine for a prefix it does not hold."""
+    pool = make_pool(model_dir, SCHEDULER_MODE="cache_aware")
+    try:
+        ids = _ids(4, 64)
+        target = pool.slots[0].engine
+
+        def fails(prompt: object) -> int:
+            raise RuntimeError("injected: the insert failed")
+
+        target.insert_prefix = fails  # type: ignore[method-assign]
+        assert pool.warm(ids)
+        deadline = time.monotonic() + 30
+        while pool.warm_stats["failed"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        hashes = PrefixIndex.hashes(ids)
+        assert all(slot.prefixes.match(hashes) == 0 for slot in pool.slots)
+        assert pool.warm_stats["inserted"] == 0
     finally:
         pool.shutdown()
 
@@ -195,7 +222,7 @@ def test_flood_past_the_caps_gets_200s_and_429s(model_dir: str) -> None:
 
 def test_warm_prefixes_adaptive_tokens_and_metrics(model_dir: str) -> None:
     warm = " ".join(["system"] * 48)
-    live = _server(model_dir, WARM_PREFIXES=f"{warm}||short one", MAX_INFLIGHT_TOTAL="2",
+    live = _server(model_dir, WARM_PREFIXES=f"{warm} || short one", MAX_INFLIGHT_TOTAL="2",
                    ADAPTIVE_MAX_NEW_TOKENS="1", ADAPTIVE_LOAD_THRESHOLD="0.5",
                    ADAPTIVE_FACTOR="0.5", METRIC_WINDOW="30")
     try:
@@ -305,6 +332,27 @@ def test_a_client_that_leaves_while_queued_gives_its_place_back(model_dir: str) 
         after = httpx.post(live.url + "/v1/completions", timeout=60, json={
             "model": "qwen3", "prompt": _ids(3, 16), "max_tokens": 4})
         assert after.status_code == 200, after.text
+    finally:
+        live.stop()
+
+
+def test_the_time_limit_counts_the_wait_in_the_queue(model_dir: str) -> None:
+    """REQUEST_TIMEOUT_S bounds a request from its arrival: one queued behind a full pool
+    gets its 504 at the limit (not a 429 at QUEUE_TIMEOUT_S) and leaves the queue."""
+    live = _server(model_dir, MAX_INFLIGHT_TOTAL="1", QUEUE_TIMEOUT_S="30",
+                   REQUEST_TIMEOUT_S="1")
+    try:
+        pool = live.app.state.server.engine
+        taken = pool.route(_ids(1))  # the place, held without an engine request
+        started = time.monotonic()
+        answer = httpx.post(live.url + "/v1/completions", timeout=60, json={
+            "model": "qwen3", "prompt": _ids(2, 16), "max_tokens": 4})
+        assert answer.status_code == 504, answer.text
+        assert answer.json()["error"]["code"] == "request_timeout"
+        assert time.monotonic() - started < 5
+        assert pool.snapshot()["pool"]["queued"] == 0
+        assert pool.snapshot()["pool"]["in_flight"] == 1  # only the place taken above
+        pool.cancel(taken, 1)
     finally:
         live.stop()
 

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ def control(tiny_model_factory: Callable[[str], str]) -> Iterator[tuple[LiveServ
 
 
 def _ask(endpoint: str, cmd: str, **fields: Any) -> dict[str, Any]:
-    return request(cmd, endpoint, TOKEN, **fields)
+    return request(cmd, endpoint, TOKEN, fields=fields)
 
 
 def test_metrics_health_and_engines(control: tuple[LiveServer, str]) -> None:
@@ -92,7 +93,8 @@ def test_token_and_garbage(control: tuple[LiveServer, str]) -> None:
     assert request("metrics", endpoint, 12345)["ok"] is False  # type: ignore[arg-type]
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     nested = b"[" * 100_000 + b"]" * 100_000  # past the JSON decoder's recursion limit
-    for frames in ([b"\xff\xfe not json"], [b"[1, 2]"], [b"{}"], [nested],
+    huge = b'{"cmd": "health", "n": ' + b"9" * 5000 + b"}"  # past int's digit limit
+    for frames in ([b"\xff\xfe not json"], [b"[1, 2]"], [b"{}"], [nested], [huge],
                    [json.dumps({"cmd": "explode", "token": TOKEN}).encode()],
                    [json.dumps({"cmd": "health", "token": TOKEN}).encode(), b"more"]):
         sock = context.socket(zmq.REQ)
@@ -117,3 +119,38 @@ def test_command_line_client(control: tuple[LiveServer, str]) -> None:
          endpoint, "--token", TOKEN], cwd=ROOT, capture_output=True, text=True, timeout=60,
         check=False)
     assert refused.returncode == 1 and "tokens must be" in refused.stdout
+    for reserved in ("token=x", "cmd=flush_cache"):  # not extra fields
+        clash = subprocess.run(
+            [sys.executable, "-m", "ipc.zmq_control", "metrics", "--arg", reserved,
+             "--endpoint", endpoint, "--token", TOKEN], cwd=ROOT, capture_output=True,
+            text=True, timeout=60, check=False)
+        assert clash.returncode == 2 and "is not an extra field" in clash.stderr
+
+
+def test_a_control_plane_that_cannot_bind_fails_the_whole_server(
+    tiny_model_factory: Callable[[str], str]
+) -> None:
+    """An endpoint already taken fails start-up as a whole: /health says failed and the
+    API answers 503, rather than serving while health reports a failure."""
+    endpoint = _free_endpoint()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    taken = context.socket(zmq.REP)
+    taken.bind(endpoint)
+    config = load_config({
+        "MODEL_LOCAL_DIR": tiny_model_factory("qwen3"), "DTYPE": "float32",
+        "KV_CACHE_CPU_TOKENS": "4096", "ZMQ_CONTROL": "1", "ZMQ_CONTROL_ENDPOINT": endpoint,
+    })
+    live = LiveServer(create_app(config=config)).start()
+    try:
+        deadline = time.monotonic() + 60
+        while (health := httpx.get(live.url + "/health")).json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        assert "Address already in use" in health.json()["error"]
+        answer = httpx.post(live.url + "/v1/completions", timeout=30,
+                            json={"model": "qwen3", "prompt": "hi", "max_tokens": 2})
+        assert answer.status_code == 503
+    finally:
+        live.stop()
+        taken.close(linger=0)
