@@ -203,6 +203,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("MAX_N", "max_n", _int_at_least(1), "16", "Most choices (`n`) per request (at most 16)."),
     Flag("MAX_PROMPTS", "max_prompts", _int_at_least(1), "64",
          "Most prompts in one /v1/completions prompt array (400 beyond); each gets `n` choices."),
+    Flag("GENERATE_HF_MODE", "generate_hf_mode", _parse_bool, "0",
+         "Let /generate take `mode: \"hf\"`: the plain transformers baseline, a second copy "
+         "of the model loaded on first use (off: a 400)."),
     Flag("MAX_PENDING_REQUESTS", "max_pending_requests", _int_at_least(0), "0",
          "Most generation requests in flight in the server (429 beyond); 0 = no limit."),
     # Logging
@@ -421,6 +424,7 @@ class Config:
     max_request_bytes: int = 8388608
     max_n: int = 16
     max_prompts: int = 64
+    generate_hf_mode: bool = False
     max_pending_requests: int = 0
     log_level: str = "info"
 

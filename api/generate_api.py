@@ -3,7 +3,8 @@
 Streaming answers one JSON object per line: `{"text_delta": ...}` chunks, then
 `{"event": "done", "finish_reason": ..., "usage": {...}}` (or `{"event": "error", "error":
 {...}}`). `stream: false` answers `{"text", "finish_reason", "usage"}`. `mode: "hf"` runs the
-plain transformers `generate` baseline (`backend.hf.baseline.HFBaseline`), loaded on first use.
+plain transformers `generate` baseline (`backend.hf.baseline.HFBaseline`), loaded on first use,
+where the operator allows it (GENERATE_HF_MODE=1).
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ class HFMode:
     async def open(self, body: GenerateRequest, ctx: ServingContext, rid: str) -> HFStream:
         """Check the request as the engine would (sampling, context, the in-flight cap),
         load the baseline on first use, and start its generation."""
+        if not self._config.generate_hf_mode:
+            raise APIError(400, "mode 'hf' is off on this server (the operator enables it "
+                           "with GENERATE_HF_MODE=1)", param="mode", code="mode_unavailable")
         sampling = body.sampling_kwargs()
         for name, neutral in _HF_NEUTRAL.items():
             if sampling.get(name, neutral) != neutral:

@@ -273,7 +273,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def model(model: str) -> Response:
         cards = {card.id: card for card in state.model_cards()}
         if model not in cards:
-            state.ready().check_model(model)
+            state.ready()  # a 503 while loading, else it names no model served here
+            raise APIError(404, f"the model '{model}' does not exist", param="model",
+                           code="model_not_found")
         return Response(cards[model].model_dump_json(), media_type="application/json")
 
     @app.get("/metrics")

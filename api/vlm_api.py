@@ -84,14 +84,12 @@ def chat_target(
             "(the operator sets VLM_MODEL_NAME to serve one)",
             param=image_field,
         )
+    if model and model == llm_name:  # (also while the VLM loads or after it failed)
+        target = f"'{vlm_name}'" if vlm_name else "the vision-language model"
+        raise APIError(400, f"the model '{model}' does not take image inputs; send them to "
+                       f"{target}", param="model")
     if not model or vlm_name is None:
         return "vlm"
-    if model == llm_name:
-        raise APIError(
-            400,
-            f"the model '{model}' does not take image inputs; send them to '{vlm_name}'",
-            param="model",
-        )
     raise APIError(
         404,
         f"the model '{model}' does not exist; this server serves '{llm_name}' and, for image "

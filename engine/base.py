@@ -498,9 +498,22 @@ class EngineBase:
         if reason is None:
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("%s[%d] token %d %r", req.rid, req.index, token, text)
-            req.sink(StreamDelta(req.rid, req.index, text, [token], logprobs))
+            self._to_sink(req, StreamDelta(req.rid, req.index, text, [token], logprobs))
             return
         self._finish(req, reason, text, [token], logprobs)
+
+    def _to_sink(self, req: Req, delta: StreamDelta) -> None:
+        """Hand `delta` to the request's sink. A sink that raises (its consumer is gone)
+        costs its own request only: that is aborted, the loop and the others go on."""
+        if req.sink_failed:
+            return
+        try:
+            req.sink(delta)
+        except Exception:
+            logger.exception("the consumer of request %s failed; aborting it", req.rid)
+            for sibling in self._reqs.get(req.rid, [req]):
+                sibling.sink_failed = True
+            self.abort(req.rid)
 
     def _finish(
         self,
@@ -516,11 +529,8 @@ class EngineBase:
         siblings = self._reqs.get(req.rid, [])
         if all(r.finished for r in siblings):
             self._reqs.pop(req.rid, None)
-        req.sink(
-            StreamDelta(
-                req.rid, req.index, text, token_ids or [], logprobs, reason, req.usage(), error
-            )
-        )
+        self._to_sink(req, StreamDelta(
+            req.rid, req.index, text, token_ids or [], logprobs, reason, req.usage(), error))
 
 
 def _child_params(params: SamplingParams, index: int) -> SamplingParams:

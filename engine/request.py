@@ -91,6 +91,7 @@ class Req:
     arrival: int = field(default_factory=lambda: next(_arrival))
     state: Any = None  # sampler history, detokenizer, stop checker (owned by the engine)
     num_future: int = 0  # sampled on the device, not yet read back (see the table above)
+    sink_failed: bool = False  # its sink raised: no more deltas, the request is aborted
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)

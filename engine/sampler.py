@@ -19,6 +19,19 @@ import torch
 from backend.batch import host_to_device
 from engine.sampling_params import SamplingParams
 
+MASK64 = (1 << 64) - 1
+
+
+def generator_seed(seed: int) -> int:
+    """A request's seed (any int64) as a 32-bit generator seed, hashed (splitmix64): the
+    CPU generator keeps only the low 32 bits of its seed, so seeds 0 and 2**32 would draw
+    the same tokens there; hashed, no simple pattern of seeds collides on any device."""
+    x = (seed + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    x ^= x >> 31
+    return (x ^ (x >> 32)) & 0xFFFFFFFF
+
 
 class RequestHistory:
     """What one request keeps across steps for sampling: its tokens and its own RNG.
@@ -38,7 +51,7 @@ class RequestHistory:
         self.generator: torch.Generator | None = None
         if seed is not None:
             self.generator = torch.Generator(device=torch.device(device))
-            self.generator.manual_seed(seed)
+            self.generator.manual_seed(generator_seed(seed))
         self._prompt_array = np.asarray(self.prompt_ids, dtype=np.int64)
         self._output_array = np.empty(16, dtype=np.int64)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 MAX_TOP_LOGPROBS = 20
 MAX_TOP_K = 2**31 - 1  # top_k past the vocabulary keeps every token
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy (dividing by it would overflow)
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # 1 = off; <1 favours repeats
 
 
 class InvalidRequestError(ValueError):
@@ -56,8 +57,10 @@ class SamplingParams:
             raise InvalidRequestError("top_p must be in (0, 1]", "top_p")
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidRequestError("min_p must be in [0, 1]", "min_p")
-        if self.repetition_penalty <= 0.0:
-            raise InvalidRequestError("repetition_penalty must be > 0", "repetition_penalty")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise InvalidRequestError(  # a vanishing one would scale logits to infinity
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, "
+                f"{MAX_REPETITION_PENALTY:g}]", "repetition_penalty")
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise InvalidRequestError("presence_penalty must be in [-2, 2]", "presence_penalty")
         if not -2.0 <= self.frequency_penalty <= 2.0:

@@ -23,6 +23,7 @@ from backend.sglang.kernels.triton.extend_attention import tile_tokens
 from backend.sglang.runner import NativeRunner
 from config import ConfigError, load_config
 from engine.engine import Engine
+from engine.request import StreamDelta
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import StepPlan
 
@@ -431,6 +432,33 @@ def test_a_dead_loop_fails_its_requests_and_callers(tiny_model_factory) -> None:
             engine.generate([random_prompts(1, 8, 8, seed=4)[0]], greedy(2))
         assert time.monotonic() - started < 10
         assert len(first.token_ids) == 2
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("overlap", OVERLAP)
+def test_a_failing_consumer_costs_only_its_own_request(tiny_model_factory, overlap: str) -> None:
+    """A sink that raises (say, an asyncio consumer whose event loop has closed) aborts its
+    own request; the loop keeps running, a request beside it equals HF, no slot leaks."""
+    path = tiny_model_factory("llama")
+    engine = make_engine(path, OVERLAP_SCHEDULE=overlap)
+    try:
+        seen: list[StreamDelta] = []
+
+        def breaks(delta: StreamDelta) -> None:
+            seen.append(delta)
+            raise RuntimeError("injected: the consumer is gone")
+
+        engine.submit(random_prompts(1, 20, 20, seed=1)[0], greedy(200), breaks)
+        bystander = random_prompts(1, 20, 20, seed=2)[0]
+        [[out]] = engine.generate([bystander], greedy(40))
+        assert out.token_ids == Reference(path).generate(bystander, 40)
+        assert len(seen) == 1 and engine.alive  # one delta tried, then the request ended
+        deadline = time.monotonic() + 10
+        while engine.snapshot()["kv_used_slots"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.snapshot()["kv_used_slots"] == 0
+        assert engine.snapshot()["num_aborted"] == 1
     finally:
         engine.shutdown()
 

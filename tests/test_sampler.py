@@ -212,6 +212,10 @@ def test_different_seeds_give_different_tokens() -> None:
     second = run_seeded([SamplingParams(seed=2)], logits, watched=0)
     assert first == again
     assert first != second
+    # seeds that differ only past the low 32 bits (which the CPU generator keeps) differ too
+    for a, b in ((0, 2**32), (1, 2**32 + 1), (-1, 2**63 - 1)):
+        assert run_seeded([SamplingParams(seed=a)], logits, watched=0) != \
+            run_seeded([SamplingParams(seed=b)], logits, watched=0)
 
 
 def test_unseeded_rows_vary_across_steps() -> None:

@@ -102,7 +102,8 @@ def model_dir(tiny_model_factory: Callable[[str], str]) -> str:
 
 @pytest.fixture(scope="module")
 def server(model_dir: str) -> Iterator[LiveServer]:
-    config = load_config({"MODEL_LOCAL_DIR": model_dir, "DTYPE": "float32"})
+    config = load_config({"MODEL_LOCAL_DIR": model_dir, "DTYPE": "float32",
+                          "GENERATE_HF_MODE": "1"})
     live = LiveServer(create_app(engine_factory(model_dir), config=config)).start()
     live.wait_ready()
     yield live
@@ -127,7 +128,8 @@ def guarded(model_dir: str) -> Iterator[tuple[LiveServer, httpx.Response]]:
         max_request_bytes=GUARD_MAX_BYTES,
         max_pending_requests=1,
     )
-    config = load_config({"MODEL_LOCAL_DIR": model_dir, "DTYPE": "float32"})
+    config = load_config({"MODEL_LOCAL_DIR": model_dir, "DTYPE": "float32",
+                          "GENERATE_HF_MODE": "1"})
     live = LiveServer(create_app(gated_factory, config=config, settings=settings)).start()
     loading = httpx.get(live.url + "/health")
     gate.set()
@@ -187,6 +189,11 @@ def test_health_models_and_metrics(server: LiveServer, client: openai.OpenAI) ->
     assert health.json() == {"status": "ok",
                              "engines": [{"engine": 0, "device": "cpu", "alive": True}]}
     assert [m.id for m in client.models.list().data] == [server.engine.model_name]
+    assert client.models.retrieve(server.engine.model_name).id == server.engine.model_name
+    for missing in ("", "other-model"):  # an empty id too: a 404, never a 500
+        answer = httpx.get(server.url + "/v1/models/" + missing)
+        assert answer.status_code == 404, answer.text
+        assert answer.json()["error"]["code"] == "model_not_found"
     text = httpx.get(server.url + "/metrics").text
     for name in METRIC_NAMES:
         assert name in text, name
@@ -534,6 +541,7 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     ("/generate", {"prompt": "x", "mode": "turbo"}, 400, "mode"),
     ("/generate", {"prompt": "x", "max_new_tokens": 0}, 400, "max_tokens"),
     ("/generate", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/generate", {"prompt": "x", "repetition_penalty": 1e-300}, 400, "repetition_penalty"),
     ("/generate", '{"prompt": "x", "temperature": NaN}', 400, None),
     ("/generate", "", 400, None),
     ("/v1/nowhere", {}, 404, None),
@@ -754,5 +762,9 @@ def test_embedded_default_model_through_the_openai_client(model_cache_dir: str) 
         assert "Paris" in text
         [[local]] = live.engine.generate([messages], greedy(24))
         assert local.text == text
+        hf = httpx.post(live.url + "/generate", timeout=30,  # off unless the operator allows
+                        json={"prompt": "Hi", "max_new_tokens": 2, "mode": "hf"})
+        assert hf.status_code == 400 and hf.json()["error"]["code"] == "mode_unavailable"
+        assert live.app.state.server.hf._baseline is None  # no second copy was loaded
     finally:
         live.stop()

@@ -377,6 +377,24 @@ def test_image_part_without_a_vlm_is_a_400(llm_dir: str) -> None:
         live.stop()
 
 
+def test_images_to_the_llm_are_a_400_while_the_vlm_is_down(llm_dir: str, tmp_path: Path) -> None:
+    """With the configured VLM failed to load, an image request naming the LLM is still the
+    client's error (400), not the VLM's 503."""
+    config = load_config({"MODEL_LOCAL_DIR": llm_dir, "DTYPE": "float32",
+                          "VLM_MODEL_LOCAL_DIR": str(tmp_path)})  # no model there
+    live = LiveServer(create_app(engine_factory(llm_dir), config=config)).start()
+    try:
+        live.wait_ready()
+        llm = live.engine.model_name
+        response = post_chat(live, {"model": llm, "messages": image_message(
+            data_url(png_bytes()))})
+        assert_openai_400(response, "does not take image inputs")
+        unnamed = post_chat(live, {"messages": image_message(data_url(png_bytes()))})
+        assert unnamed.status_code == 503  # the one model that could answer is down
+    finally:
+        live.stop()
+
+
 # -------------------------------------------------------------- images on their own
 @pytest.mark.parametrize(
     ("address", "public"),
