@@ -519,6 +519,12 @@ def _validate(config: Config) -> None:
         raise ConfigError("MAX_N must be <= 16")
     if config.backend_impl == "mlx" and config.device not in ("auto", "cpu", "mps"):
         raise ConfigError("BACKEND_IMPL=mlx runs on CPU or MPS only")
+    for name in config.devices.split(","):
+        if name.strip():
+            try:
+                resolve_device(name.strip())
+            except (ConfigError, RuntimeError) as exc:  # RuntimeError: not a device name
+                raise ConfigError(f"DEVICES: {exc}") from None
     if config.vlm_configured and config.vlm_backend == "mlx" and not mlx_vlm_available():
         raise ConfigError("VLM_BACKEND=mlx needs the mlx-vlm package (pip install mlx-vlm); "
                           "it is not installed")
@@ -536,7 +542,7 @@ def configure_logging(config: Config) -> None:
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("engine", "backend", "api", "config", "benchmarks"):
+    for name in ("engine", "backend", "api", "config", "benchmarks", "multi_device", "ipc"):
         logging.getLogger(name).setLevel(config.log_level.upper())
 
 

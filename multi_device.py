@@ -85,6 +85,9 @@ def pool_devices(config: Config) -> list[str]:
         if count > torch.cuda.device_count():
             raise ConfigError(f"NUM_ENGINES={count} but only {torch.cuda.device_count()} GPUs")
         return [f"cuda:{i}" for i in range(count)]
+    if config.enable_multi_device and not config.num_engines:
+        logger.warning("ENABLE_MULTI_DEVICE=1 without CUDA GPUs for DEVICE=%s: one engine "
+                       "(NUM_ENGINES or DEVICES set more)", config.device)
     return [config.device] * max(1, config.num_engines)
 
 

@@ -324,7 +324,8 @@ class EngineBase:
 
         rids = self.submit_many([(p, sp, sink, None) for p, sp in zip(prompts, plist)])
         while not done.wait(LIVENESS_POLL_S):
-            if not self.alive:  # its loop died before ending them: never wait for good
+            # a loop that died ends its requests just after: one more poll, never for good
+            if not self.alive and not done.wait(LIVENESS_POLL_S):
                 raise RuntimeError(f"the engine on {self.device_name} has stopped")
         return [[outputs[rid][i] for i in sorted(outputs[rid])] for rid in rids]
 
@@ -425,10 +426,10 @@ class EngineBase:
                 for hook in self._turn_hooks:
                     hook()
         except BaseException:  # outside a step (a step's own error is handled in _turn)
-            logger.exception("engine loop on %s stopped", self.device_name)
             self._stopped.set()  # reads as stopped before its requests hear of it
             with contextlib.suppress(Exception):
                 self._fail_all("engine error: the engine loop stopped")
+            logger.exception("engine loop on %s stopped", self.device_name)
 
     def _turn(self) -> None:
         """Take what the inbox holds, then run one step if there is work."""

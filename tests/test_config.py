@@ -41,6 +41,7 @@ def test_values_are_typed() -> None:
         ("METRIC_WINDOW", "0"),  # a rate over no time
         ("QUEUE_TIMEOUT_S", "nan"),
         ("REQUEST_TIMEOUT_S", "inf"),
+        ("DEVICES", "cpu,gpu0"),  # not a device name
     ],
 )
 def test_bad_value_names_the_flag(env: str, value: str) -> None:
@@ -54,10 +55,12 @@ def test_cpu_auto_dtype_follows_native_bf16_support() -> None:
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
 
 
-def test_every_flag_is_documented() -> None:
-    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", DOCS.read_text()))
-    missing = [flag.env for flag in FLAGS if flag.env not in documented]
-    assert not missing, f"undocumented flags: {missing}"
+def test_every_flag_is_documented_with_its_default() -> None:
+    rows = dict(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \| `([^`]*)` \|", DOCS.read_text(), re.M))
+    wrong = [(flag.env, flag.default, rows.get(flag.env)) for flag in FLAGS
+             if rows.get(flag.env) != flag.default]
+    assert not wrong, f"(flag, default, documented default): {wrong}"
+    assert set(rows) == {flag.env for flag in FLAGS}, "a documented flag config.py lacks"
 
 
 def test_the_default_cpu_kv_pool_fits_the_available_ram(monkeypatch: pytest.MonkeyPatch) -> None:

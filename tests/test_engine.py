@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import random
 import time
 from collections.abc import Iterator
@@ -416,14 +417,18 @@ def test_a_dead_loop_fails_its_requests_and_callers(tiny_model_factory) -> None:
     instead of waiting for good."""
     engine = make_engine(tiny_model_factory("llama"))
     try:
-        [[first]] = engine.generate([random_prompts(1, 8, 8)[0]], greedy(2))  # it runs
+        deltas: queue.SimpleQueue[StreamDelta] = queue.SimpleQueue()
+        engine.submit(random_prompts(1, 8, 8, seed=3)[0], greedy(400), deltas.put)
+        assert not deltas.get(timeout=30).finished  # it runs
 
         def dies() -> None:
             raise SystemExit("injected: the loop stops")
 
         engine.add_turn_hook(dies)
-        outs = engine.generate([random_prompts(1, 8, 8, seed=3)[0]], greedy(200))
-        assert outs[0][0].finish_reason == "abort"
+        last = deltas.get(timeout=30)
+        while not last.finished:
+            last = deltas.get(timeout=30)
+        assert last.finish_reason == "abort" and last.error
         assert not engine.alive
         started = time.monotonic()
         with pytest.raises(RuntimeError, match="has stopped"):
@@ -431,7 +436,6 @@ def test_a_dead_loop_fails_its_requests_and_callers(tiny_model_factory) -> None:
         with pytest.raises(RuntimeError, match="has stopped"):
             engine.generate([random_prompts(1, 8, 8, seed=4)[0]], greedy(2))
         assert time.monotonic() - started < 10
-        assert len(first.token_ids) == 2
     finally:
         engine.shutdown()
 
