@@ -105,8 +105,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("TRUST_REMOTE_CODE", "trust_remote_code", _parse_bool, "0",
          "Pass trust_remote_code=True to transformers loaders (operator opt-in)."),
     Flag("DTYPE", "dtype", _choice("auto", "float32", "bfloat16", "float16"), "auto",
-         "Weights and KV dtype; auto = bfloat16 on CUDA and on CPUs with native bfloat16 "
-         "(AVX512-BF16/AMX), float16 on MPS, float32 otherwise (mlx: the weights' own dtype)."),
+         "Weights and KV dtype; auto = bfloat16 on CUDA, float16 on MPS; on CPU float32 "
+         "activations for the int8 C decoder (WEIGHT_QUANT, CPU_KERNEL), else bfloat16 on "
+         "CPUs with native bfloat16 (AVX512-BF16/AMX), float32 otherwise (mlx: the weights' "
+         "own dtype)."),
     Flag("DEVICE", "device", _choice("auto", "cpu", "cuda", "mps"), "auto",
          "Device; auto picks CUDA, then MPS, then CPU."),
     Flag("BACKEND_IMPL", "backend_impl", _choice("auto", "sgl", "hf", "torch", "mlx"), "auto",
@@ -447,7 +449,21 @@ class Config:
         return 8192 if device.type == "cuda" else 2048
 
     def resolved_dtype(self) -> torch.dtype:
-        return resolve_dtype(self.dtype, self.resolved_device())
+        """DTYPE, with `auto` resolved for the device (`resolve_dtype`); on CPU, float32
+        when the native runner's int8 weights run in the compiled C decoder, whose
+        activations are float32 (twice the speed of bfloat16 torch ops, even on CPUs with
+        native bfloat16)."""
+        device = self.resolved_device()
+        if self.dtype == "auto" and device.type == "cpu" and self.cpu_int8_decoder:
+            return torch.float32
+        return resolve_dtype(self.dtype, device)
+
+    @property
+    def cpu_int8_decoder(self) -> bool:
+        """Whether the flags ask for the native runner with int8 weights and the compiled
+        C decoder (it runs where a C compiler builds it; else torch ops)."""
+        return (self.backend_impl in ("auto", "sgl", "torch")
+                and self.weight_quant in ("auto", "int8") and self.cpu_kernel != "torch")
 
     def resolved_kv_dtype(self) -> torch.dtype:
         """The KV pool's dtype: DTYPE's, or float8 e4m3 under KV_CACHE_DTYPE=fp8_e4m3."""

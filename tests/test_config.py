@@ -49,6 +49,17 @@ def test_bad_value_names_the_flag(env: str, value: str) -> None:
         load_config({env: value})
 
 
+def test_cpu_auto_dtype_is_float32_for_the_int8_c_decoder() -> None:
+    """The compiled int8 decoder runs float32 activations (twice bfloat16 torch ops even on
+    CPUs with native bfloat16): DTYPE=auto picks them whenever the flags ask for it."""
+    cpu = {"DEVICE": "cpu"}
+    assert load_config(cpu).resolved_dtype() == torch.float32
+    assert load_config(cpu).resolved_kv_dtype() == torch.float32
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    for other in ({"CPU_KERNEL": "torch"}, {"WEIGHT_QUANT": "int4"}, {"BACKEND_IMPL": "hf"}):
+        assert load_config({**cpu, **other}).resolved_dtype() == expected, other
+
+
 def test_cpu_auto_dtype_follows_native_bf16_support() -> None:
     expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     assert resolve_dtype("auto", torch.device("cpu")) == expected
