@@ -1,23 +1,27 @@
 """POST /v1/images/generations: OpenAI's images API over the diffusion service.
 
-Fields: `prompt`, `n`, `size` ("WxH") or `aspect` (a preset), `response_format` (only
-`b64_json`: the server keeps no files to link to), `model` (a configured image model), and
-the extensions `seed`, `steps`, `guidance_scale`, `negative_prompt`. The job runs on the
-diffusion worker; this coroutine only awaits its future, so LLM streams keep flowing.
+Fields: `prompt`, `n`, `size` ("WxH", or "auto") or `aspect` (a preset), `response_format`
+(only `b64_json`: the server keeps no files to link to), `model` (a configured image model),
+`output_format` (png), `background` (auto / opaque), and the extensions `seed`, `steps`,
+`guidance_scale`, `negative_prompt`. The job runs on the diffusion worker; this coroutine
+only awaits its future, so LLM streams keep flowing, and cancels the job when its client
+leaves or REQUEST_TIMEOUT_S passes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import concurrent.futures
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.errors import APIError
+from api.errors import APIError, ClientDisconnected
+from api.stream import DISCONNECT_POLL_S
 from backend.diffusion.images import (
     ImageRequest,
     ImageRequestError,
@@ -25,7 +29,9 @@ from backend.diffusion.images import (
     png_bytes,
     validate,
 )
-from backend.diffusion.service import DiffusionBusy, DiffusionService
+from backend.diffusion.service import DiffusionBusy, DiffusionJob, DiffusionService
+
+IsDisconnected = Callable[[], Awaitable[bool]]
 
 
 class ImageGenerationRequest(BaseModel):
@@ -40,31 +46,70 @@ class ImageGenerationRequest(BaseModel):
     quality: str | None = None  # accepted for OpenAI compatibility, ignored
     style: str | None = None
     user: str | None = None
+    moderation: str | None = None
+    output_format: str | None = None  # png only
+    output_compression: int | None = None  # (for jpeg/webp; png has none)
+    background: str | None = None  # auto / opaque
     seed: int | None = Field(default=None)
     steps: int | None = None
     guidance_scale: float | None = None
     negative_prompt: str | None = None
 
 
-async def run_job(submit: Callable[[], concurrent.futures.Future[Any]], what: str) -> Any:
+async def run_job(submit: Callable[[], DiffusionJob], what: str,
+                  is_disconnected: IsDisconnected, timeout_s: float) -> Any:
     """Queue a diffusion job and await it off the event loop: a full queue is a 429 with
-    Retry-After, a failed job a 500."""
+    Retry-After, a failed job a 500. A client that leaves (499) or a job past `timeout_s`
+    (504; 0 = no limit) cancels it: dropped if it waits, stopped between steps if it runs."""
     try:
-        future = submit()
+        job = submit()
     except DiffusionBusy as exc:
         raise APIError(429, str(exc), code="server_busy", headers={"Retry-After": "5"}) from None
+    deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
+    result = asyncio.wrap_future(job.future)
     try:
-        return await asyncio.wrap_future(future)
+        while True:
+            wait = DISCONNECT_POLL_S if deadline is None else max(
+                0.0, min(DISCONNECT_POLL_S, deadline - time.monotonic()))
+            done, _ = await asyncio.wait({result}, timeout=wait)
+            if done:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise APIError(504, f"the {what} job ran past the server's time limit and "
+                               "was cancelled", code="request_timeout")
+            if await is_disconnected():
+                raise ClientDisconnected
+    except BaseException:
+        job.cancel()
+        raise
+    try:
+        return result.result()
     except Exception as exc:
         raise APIError(500, f"{what} generation failed: {type(exc).__name__}: {exc}",
                        type="server_error") from exc
 
 
-def _image_request(body: ImageGenerationRequest, max_images: int) -> ImageRequest:
+def json_response(build: Callable[[], dict[str, Any]]) -> Awaitable[Response]:
+    """A JSON answer built and encoded in a worker thread: base64 of many megabytes of
+    PNG or MP4 must not hold the event loop."""
+
+    def encode() -> Response:
+        body = json.dumps(build(), ensure_ascii=False).encode()
+        return Response(body, media_type="application/json")
+
+    return asyncio.to_thread(encode)
+
+
+def image_request(body: ImageGenerationRequest, max_images: int) -> ImageRequest:
     if body.response_format != "b64_json":
         raise ImageRequestError("response_format must be b64_json (no files are kept for "
                                 "url answers)", "response_format")
-    width, height = parse_size(body.size, body.aspect)
+    if body.output_format not in (None, "png"):
+        raise ImageRequestError("output_format must be png", "output_format")
+    if body.background not in (None, "auto", "opaque"):
+        raise ImageRequestError("background must be auto or opaque (no transparency)",
+                                "background")
+    width, height = parse_size(None if body.size == "auto" else body.size, body.aspect)
     request = ImageRequest(prompt=body.prompt, n=body.n, width=width, height=height,
                            steps=body.steps, guidance_scale=body.guidance_scale,
                            negative_prompt=body.negative_prompt, seed=body.seed)
@@ -73,7 +118,8 @@ def _image_request(body: ImageGenerationRequest, max_images: int) -> ImageReques
 
 
 async def generate(body: ImageGenerationRequest, service: DiffusionService | None,
-                   max_images: int) -> dict[str, Any]:
+                   max_images: int, is_disconnected: IsDisconnected,
+                   timeout_s: float) -> Response:
     if service is None or not service.enabled:
         raise APIError(404, "this server serves no image model (set Z_IMAGE_MODEL_DIR, "
                             "Z_IMAGE_MODEL_ID or IMAGE_MODEL_ID)", code="model_not_found")
@@ -83,15 +129,16 @@ async def generate(body: ImageGenerationRequest, service: DiffusionService | Non
                             f"{', '.join(service.model_names())}", param="model",
                        code="model_not_found")
     try:
-        request = _image_request(body, max_images)
+        request = image_request(body, max_images)
     except ImageRequestError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
-    images = await run_job(lambda: service.submit_image(model, request), "image")
-    encoded = await asyncio.to_thread(lambda: [png_bytes(image) for image in images])
-    return {
+    images = await run_job(lambda: service.submit_image(model, request), "image",
+                           is_disconnected, timeout_s)
+    return await json_response(lambda: {
         "created": int(time.time()),
-        "data": [{"b64_json": base64.b64encode(data).decode(), "revised_prompt": None}
-                 for data in encoded],
+        "data": [{"b64_json": base64.b64encode(png_bytes(image)).decode(),
+                  "revised_prompt": None} for image in images],
         "size": f"{request.width}x{request.height}",
         "model": model,
-    }
+        "output_format": "png",
+    })

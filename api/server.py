@@ -317,14 +317,17 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return state.diffusion
 
     @app.post("/v1/images/generations")
-    async def image_generations(request: Request) -> JSONResponse:
+    async def image_generations(request: Request) -> Response:
         body = await parse_body(request, ImageGenerationRequest)
-        return JSONResponse(await images_api.generate(body, diffusion(), state.config.max_images))
+        return await images_api.generate(body, diffusion(), state.config.max_images,
+                                         request.is_disconnected,
+                                         state.settings.request_timeout_s)
 
     @app.post("/v1/videos/generations")
-    async def video_generations(request: Request) -> JSONResponse:
+    async def video_generations(request: Request) -> Response:
         body = await parse_body(request, VideoGenerationRequest)
-        return JSONResponse(await videos_api.generate(body, diffusion()))
+        return await videos_api.generate(body, diffusion(), request.is_disconnected,
+                                         state.settings.request_timeout_s)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

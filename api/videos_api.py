@@ -12,10 +12,11 @@ import base64
 import time
 from typing import Any
 
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 
 from api.errors import APIError
-from api.images_api import run_job
+from api.images_api import IsDisconnected, json_response, run_job
 from backend.diffusion.images import ImageRequestError, parse_size
 from backend.diffusion.service import DiffusionService
 from backend.diffusion.video import (
@@ -29,6 +30,7 @@ from backend.diffusion.video import (
     mp4_bytes,
     validate_video,
 )
+from backend.vlm.images import ImagePolicy
 
 
 class VideoGenerationRequest(BaseModel):
@@ -47,12 +49,12 @@ class VideoGenerationRequest(BaseModel):
     negative_prompt: str | None = None
 
 
-def _video_request(body: VideoGenerationRequest) -> VideoRequest:
+def _video_request(body: VideoGenerationRequest, policy: ImagePolicy) -> VideoRequest:
     if body.response_format not in VIDEO_FORMATS:
         raise ImageRequestError(f"response_format must be one of {', '.join(VIDEO_FORMATS)}",
                                 "response_format")
     width, height = parse_size(body.size, None) if body.size else DEFAULT_VIDEO_SIZE
-    image = image_from_data_url(body.image_url) if body.image_url is not None else None
+    image = image_from_data_url(body.image_url, policy) if body.image_url is not None else None
     request = VideoRequest(prompt=body.prompt, image=image, num_frames=body.num_frames,
                            fps=body.fps, width=width, height=height, steps=body.steps,
                            guidance_scale=body.guidance_scale,
@@ -62,8 +64,9 @@ def _video_request(body: VideoGenerationRequest) -> VideoRequest:
 
 
 async def generate(
-    body: VideoGenerationRequest, service: DiffusionService | None
-) -> dict[str, Any]:
+    body: VideoGenerationRequest, service: DiffusionService | None,
+    is_disconnected: IsDisconnected, timeout_s: float,
+) -> Response:
     if service is None or not service.has_video:
         raise APIError(404, "this server serves no video model (set VIDEO_MODEL_ID or "
                             "VIDEO_I2V_MODEL_ID)", code="model_not_found")
@@ -76,22 +79,27 @@ async def generate(
     if body.model is not None and body.model != model:
         raise APIError(404, f"the video model '{body.model}' is not served; {kind}: {model}",
                        param="model", code="model_not_found")
-    try:
-        request = _video_request(body)
+    policy = ImagePolicy.from_config(service.config)
+    try:  # decoding a first frame is work: off the event loop
+        request = await asyncio.to_thread(_video_request, body, policy)
     except ImageRequestError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
-    frames = await run_job(lambda: service.submit_video(kind, request), "video")
-    if body.response_format == "b64_mp4":
-        video = await asyncio.to_thread(mp4_bytes, frames, request.fps)
-        item: dict[str, Any] = {"b64_mp4": base64.b64encode(video).decode()}
-    else:
-        pngs = await asyncio.to_thread(frames_png, frames)
-        item = {"frames_b64_png": [base64.b64encode(p).decode() for p in pngs]}
-    return {
-        "created": int(time.time()),
-        "data": [item],
-        "model": model,
-        "num_frames": int(frames.shape[0]),
-        "fps": request.fps,
-        "size": f"{request.width}x{request.height}",
-    }
+    frames = await run_job(lambda: service.submit_video(kind, request), "video",
+                           is_disconnected, timeout_s)
+
+    def answer() -> dict[str, Any]:
+        if body.response_format == "b64_mp4":
+            item: dict[str, Any] = {
+                "b64_mp4": base64.b64encode(mp4_bytes(frames, request.fps)).decode()}
+        else:
+            item = {"frames_b64_png": [base64.b64encode(p).decode() for p in frames_png(frames)]}
+        return {
+            "created": int(time.time()),
+            "data": [item],
+            "model": model,
+            "num_frames": int(frames.shape[0]),
+            "fps": request.fps,
+            "size": f"{request.width}x{request.height}",
+        }
+
+    return await json_response(answer)

@@ -18,10 +18,12 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx
+import openai
 import pytest
 import torch
 from PIL import Image
 
+from api.images_api import ImageGenerationRequest, image_request
 from api.server import create_app
 from backend.diffusion.images import ASPECT_PRESETS, SIZE_MULTIPLE, ImageRequestError, parse_size
 from config import load_config
@@ -107,6 +109,7 @@ def live(z_image_dir: str, tiny_model_factory: Callable[[str], str], smollm2_tok
     config = load_config({
         "MODEL_LOCAL_DIR": tiny_model_factory("qwen3"), "DTYPE": "float32",
         "Z_IMAGE_MODEL_DIR": z_image_dir, "DIFFUSION_QUEUE": "1", "MAX_IMAGES": "3",
+        "VLM_MAX_IMAGE_PIXELS": "10000",  # first frames of image-to-video are capped by it
         "VIDEO_MODEL_ID": _tiny_wan(root / "tiny-wan-t2v", smollm2_tokenizer, False),
         "VIDEO_I2V_MODEL_ID": _tiny_wan(root / "tiny-wan-i2v", smollm2_tokenizer, True)})
     server = LiveServer(create_app(config=config)).start()
@@ -205,6 +208,61 @@ def test_the_queue_answers_429_and_llm_streams_go_on(live: LiveServer) -> None:
     assert chat_s < images_s  # the LLM answered while images were still being made
 
 
+def test_a_client_that_leaves_cancels_its_job(live: LiveServer) -> None:
+    """A job whose client has gone is stopped between denoising steps (or dropped while it
+    waits), so the next request does not wait for a picture nobody will read."""
+    service = live.app.state.server.diffusion
+    before = service.num_cancelled
+    slow = {"prompt": "slow", "size": "64x64", "steps": 100, "seed": 2}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live.url + "/v1/images/generations", json=slow, timeout=0.3)
+    deadline = time.monotonic() + 30
+    while service.num_cancelled == before:
+        assert time.monotonic() < deadline, "the job of a client that left ran on"
+        time.sleep(0.05)
+    assert _images(_post(live.url, size="32x32", steps=1, seed=3))  # the worker serves on
+
+
+def test_the_time_limit_cancels_a_job(z_image_dir: str, tiny_model_factory: Callable[[str], str]
+                                      ) -> None:
+    """Past REQUEST_TIMEOUT_S an image request is a 504 and its job stops."""
+    config = load_config({"MODEL_LOCAL_DIR": tiny_model_factory("qwen3"), "DTYPE": "float32",
+                          "Z_IMAGE_MODEL_DIR": z_image_dir, "REQUEST_TIMEOUT_S": "0.5"})
+    server = LiveServer(create_app(config=config)).start()
+    try:
+        server.wait_ready()
+        deadline = time.monotonic() + 60
+        while server.app.state.server.diffusion is None:
+            assert time.monotonic() < deadline, "the image model did not load"
+            time.sleep(0.05)
+        started = time.monotonic()
+        response = _post(server.url, size="64x64", steps=100, seed=4)
+        assert response.status_code == 504, response.text
+        assert response.json()["error"]["code"] == "request_timeout"
+        assert time.monotonic() - started < 10
+        deadline = time.monotonic() + 30
+        while server.app.state.server.diffusion.num_cancelled < 1:
+            assert time.monotonic() < deadline, "the timed-out job ran on"
+            time.sleep(0.05)
+    finally:
+        server.stop()
+
+
+def test_openai_image_parameters(live: LiveServer) -> None:
+    """The official client's neutral settings are accepted; what cannot be honoured is a 400
+    naming the field."""
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+    answer = client.images.generate(prompt="a red fox", output_format="png",
+                                    background="auto", moderation="low",
+                                    extra_body={"steps": 1, "seed": 5, "size": "32x32"})
+    assert answer.data and answer.data[0].b64_json
+    auto = image_request(ImageGenerationRequest(prompt="x", size="auto"), max_images=1)
+    assert (auto.width, auto.height) == parse_size(None, None)  # "auto": the default size
+    for field, value in (("output_format", "jpeg"), ("background", "transparent")):
+        refused = _post(live.url, size="32x32", steps=1, **{field: value})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == field
+
+
 def test_command_line(z_image_dir: str, tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "z_image_mps.py", "-p", "a boat", "--model-dir", z_image_dir,
@@ -270,6 +328,8 @@ def test_image_to_video(live: LiveServer) -> None:
     ({"image_url": "data:image/png;base64,not-base64!"}, "image_url"),
     ({"image_url": "data:image/png;base64,"  # a decompression bomb: 30000 x 30000 declared
       + base64.b64encode(png_declaring(30000, 30000)).decode()}, "image_url"),
+    ({"image_url": "data:image/png;base64,"  # past the operator's VLM_MAX_IMAGE_PIXELS
+      + base64.b64encode(png_declaring(200, 200)).decode()}, "image_url"),
 ])
 def test_bad_video_requests(live: LiveServer, body: dict[str, Any], param: str) -> None:
     response = _video(live.url, **body)

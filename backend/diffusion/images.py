@@ -11,6 +11,9 @@ from __future__ import annotations
 import io
 import logging
 import re
+import secrets
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,21 +125,45 @@ def load_pipeline(source: str, device: torch.device, dtype: torch.dtype, *,
     return pipeline
 
 
+class JobCancelled(Exception):
+    """A diffusion job stopped between denoising steps (its client left, or its time ran
+    out)."""
+
+
+def stop_between_steps(stop: threading.Event) -> Callable[..., dict[str, Any]]:
+    """A diffusers `callback_on_step_end` that ends the job once `stop` is set."""
+
+    def callback(pipeline: Any, step: int, timestep: Any,
+                 tensors: dict[str, Any]) -> dict[str, Any]:
+        if stop.is_set():
+            raise JobCancelled(f"stopped after denoising step {step + 1}")
+        return tensors
+
+    return callback
+
+
+def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """The job's own generator: `seed`, else a fresh random one (never torch's global
+    generators, which other threads may have seeded)."""
+    generator = torch.Generator("cpu" if device.type == "mps" else device)
+    return generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+
+
 def generate_images(pipeline: Any, request: ImageRequest, device: torch.device,
-                    progress: bool = False) -> list[Any]:
-    """PIL images of one request: its `n` images in one batched pipeline call."""
+                    progress: bool = False, stop: threading.Event | None = None) -> list[Any]:
+    """PIL images of one request: its `n` images in one batched pipeline call; with
+    `stop`, the job ends (JobCancelled) at the first step after it is set."""
     z_image = is_z_image(pipeline)
     steps = request.steps or (Z_IMAGE_STEPS if z_image else None)
     guidance = request.guidance_scale
     if guidance is None and z_image:
         guidance = Z_IMAGE_GUIDANCE
-    generator_device = "cpu" if device.type == "mps" else device
-    generator = torch.Generator(generator_device)
-    generator.manual_seed(request.seed if request.seed is not None else torch.seed() % 2**63)
     kwargs: dict[str, Any] = {
         "prompt": request.prompt, "height": request.height, "width": request.width,
-        "num_images_per_prompt": request.n, "generator": generator,
+        "num_images_per_prompt": request.n, "generator": seeded_generator(request.seed, device),
     }
+    if stop is not None:
+        kwargs["callback_on_step_end"] = stop_between_steps(stop)
     if steps is not None:
         kwargs["num_inference_steps"] = steps
     if guidance is not None:

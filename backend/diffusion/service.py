@@ -2,9 +2,10 @@
 
 `DiffusionService` owns the loaded pipelines (image models, and the text-to-video and
 image-to-video models) and one worker thread. `submit_image` / `submit_video` return a
-`concurrent.futures.Future` at once (the server awaits it with `asyncio.wrap_future`, so the
-event loop and the LLM streams never wait for a job); with DIFFUSION_QUEUE jobs already
-waiting it raises `DiffusionBusy` (the server's 429).
+`DiffusionJob` at once: its future (the server awaits it with `asyncio.wrap_future`, so the
+event loop and the LLM streams never wait for a job) and `cancel()`, which drops a waiting
+job and stops a running one between denoising steps (a client that left, a time limit).
+With DIFFUSION_QUEUE jobs already waiting a submit raises `DiffusionBusy` (the server's 429).
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from backend.diffusion.images import ImageRequest, generate_images, load_pipeline
+from backend.diffusion.images import ImageRequest, JobCancelled, generate_images, load_pipeline
 from backend.diffusion.video import VideoRequest, generate_video
 from config import Config, resolve_device
 
@@ -29,6 +30,20 @@ logger = logging.getLogger(__name__)
 
 class DiffusionBusy(Exception):
     """The job queue is full."""
+
+
+@dataclass
+class DiffusionJob:
+    """A queued job: its result's future, and the event that stops it between steps."""
+
+    run: Callable[[threading.Event], Any]
+    future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Drop the job if it still waits; stop it at its next denoising step if it runs."""
+        self.stop.set()
+        self.future.cancel()
 
 
 @dataclass(frozen=True)
@@ -79,8 +94,9 @@ class DiffusionService:
         self.device = resolve_device(config.diffusion_device)
         self.dtype = diffusion_dtype(config, self.device)
         self._pipelines: dict[str, Any] = {}
-        self._jobs: queue.Queue[tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None]
+        self._jobs: queue.Queue[DiffusionJob | None]
         self._jobs = queue.Queue(maxsize=config.diffusion_queue)  # jobs waiting to run
+        self.num_cancelled = 0  # jobs dropped while waiting or stopped between steps
         self._thread = threading.Thread(target=self._work, name="diffusion", daemon=True)
         self._thread.start()
 
@@ -105,25 +121,26 @@ class DiffusionService:
         for model in [*self.models, *self.video_models.values()]:
             self._load(model)
 
-    def submit_image(self, model: str, request: ImageRequest) -> concurrent.futures.Future[Any]:
+    def submit_image(self, model: str, request: ImageRequest) -> DiffusionJob:
         """Queue an image job; its future resolves to the list of PIL images."""
         source = next(m for m in self.models if m.name == model)
-        return self._submit(lambda: generate_images(self._load(source), request, self.device))
+        return self._submit(DiffusionJob(
+            lambda stop: generate_images(self._load(source), request, self.device, stop=stop)))
 
-    def submit_video(self, kind: str, request: VideoRequest) -> concurrent.futures.Future[Any]:
+    def submit_video(self, kind: str, request: VideoRequest) -> DiffusionJob:
         """Queue a `t2v` or `i2v` job; its future resolves to uint8 frames [F, H, W, 3]."""
         source = self.video_models[kind]
-        return self._submit(lambda: generate_video(self._load(source), request, self.device))
+        return self._submit(DiffusionJob(
+            lambda stop: generate_video(self._load(source), request, self.device, stop=stop)))
 
-    def _submit(self, job: Callable[[], Any]) -> concurrent.futures.Future[Any]:
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    def _submit(self, job: DiffusionJob) -> DiffusionJob:
         try:
-            self._jobs.put_nowait((future, job))
+            self._jobs.put_nowait(job)
         except queue.Full:
             raise DiffusionBusy(
                 f"the image queue is full ({self.config.diffusion_queue} waiting); "
                 "retry later") from None
-        return future
+        return job
 
     def shutdown(self) -> None:
         with contextlib.suppress(queue.Full):  # a full queue: the daemon thread just stays
@@ -145,11 +162,22 @@ class DiffusionService:
             job = self._jobs.get()
             if job is None:
                 return
-            future, run = job
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(run())
-            except Exception as exc:
-                logger.exception("diffusion job failed")
-                future.set_exception(exc)
+            self._run(job)
+            del job  # nothing of a finished job stays alive while the worker waits
+
+    def _run(self, job: DiffusionJob) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            self.num_cancelled += 1  # cancelled while it waited
+            return
+        try:
+            result = job.run(job.stop)
+        except JobCancelled as exc:
+            self.num_cancelled += 1
+            logger.info("diffusion job cancelled: %s", exc)
+            job.future.set_exception(exc.with_traceback(None))
+        except Exception as exc:
+            logger.exception("diffusion job failed")
+            # without its traceback: the frames it holds would keep the job's tensors alive
+            job.future.set_exception(exc.with_traceback(None))
+        else:
+            job.future.set_result(result)

@@ -8,6 +8,7 @@ MPEG-4 Part 2 when the bundled FFmpeg lacks x264) MP4 (`mp4_bytes`, through PyAV
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from backend.diffusion.images import ImageRequestError, check_size, png_bytes
+from backend.diffusion.images import (
+    ImageRequestError,
+    check_size,
+    png_bytes,
+    seeded_generator,
+    stop_between_steps,
+)
 from backend.vlm.images import ImageInputError, ImagePolicy, data_url_bytes, decode_image
 
 DEFAULT_FRAMES = 81
@@ -67,27 +74,27 @@ def validate_video(request: VideoRequest) -> None:
         raise ImageRequestError("seed must be a non-negative 64-bit integer", "seed")
 
 
-def image_from_data_url(url: str) -> Image.Image:
+def image_from_data_url(url: str, policy: ImagePolicy) -> Image.Image:
     """The picture of a `data:image/...;base64,` URL (the only kind accepted: a request never
-    makes the server fetch a remote address or read a file), under the same byte and pixel
-    caps as chat images (`backend.vlm.images`)."""
-    if not url.startswith(_DATA_URL_PREFIX) or ";base64," not in url:
-        raise ImageRequestError("image_url must be a data:image/...;base64, URL", "image_url")
-    policy = ImagePolicy()
+    makes the server fetch a remote address or read a file), under the byte and pixel caps
+    of chat images (`policy`: `ImagePolicy.from_config`, VLM_MAX_IMAGE_BYTES/PIXELS)."""
     try:
         return decode_image(data_url_bytes(url, policy.max_bytes), policy)
     except ImageInputError as exc:
         raise ImageRequestError(f"image_url: {exc}", "image_url") from None
 
 
-def generate_video(pipeline: Any, request: VideoRequest, device: torch.device) -> np.ndarray:
-    """uint8 frames [F, H, W, 3] of one request."""
-    generator = torch.Generator("cpu" if device.type == "mps" else device)
-    generator.manual_seed(request.seed if request.seed is not None else torch.seed() % 2**63)
+def generate_video(pipeline: Any, request: VideoRequest, device: torch.device,
+                   stop: threading.Event | None = None) -> np.ndarray:
+    """uint8 frames [F, H, W, 3] of one request; with `stop`, the job ends (JobCancelled)
+    at the first step after it is set."""
     kwargs: dict[str, Any] = {
         "prompt": request.prompt, "height": request.height, "width": request.width,
-        "num_frames": request.num_frames, "generator": generator, "output_type": "np",
+        "num_frames": request.num_frames, "generator": seeded_generator(request.seed, device),
+        "output_type": "np",
     }
+    if stop is not None:
+        kwargs["callback_on_step_end"] = stop_between_steps(stop)
     if request.image is not None:
         kwargs["image"] = request.image.resize((request.width, request.height))
     if request.steps is not None:
