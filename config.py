@@ -462,7 +462,7 @@ class Config:
     def cpu_int8_decoder(self) -> bool:
         """Whether the flags ask for the native runner with int8 weights and the compiled
         C decoder (it runs where a C compiler builds it; else torch ops)."""
-        return (self.backend_impl in ("auto", "sgl", "torch")
+        return (self.backend_impl in ("auto", "sgl", "torch") and self.kv_cache_dtype == "auto"
                 and self.weight_quant in ("auto", "int8") and self.cpu_kernel != "torch")
 
     def resolved_kv_dtype(self) -> torch.dtype:

@@ -12,7 +12,7 @@ import torch
 from backend.batch import ModelRunner
 from backend.loader import ModelSource
 from backend.mlx import is_apple_silicon, mlx_importable, require_mlx
-from config import Config, ConfigError
+from config import Config, ConfigError, resolve_dtype
 
 if TYPE_CHECKING:
     from engine.base import EngineBase
@@ -169,7 +169,7 @@ def create_runner(config: Config, source: ModelSource) -> ModelRunner:
 
     return HFRunner(
         source,
-        dtype=dtype,
+        dtype=resolve_dtype(config.dtype, device),  # (float32 on CPU was for the C decoder)
         device=device,
         num_kv_slots=slots,
         load_format=config.load_format,

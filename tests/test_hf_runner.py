@@ -247,3 +247,20 @@ def test_closing_a_stream_stops_its_generation(tiny_model_factory: Callable[[str
     assert len(started) == 1
     started[0].join(timeout=5.0)
     assert not started[0].is_alive()
+
+
+def test_auto_fallback_keeps_the_cpus_own_dtype(
+    tiny_model_factory: Callable[[str], str],
+) -> None:
+    """DTYPE=auto picks float32 on CPU for the native int8 C decoder; a model the native
+    runner lacks (phi3 here) falls back to transformers in the CPU's own dtype instead."""
+    from backend.factory import create_runner
+    from backend.loader import resolve_model
+    from config import cpu_has_native_bf16, load_config
+
+    config = load_config({"MODEL_LOCAL_DIR": tiny_model_factory("phi3"), "DEVICE": "cpu",
+                          "KV_CACHE_CPU_TOKENS": "256"})
+    runner = create_runner(config, resolve_model(config))
+    assert isinstance(runner, HFRunner)
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert next(runner.model.parameters()).dtype == expected

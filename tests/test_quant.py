@@ -35,13 +35,16 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
     ("int8", (48, 64)),
     ("int4", (48, 64)),
     ("int4", (40, 96)),  # 40 rows: int4 cannot pack, falls back to int8
+    ("int8", (24, 40)),  # an input width off torch's int8 kernel's blocks of 16
+    ("int4", (40, 72)),  # (falls back to int8 with that width too)
 ])
+@pytest.mark.parametrize("rows", [1, 5])
 def test_quantized_linear_matches_its_dequantized_weight(
-    method: str, shape: tuple[int, int]
+    method: str, shape: tuple[int, int], rows: int
 ) -> None:
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(shape, generator=generator) * 0.05
-    x = torch.randn(5, shape[1], generator=generator)
+    x = torch.randn(rows, shape[1], generator=generator)
     bias = torch.randn(shape[0], generator=generator)
     packed = quantize_weight(weight, method)
     expected_method = "int4" if method == "int4" and int4_fits(*shape) else "int8"

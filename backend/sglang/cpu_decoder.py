@@ -8,8 +8,9 @@ writes, paged attention) in one OpenMP team; the LM head stays the model's own
 CPU (`CPU_KERNEL`): the library is compiled once per host with the system C compiler into
 `<MODEL_CACHE_DIR>/kernels/`, and the torch ops stay the fallback when no compiler works.
 
-The numbers differ from the torch int8 path only by rounding: the C matmuls keep float32
-activations where torch's packed int8 kernel takes bfloat16 ones.
+The numbers differ from the torch int8 path only by rounding: the C matmuls quantize each
+activation row to int16 (its own scale) where torch's packed int8 kernel rounds to bfloat16,
+and everything around them (norms, rotary, attention, K/V) stays float32.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from config import ConfigError
 WEIGHT_QUANT_CHOICES = ("none", "int8", "int4")
 INT4_GROUP_SIZE = 32
 _INT4_N_MULTIPLE = 16
+INT8_PACK_K_MULTIPLE = 16  # torch's int8 CPU kernel reads inputs in blocks of 16 (unchecked)
 _INT4_MIDPOINT = 8
 _INT4_MAX = 15
 _INT8_MAX = 127
@@ -99,6 +100,8 @@ class QuantizedWeight:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x, self.packed, self.group_size, self.scales
             )
+        if self.in_features % INT8_PACK_K_MULTIPLE:  # the packed kernel would read past rows
+            return (x @ self.packed.to(KERNEL_DTYPE).t()).mul_(self.scales.to(KERNEL_DTYPE))
         return torch.ops.aten._weight_int8pack_mm(x, self.packed, self.scales)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
