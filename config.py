@@ -106,7 +106,8 @@ FLAGS: tuple[Flag, ...] = (
          "Pass trust_remote_code=True to transformers loaders (operator opt-in)."),
     Flag("DTYPE", "dtype", _choice("auto", "float32", "bfloat16", "float16"), "auto",
          "Weights and KV dtype; auto = bfloat16 on CUDA, float16 on MPS; on CPU float32 "
-         "activations for the int8 C decoder (WEIGHT_QUANT, CPU_KERNEL), else bfloat16 on "
+         "activations for the int8 C decoder (WEIGHT_QUANT, CPU_KERNEL, KV_CACHE_DTYPE; "
+         "not for a model served by transformers), else bfloat16 on "
          "CPUs with native bfloat16 (AVX512-BF16/AMX), float32 otherwise (mlx: the weights' "
          "own dtype)."),
     Flag("DEVICE", "device", _choice("auto", "cpu", "cuda", "mps"), "auto",
