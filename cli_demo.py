@@ -45,6 +45,10 @@ class ChatBackend(Protocol):
     def close(self) -> None: ...
 
 
+class TurnError(RuntimeError):
+    """One turn failed (a refused request, an engine error): the chat can go on."""
+
+
 class LocalChat:
     """An in-process Engine built from the usual flags."""
 
@@ -53,17 +57,26 @@ class LocalChat:
         from config import get_config
         from engine.sampling_params import SamplingParams
 
-        self.engine = create_engine(get_config())
         self.params = SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
         )
+        self.params.validate()  # a bad option stops here, before the model loads
+        self.engine = create_engine(get_config())
         self.usage = TurnUsage()
 
     def stream_reply(self, messages: list[Message]) -> Iterator[str]:
+        from engine.sampling_params import InvalidRequestError
+
         self.usage = TurnUsage()
+        try:
+            yield from self._deltas(messages)
+        except InvalidRequestError as exc:  # e.g. the history outgrew the context
+            raise TurnError(str(exc)) from None
+
+    def _deltas(self, messages: list[Message]) -> Iterator[str]:
         for delta in self.engine.stream(list(messages), self.params):
             if delta.error:
-                raise RuntimeError(delta.error)
+                raise TurnError(delta.error)
             if delta.usage is not None:
                 self.usage = TurnUsage(
                     delta.usage.prompt_tokens,
@@ -149,18 +162,20 @@ def _sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
             return
         event = json.loads(payload)
         if "error" in event:
-            raise RuntimeError(_error_message(event))
+            raise TurnError(_error_message(event))
         yield event
 
 
 def _raise_for_error(response: httpx.Response) -> None:
+    """TurnError for a refused request (4xx), RuntimeError for anything else."""
     if response.status_code < 400:
         return
     try:
         message = _error_message(response.json())
     except ValueError:
         message = response.text
-    raise RuntimeError(f"HTTP {response.status_code}: {message}")
+    error = TurnError if response.status_code < 500 else RuntimeError
+    raise error(f"HTTP {response.status_code}: {message}")
 
 
 def _error_message(body: Any) -> str:
@@ -216,14 +231,24 @@ def chat_loop(backend: ChatBackend, system: str | None, first: str | None = None
         messages.append({"role": "user", "content": text})
         if interactive:
             sys.stdout.write("assistant> ")
-        messages.append({"role": "assistant", "content": answer(backend, messages)})
+        try:
+            reply = answer(backend, messages)
+        except TurnError as exc:  # that turn is dropped; the chat goes on
+            sys.stdout.write("\n")
+            logger.error("%s", exc)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply})
 
 
 def single_prompt(args: argparse.Namespace) -> str:
     if args.prompt:
         return " ".join(args.prompt)
     if sys.stdin.isatty():
-        return input("you> ")
+        try:
+            return input("you> ")
+        except EOFError:  # Ctrl-D: no prompt
+            return ""
     return sys.stdin.read().strip()
 
 
@@ -258,20 +283,22 @@ def main(argv: list[str] | None = None) -> int:
     if prompt is not None and not prompt:
         logger.error("empty prompt")
         return 2
-    backend = build_backend(args)
+    backend: ChatBackend | None = None
     try:
+        backend = build_backend(args)
         if prompt is None:
             chat_loop(backend, args.system, " ".join(args.prompt) or None)
         else:
             system = [{"role": "system", "content": args.system}] if args.system else []
             answer(backend, [*system, {"role": "user", "content": prompt}])
-    except (RuntimeError, httpx.HTTPError) as exc:
+    except (RuntimeError, ValueError, httpx.HTTPError) as exc:  # (ValueError: a bad option)
         logger.error("%s", exc)
         return 1
     except KeyboardInterrupt:
         return 130
     finally:
-        backend.close()
+        if backend is not None:
+            backend.close()
     return 0
 
 

@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         timings = stream_answer(engine, build_prompt(text, args.raw), params)
         print_summary(timings, time.perf_counter() - start)
+    except InvalidRequestError as exc:  # e.g. prompt + max_new_tokens past the context
+        logger.error("%s", exc)
+        return 2
     finally:
         engine.shutdown()
     if timings.error:

@@ -176,11 +176,17 @@ def test_dummy_weights_are_seeded(tmp_path: Path, tiny_model_factory: Callable[[
     assert not torch.allclose(first, other)
 
 
-def test_model_without_attention_interface_is_rejected(tmp_path: Path) -> None:
-    from transformers import MambaConfig, MambaForCausalLM
+@pytest.mark.parametrize("arch", ["mamba", "falcon"])  # falcon: its own attention table
+def test_model_without_attention_interface_is_rejected(tmp_path: Path, arch: str) -> None:
+    from transformers import FalconConfig, FalconForCausalLM, MambaConfig, MambaForCausalLM
 
-    config = MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, state_size=4)
-    MambaForCausalLM(config).save_pretrained(str(tmp_path))
+    if arch == "mamba":
+        config = MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, state_size=4)
+        MambaForCausalLM(config).save_pretrained(str(tmp_path))
+    else:
+        falcon = FalconConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                              num_attention_heads=2)
+        FalconForCausalLM(falcon).save_pretrained(str(tmp_path))
     with pytest.raises(UnsupportedModelError):
         _runner(str(tmp_path))
 
@@ -264,3 +270,15 @@ def test_auto_fallback_keeps_the_cpus_own_dtype(
     assert isinstance(runner, HFRunner)
     expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     assert next(runner.model.parameters()).dtype == expected
+
+
+def test_baseline_sampling_without_top_k_keeps_every_token(
+    tiny_model_factory: Callable[[str], str],
+) -> None:
+    """top_k 0 means no top-k, as in the engine; left unset, transformers would apply 50."""
+    baseline = HFBaseline(_source(tiny_model_factory("llama")), dtype=torch.float32, device=CPU)
+    unfiltered = baseline._generate_kwargs(8, 0.8, 1.0, 0, False)["generation_config"]
+    assert unfiltered.top_k == 0 and unfiltered.do_sample
+    assert baseline._generate_kwargs(8, 0.8, 1.0, 5, False)["generation_config"].top_k == 5
+    greedy = baseline._generate_kwargs(8, 0.0, 1.0, 0, False)["generation_config"]
+    assert not greedy.do_sample

@@ -118,6 +118,30 @@ def greedy_chat_answer(env: dict[str, str], text: str, max_new_tokens: int) -> s
     return output.text
 
 
+def test_smoke_test_refuses_a_request_past_the_context(script_env: dict[str, str]) -> None:
+    result = run_script(script_env, "smoke_test.py", "--max-new-tokens", "100000", "hi")
+    assert result.returncode == 2
+    assert "exceeds" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_demo_survives_a_refused_turn_and_a_server_that_is_down(
+    script_env: dict[str, str]
+) -> None:
+    """A turn past the context is reported and dropped, the chat goes on; a --url that
+    answers nothing is one error line, not a traceback."""
+    too_long = " ".join(["word"] * 2000)
+    result = run_script(
+        script_env, "cli_demo.py", "--multi-turn", "--verbose", "--max-new-tokens", "4",
+        "--temperature", "0", stdin=f"Hello there\n{too_long}\nAnd again\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "context is 512" in result.stderr and "Traceback" not in result.stderr
+    assert len(re.findall(r"prompt \d+ tokens", result.stderr)) == 2  # both other turns
+    down = run_script(script_env, "cli_demo.py", "--url", "http://127.0.0.1:9", "hello")
+    assert down.returncode == 1
+    assert "ERROR" in down.stderr and "Traceback" not in down.stderr
+
+
 def test_cli_demo_answers_a_prompt_from_stdin(script_env: dict[str, str]) -> None:
     result = run_script(
         script_env, "cli_demo.py", "--max-new-tokens", "4", "--temperature", "0",

@@ -164,7 +164,7 @@ class HFBaseline:
             do_sample=sampling,
             temperature=temperature if sampling else None,
             top_p=top_p if sampling else None,
-            top_k=top_k if sampling and top_k > 0 else None,
+            top_k=(top_k if top_k > 0 else 0) if sampling else None,  # 0: no top-k (None: 50)
             eos_token_id=[] if ignore_eos else self.eos_token_ids,
             pad_token_id=self.pad_token_id,
         )

@@ -252,9 +252,9 @@ def _load_model(
                 attn_implementation=ATTN_IMPLEMENTATION,
                 trust_remote_code=trust_remote_code,
             )
-    except ValueError as exc:
+    except (ValueError, KeyError) as exc:  # KeyError: a model with its own attention table
         raise UnsupportedModelError(
-            f"{source.name} cannot use a custom attention implementation: {exc}"
+            f"{source.name} cannot use a custom attention implementation: {exc!r}"
         ) from exc
     model.to(device)
     model.eval()
