@@ -212,6 +212,7 @@ class _Routed:
     weight: int
     started: float
     tokens: int = 0
+    failed: bool = False  # its sink raised: no more deltas go to it
 
 
 @dataclass(eq=False)
@@ -572,7 +573,14 @@ class EnginePool:
                 if last:
                     slot.requests.pop(rid, None)
                     self._rid_slot.pop(rid, None)
-        routed.sink(delta)
+        if not routed.failed:
+            try:
+                routed.sink(delta)
+            except Exception:  # its consumer is gone: the request ends, its place goes back
+                logger.exception("the consumer of request %s failed; aborting it", rid)
+                routed.failed = True
+                if not last:
+                    slot.engine.abort(rid)
         if last:
             slot.window.record(time.monotonic() - routed.started, routed.tokens)
             self._release(slot, routed.weight)

@@ -24,7 +24,7 @@ from api.errors import APIError
 from api.protocol import GenerateRequest, unsupported_fields
 from api.serving import ServingContext, check_in_flight
 from api.stream import ClientDisconnected, DeltaStream, GenerationResponse, HFStream
-from config import Config
+from config import Config, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -140,10 +140,11 @@ class HFMode:
         from backend.hf.baseline import HFBaseline
 
         config = self._config
+        device = config.resolved_device()
         return HFBaseline(
             ctx.engine.source,
-            dtype=config.resolved_dtype(),
-            device=config.resolved_device(),
+            dtype=resolve_dtype(config.dtype, device),  # the device's own: no C decoder here
+            device=device,
             load_format=config.load_format,
             trust_remote_code=config.trust_remote_code,
             seed=config.seed,

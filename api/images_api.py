@@ -67,6 +67,8 @@ async def run_job(submit: Callable[[], DiffusionJob], what: str,
         raise APIError(429, str(exc), code="server_busy", headers={"Retry-After": "5"}) from None
     deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
     result = asyncio.wrap_future(job.future)
+    # a job cancelled while it runs still ends (JobCancelled) after its awaiter has gone
+    result.add_done_callback(lambda done: done.cancelled() or done.exception())
     try:
         while True:
             wait = DISCONNECT_POLL_S if deadline is None else max(

@@ -272,8 +272,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> Response:
         cards = {card.id: card for card in state.model_cards()}
-        if model not in cards:
-            state.ready()  # a 503 while loading, else it names no model served here
+        if model not in cards:  # (model_cards answered 503 while loading)
             raise APIError(404, f"the model '{model}' does not exist", param="model",
                            code="model_not_found")
         return Response(cards[model].model_dump_json(), media_type="application/json")

@@ -237,6 +237,8 @@ class EngineBase:
         for req in reqs:
             req.state = self._new_state(req)
         self._inbox.put(("add", reqs))
+        if not self.alive:  # a dead loop never reads it (one that died just now failed it)
+            raise RuntimeError(f"the engine on {self.device_name} has stopped")
         return rids
 
     def _requests(self, rid: str, ids: list[int], params: SamplingParams, sink: Sink
@@ -427,9 +429,24 @@ class EngineBase:
                     hook()
         except BaseException:  # outside a step (a step's own error is handled in _turn)
             self._stopped.set()  # reads as stopped before its requests hear of it
+            message = "engine error: the engine loop stopped"
             with contextlib.suppress(Exception):
-                self._fail_all("engine error: the engine loop stopped")
+                self._fail_all(message)
+            self._fail_inbox(message)
             logger.exception("engine loop on %s stopped", self.device_name)
+
+    def _fail_inbox(self, message: str) -> None:
+        """After the loop died: end the requests and calls still queued for it."""
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                for req in payload:
+                    self._finish(req, "abort", "", error=message)
+            elif kind == "call":
+                payload[1].put((False, RuntimeError(message)))
 
     def _turn(self) -> None:
         """Take what the inbox holds, then run one step if there is work."""

@@ -25,7 +25,14 @@ from PIL import Image
 
 from api.images_api import ImageGenerationRequest, image_request
 from api.server import create_app
-from backend.diffusion.images import ASPECT_PRESETS, SIZE_MULTIPLE, ImageRequestError, parse_size
+from backend.diffusion.images import (
+    ASPECT_PRESETS,
+    SIZE_MULTIPLE,
+    ImageRequest,
+    ImageRequestError,
+    parse_size,
+)
+from backend.diffusion.service import DiffusionBusy
 from config import load_config
 from tests.test_server import LiveServer
 from tests.test_vlm import png_declaring
@@ -223,6 +230,28 @@ def test_a_client_that_leaves_cancels_its_job(live: LiveServer) -> None:
     assert _images(_post(live.url, size="32x32", steps=1, seed=3))  # the worker serves on
 
 
+def test_a_cancelled_waiting_job_gives_its_place_back(live: LiveServer) -> None:
+    """DIFFUSION_QUEUE (1 here) counts waiting jobs that someone still wants: one
+    cancelled while it waits frees its place at once, not when the worker reaches it."""
+    service = live.app.state.server.diffusion
+    model = service.default_model
+    slow = ImageRequest(prompt="slow", width=64, height=64, steps=100, seed=6)
+    running = service.submit_image(model, slow)
+    deadline = time.monotonic() + 30
+    while not running.future.running():
+        assert time.monotonic() < deadline, "the first job did not start"
+        time.sleep(0.01)
+    waiting = service.submit_image(model, slow)
+    with pytest.raises(DiffusionBusy):
+        service.submit_image(model, slow)
+    waiting.cancel()
+    quick = service.submit_image(model, ImageRequest(prompt="quick", width=32, height=32,
+                                                     steps=1, seed=7))
+    running.cancel()
+    assert quick.future.result(timeout=60)
+    assert waiting.future.cancelled()
+
+
 def test_the_time_limit_cancels_a_job(z_image_dir: str, tiny_model_factory: Callable[[str], str]
                                       ) -> None:
     """Past REQUEST_TIMEOUT_S an image request is a 504 and its job stops."""
@@ -324,6 +353,8 @@ def test_image_to_video(live: LiveServer) -> None:
     ({"size": "50x32"}, "size"),
     ({"size": "2048x2048", "num_frames": 129}, "num_frames"),  # past 81 frames of 720p
     ({"image_url": "http://127.0.0.1/cat.png"}, "image_url"),
+    ({"image_url": "blob:image/png;base64,"  # only data: URLs
+      + base64.b64encode(png_declaring(40, 40)).decode()}, "image_url"),
     ({"image_url": "/etc/hosts"}, "image_url"),
     ({"image_url": "data:image/png;base64,not-base64!"}, "image_url"),
     ({"image_url": "data:image/png;base64,"  # a decompression bomb: 30000 x 30000 declared

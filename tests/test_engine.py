@@ -435,6 +435,8 @@ def test_a_dead_loop_fails_its_requests_and_callers(tiny_model_factory) -> None:
             engine.call(lambda: 1)
         with pytest.raises(RuntimeError, match="has stopped"):
             engine.generate([random_prompts(1, 8, 8, seed=4)[0]], greedy(2))
+        with pytest.raises(RuntimeError, match="has stopped"):
+            list(engine.stream(random_prompts(1, 8, 8, seed=5)[0], greedy(2)))
         assert time.monotonic() - started < 10
     finally:
         engine.shutdown()

@@ -19,6 +19,7 @@ import pytest
 from api.server import create_app
 from config import load_config
 from engine.engine import Engine
+from engine.request import StreamDelta
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from multi_device import EnginePool, PoolBusy, PoolDown, PrefixIndex, RollingWindow
 from tests.test_server import LiveServer
@@ -111,6 +112,33 @@ def test_cache_aware_requests_reuse_the_engine_cache(model_dir: str) -> None:
         assert warm.usage.cached_tokens == 0 and unrelated.usage.cached_tokens == 0
         assert all(out.usage.cached_tokens >= len(PREFIX) for [out] in outs)
         assert pool._total == 0
+    finally:
+        pool.shutdown()
+
+
+def test_a_failing_consumer_gives_its_place_back(model_dir: str) -> None:
+    """A consumer that raises (on its first delta, or on its last) ends its own request;
+    its place in the pool goes back and the pool serves on."""
+    pool = make_pool(model_dir)
+    try:
+        for fail_on_finish in (False, True):
+            seen: list[StreamDelta] = []
+
+            def breaks(delta: StreamDelta, fail_on_finish: bool = fail_on_finish,
+                       seen: list[StreamDelta] = seen) -> None:
+                seen.append(delta)
+                if delta.finished or not fail_on_finish:
+                    raise RuntimeError("injected: the consumer is gone")
+
+            pool.submit(_ids(7, 16), greedy(50 if not fail_on_finish else 3), breaks)
+            deadline = time.monotonic() + 30
+            while pool.snapshot()["pool"]["in_flight"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert pool.snapshot()["pool"]["in_flight"] == 0
+            assert all(not slot.requests for slot in pool.slots)
+            assert len(seen) == (3 if fail_on_finish else 1)  # nothing after the failure
+        [[out]] = pool.generate([_ids(8, 16)], greedy(4))
+        assert len(out.token_ids) == 4
     finally:
         pool.shutdown()
 

@@ -11,7 +11,6 @@ With DIFFUSION_QUEUE jobs already waiting a submit raises `DiffusionBusy` (the s
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import logging
 import queue
 import threading
@@ -94,8 +93,9 @@ class DiffusionService:
         self.device = resolve_device(config.diffusion_device)
         self.dtype = diffusion_dtype(config, self.device)
         self._pipelines: dict[str, Any] = {}
-        self._jobs: queue.Queue[DiffusionJob | None]
-        self._jobs = queue.Queue(maxsize=config.diffusion_queue)  # jobs waiting to run
+        self._jobs: queue.SimpleQueue[DiffusionJob | None] = queue.SimpleQueue()
+        self._waiting = 0  # jobs queued and not cancelled: DIFFUSION_QUEUE bounds these
+        self._lock = threading.Lock()
         self.num_cancelled = 0  # jobs dropped while waiting or stopped between steps
         self._thread = threading.Thread(target=self._work, name="diffusion", daemon=True)
         self._thread.start()
@@ -134,17 +134,27 @@ class DiffusionService:
             lambda stop: generate_video(self._load(source), request, self.device, stop=stop)))
 
     def _submit(self, job: DiffusionJob) -> DiffusionJob:
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            raise DiffusionBusy(
-                f"the image queue is full ({self.config.diffusion_queue} waiting); "
-                "retry later") from None
+        with self._lock:
+            if self._waiting >= self.config.diffusion_queue:
+                raise DiffusionBusy(f"the image queue is full ({self._waiting} waiting); "
+                                    "retry later")
+            self._waiting += 1
+        job.future.add_done_callback(self._cancelled_while_waiting)
+        self._jobs.put(job)
         return job
 
+    def _cancelled_while_waiting(self, future: concurrent.futures.Future[Any]) -> None:
+        """A job leaves the count when it starts (`_run`) or when it is cancelled while it
+        waits (once: a running job's future cannot be cancelled)."""
+        if future.cancelled():
+            self._left()
+
+    def _left(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+
     def shutdown(self) -> None:
-        with contextlib.suppress(queue.Full):  # a full queue: the daemon thread just stays
-            self._jobs.put_nowait(None)
+        self._jobs.put(None)
         self._thread.join(timeout=5)
 
     def _load(self, model: ImageModel) -> Any:
@@ -167,8 +177,9 @@ class DiffusionService:
 
     def _run(self, job: DiffusionJob) -> None:
         if not job.future.set_running_or_notify_cancel():
-            self.num_cancelled += 1  # cancelled while it waited
+            self.num_cancelled += 1  # cancelled while it waited (and counted out then)
             return
+        self._left()
         try:
             result = job.run(job.stop)
         except JobCancelled as exc:

@@ -78,6 +78,8 @@ def image_from_data_url(url: str, policy: ImagePolicy) -> Image.Image:
     """The picture of a `data:image/...;base64,` URL (the only kind accepted: a request never
     makes the server fetch a remote address or read a file), under the byte and pixel caps
     of chat images (`policy`: `ImagePolicy.from_config`, VLM_MAX_IMAGE_BYTES/PIXELS)."""
+    if not url.startswith(_DATA_URL_PREFIX) or ";base64," not in url:
+        raise ImageRequestError("image_url must be a data:image/...;base64, URL", "image_url")
     try:
         return decode_image(data_url_bytes(url, policy.max_bytes), policy)
     except ImageInputError as exc:
