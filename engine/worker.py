@@ -27,6 +27,7 @@ import logging
 import multiprocessing
 import operator
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -167,7 +168,10 @@ class ProcessEngine(EngineBase):
     def submit_many(
         self, requests: Sequence[tuple[Prompt, SamplingParams, Sink, str | None]]
     ) -> list[str]:
-        """One `submit` each: every request reaches the worker in its own message."""
+        """All validated first (a bad one queues none), then one `submit` each: every
+        request reaches the worker in its own message."""
+        for prompt, params, _, _ in requests:
+            self.prepare(prompt, params)
         return [self.submit(*request) for request in requests]
 
     def abort(self, rid: str) -> None:
@@ -372,6 +376,11 @@ def _worker_main(conn: Connection, config: Config, source: ModelSource) -> None:
     """The worker process: build the engine, report, then serve commands until told to stop
     or the parent goes away."""
     configure_logging(config)
+    # Ctrl-C or a SIGTERM to the whole process group reaches the workers too: they stop on
+    # the parent's "stop" (or its pipe's end), so that its graceful shutdown can finish
+    # the requests still streaming.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from backend.factory import create_engine
 
     try:
@@ -415,7 +424,10 @@ def _serve(conn: Connection, engine: EngineBase, outbox: _Outbox) -> None:
             try:
                 if name not in CALLS:
                     raise ValueError(f"unknown engine call {name!r}")
-                outbox.send(("result", (call_id, True, getattr(engine, name)())))
+                value = getattr(engine, name)()
+                # the parent reads in order: its snapshot is current when the caller wakes
+                outbox.send_deltas([], engine.snapshot())
+                outbox.send(("result", (call_id, True, value)))
             except Exception as exc:
                 outbox.send(("result", (call_id, False, exc)))
     if not engine.alive:

@@ -144,6 +144,12 @@ def test_a_bad_request_fails_synchronously(live: LiveServer, pool: EnginePool) -
         "model": pool.model_name, "prompt": [10**6], "max_tokens": 2})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "prompt"
+    seen: list[StreamDelta] = []
+    with pytest.raises(InvalidRequestError):  # a bad one in a batch queues none of it
+        workers(pool)[0].submit_many([([5, 6, 7], greedy(2), seen.append, None),
+                                      ([10**6], greedy(2), seen.append, None)])
+    time.sleep(0.5)
+    assert not seen
     assert pool._total == 0 and all(e.open_requests == 0 for e in workers(pool))
 
 
@@ -181,6 +187,15 @@ def test_metrics_count_the_workers(live: LiveServer, pool: EnginePool) -> None:
     assert "minisgl:num_requests_running 0.0" in text
     assert pool.insert_prefix("a shared system prompt") > 0
     assert pool.flush_cache() > 0  # run in the workers, answered over the pipe
+    # the workers' snapshots come with the answer: no stale cache in /metrics
+    assert all(e.snapshot()["kv_cached_slots"] == 0 for e in workers(pool))
+    for worker in workers(pool):  # Ctrl-C at the terminal reaches the workers too
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert all(e.alive for e in workers(pool))  # they stop on the server's word only
+    [[out]] = pool.generate(["after the interrupt"], greedy(3))
+    assert len(out.token_ids) == 3
 
 
 def test_a_killed_worker_fails_its_requests_and_the_other_serves_on(
