@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
@@ -89,6 +90,9 @@ class ServerState:
         self.vlm_error: str | None = None
         self.metrics = ServerMetrics(self._snapshot)
         self.hf = HFMode(config)
+        self._closed = False  # shutdown has begun: engines that finish loading now stop
+        self._built: Any = None  # what the factory built, before it becomes `engine`
+        self._build_lock = threading.Lock()
 
     def _snapshot(self) -> dict[str, Any] | None:
         return self.engine.snapshot() if self.engine is not None else None
@@ -96,7 +100,7 @@ class ServerState:
     async def load(self, factory: EngineFactory) -> None:
         """Build the engine and warm it up, both off the event loop."""
         try:
-            built = await asyncio.to_thread(factory)
+            built = await asyncio.to_thread(self._build, factory)
             engine = built if isinstance(built, EnginePool) else EnginePool(self.config, [built])
             self.engine = engine
             await asyncio.to_thread(engine.warmup)
@@ -190,15 +194,30 @@ class ServerState:
             logger.exception("the image model failed to load")
             self.diffusion_error = f"{type(exc).__name__}: {exc}"
 
+    def _build(self, factory: EngineFactory) -> Any:
+        """The factory's engines, in its thread; a server that stopped meanwhile (its
+        loading task cancelled, the thread running on) gets them stopped here."""
+        built = factory()
+        with self._build_lock:
+            if not self._closed:
+                self._built = built
+                return built
+        built.shutdown()
+        raise RuntimeError("the server stopped while its engines loaded")
+
     async def shutdown(self) -> None:
+        with self._build_lock:
+            self._closed = True
+            built = self._built
         if self.diffusion is not None:
             await asyncio.to_thread(self.diffusion.shutdown)
         if self.vlm is not None:
             await asyncio.to_thread(self.vlm.service.shutdown)
         if self.control is not None:
             await asyncio.to_thread(self.control.stop)
-        if self.engine is not None:
-            await asyncio.to_thread(self.engine.shutdown)
+        engine = self.engine or built  # (built, not yet wrapped in the pool)
+        if engine is not None:
+            await asyncio.to_thread(engine.shutdown)
 
     def ready(self) -> ServingContext:
         if self.serving is None:

@@ -209,6 +209,29 @@ def test_health_is_503_until_the_engine_is_loaded(
     assert (loading.status_code, loading.json()) == (503, {"status": "loading"})
 
 
+def test_a_server_stopped_while_loading_stops_its_engines(model_dir: str) -> None:
+    """Stopping the server before its engines finish loading leaves none running: the
+    loading thread, which a cancel cannot stop, stops what it built."""
+    gate = threading.Event()
+    built: list[Engine] = []
+    build = engine_factory(model_dir)
+
+    def gated_factory() -> Engine:
+        assert gate.wait(timeout=60)
+        built.append(build())
+        return built[-1]
+
+    config = load_config({"MODEL_LOCAL_DIR": model_dir, "DTYPE": "float32"})
+    live = LiveServer(create_app(gated_factory, config=config)).start()
+    assert httpx.get(live.url + "/health").json()["status"] == "loading"
+    threading.Timer(1.0, gate.set).start()  # it finishes loading after the stop began
+    live.stop()
+    deadline = time.monotonic() + 60
+    while not built or built[0].alive:
+        assert time.monotonic() < deadline, "the engine built after the stop runs on"
+        time.sleep(0.05)
+
+
 def test_health_reports_a_failed_load(tmp_path: Any) -> None:
     missing = str(tmp_path / "no-model-here")
     config = load_config({"MODEL_LOCAL_DIR": missing})
