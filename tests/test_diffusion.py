@@ -121,12 +121,16 @@ def live(z_image_dir: str, tiny_model_factory: Callable[[str], str], smollm2_tok
         "VIDEO_I2V_MODEL_ID": _tiny_wan(root / "tiny-wan-i2v", smollm2_tokenizer, True)})
     server = LiveServer(create_app(config=config)).start()
     server.wait_ready()
+    _wait_for_diffusion(server)
+    yield server
+    server.stop()
+
+
+def _wait_for_diffusion(server: LiveServer) -> None:
     deadline = time.monotonic() + 60
     while server.app.state.server.diffusion is None:
         assert time.monotonic() < deadline, "the image model did not load"
         time.sleep(0.05)
-    yield server
-    server.stop()
 
 
 def _images(response: httpx.Response) -> list[Image.Image]:
@@ -260,10 +264,7 @@ def test_the_time_limit_cancels_a_job(z_image_dir: str, tiny_model_factory: Call
     server = LiveServer(create_app(config=config)).start()
     try:
         server.wait_ready()
-        deadline = time.monotonic() + 60
-        while server.app.state.server.diffusion is None:
-            assert time.monotonic() < deadline, "the image model did not load"
-            time.sleep(0.05)
+        _wait_for_diffusion(server)
         started = time.monotonic()
         response = _post(server.url, size="64x64", steps=100, seed=4)
         assert response.status_code == 504, response.text

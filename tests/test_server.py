@@ -79,6 +79,14 @@ class LiveServer:
             assert time.monotonic() < deadline, "the engine did not become ready"
             time.sleep(0.05)
 
+    def wait_loaded(self, timeout_s: float = 60) -> httpx.Response:
+        """/health once loading has ended, ready or failed."""
+        deadline = time.monotonic() + timeout_s
+        while (health := httpx.get(self.url + "/health")).json()["status"] == "loading":
+            assert time.monotonic() < deadline, "the engine is still loading"
+            time.sleep(0.05)
+        return health
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
@@ -237,10 +245,7 @@ def test_health_reports_a_failed_load(tmp_path: Any) -> None:
     config = load_config({"MODEL_LOCAL_DIR": missing})
     live = LiveServer(create_app(lambda: Engine(config), config=config)).start()
     try:
-        deadline = time.monotonic() + 30
-        while (health := httpx.get(live.url + "/health")).json()["status"] == "loading":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        health = live.wait_loaded(timeout_s=30)
         assert health.status_code == 503 and health.json()["status"] == "failed"
         assert "no-model-here" in health.json()["error"]
         models = httpx.get(live.url + "/v1/models")
