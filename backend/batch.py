@@ -21,7 +21,7 @@ from __future__ import annotations
 import array
 import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -51,6 +51,9 @@ class ForwardBatch:
     # mixed batches only: [2, n] int64, request index and token row of each request adding
     # one token (kernel sets may attend those with their decode kernel)
     single_rows: torch.Tensor | None = None
+    # per-step tensors a kernel set's `prepare_attention` works out on the device for its
+    # attention calls of every layer (the triton set: a decode batch's launch order)
+    attention_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import random
@@ -37,7 +38,9 @@ from backend.batch import (  # noqa: E402
 from backend.kv_pool import KV_FP8, KVPool  # noqa: E402
 from backend.sglang.kernels import load_kernel_set, torch_ops  # noqa: E402
 from backend.sglang.kernels.triton.decode_attention import (  # noqa: E402
+    ROW_ORDER_MIN_ROWS,
     decode_attention,
+    longest_first,
     merge_splits,
 )
 from backend.sglang.kernels.triton.extend_attention import (  # noqa: E402
@@ -212,6 +215,49 @@ def test_decode_attention_splits_agree(num_splits: int) -> None:
     )
     expected = torch_ops.paged_attention(q, k_pool, v_pool, batch, 0.125, kv_heads)
     _close(out, expected)
+
+
+@pytest.mark.parametrize("lengths", [[5], [3, 9, 9, 1, 9, 4],
+                                     [random.Random(0).randint(1, 40) for _ in range(150)]])
+def test_longest_first_is_a_stable_descending_order(lengths: list[int]) -> None:
+    """More rows than one program's block (64) too; equal lengths keep their row order."""
+    indptr = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64)
+    expected = sorted(range(len(lengths)), key=lambda row: (-lengths[row], row))
+    order = longest_first(indptr)
+    assert order.dtype == torch.int32
+    assert order.tolist() == expected
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_attention_in_a_row_order_is_the_same(num_splits: int) -> None:
+    """Programs started longest request first write every row where it belongs: bit for bit
+    the output of the plain launch, whatever the slices."""
+    prefix_lens = [5, 60, 0, 33, 33, 12, 47, 2, 19]
+    batch = _batch(prefix_lens, [1] * len(prefix_lens), 230, seed=num_splits)
+    k_pool, v_pool = _pools(230, 2, 64, torch.float32)
+    q = _randn(len(prefix_lens), 4, 64, dtype=torch.float32, seed=9)
+    plain = decode_attention(q, k_pool, v_pool, batch.kv_indptr, batch.kv_indices, 0.125,
+                             num_splits, block_n=16)
+    ordered = decode_attention(q, k_pool, v_pool, batch.kv_indptr, batch.kv_indices, 0.125,
+                               num_splits, block_n=16, row_order=longest_first(batch.kv_indptr))
+    assert torch.equal(ordered, plain)
+
+
+def test_a_decode_batch_gets_its_row_order_and_matches_torch(ops: ModuleType) -> None:
+    """From ROW_ORDER_MIN_ROWS rows `prepare_attention` leaves the launch order for every
+    layer's attention; the result is still the reference attention."""
+    prefix_lens = [(7 * row + 3) % 41 for row in range(ROW_ORDER_MIN_ROWS + 1)]
+    batch = _batch(prefix_lens, [1] * len(prefix_lens), 200)
+    ops.prepare_attention(batch)
+    order = batch.attention_state["row_order"]
+    assert order.tolist() == sorted(range(len(prefix_lens)), key=lambda r: (-prefix_lens[r], r))
+    k_pool, v_pool = _pools(200, 2, 64, torch.float32)
+    q = _randn(len(prefix_lens), 4, 64, dtype=torch.float32, seed=10)
+    _close(ops.paged_attention(q, k_pool, v_pool, batch, 0.125, 2),
+           torch_ops.paged_attention(q, k_pool, v_pool, batch, 0.125, 2))
+    small = _batch([4, 8], [1, 1], 20)
+    ops.prepare_attention(small)
+    assert small.attention_state == {}
 
 
 @pytest.mark.parametrize("num_slices", [1, 8, 21, 32, 70])

@@ -20,9 +20,11 @@ from backend.sglang.kernels.triton.cascade_attention import (
 )
 from backend.sglang.kernels.triton.common import has_long_block_smem
 from backend.sglang.kernels.triton.decode_attention import (
+    ROW_ORDER_MIN_ROWS,
     choose_long_block_splits,
     choose_num_splits,
     decode_attention,
+    longest_first,
 )
 from backend.sglang.kernels.triton.elementwise import (
     apply_rotary,
@@ -148,18 +150,29 @@ def _one_token_attention(
             prefix_block_n=2 * block_n if long_blocks else block_n,
             req_ids=req_ids, suffix_stages=2 if whole_suffix else None,
         )
+    # a decode batch's rows, longest first (`prepare_attention`)
+    row_order = batch.attention_state.get(ROW_ORDER) if req_ids is None else None
     if long_blocks:  # twice the keys per step, in fewer programs (H100: BENCHMARKS.md)
         num_splits = choose_long_block_splits(rows, num_kv_heads, batch.max_single_seq_len,
                                               q.device)
         return decode_attention(q, *kv, scale, num_splits, block_n=2 * block_n, num_stages=2,
-                                req_ids=req_ids)
+                                req_ids=req_ids, row_order=row_order)
     num_splits = choose_num_splits(rows, num_kv_heads, batch.max_single_seq_len, q.device)
-    return decode_attention(q, *kv, scale, num_splits, block_n=block_n, req_ids=req_ids)
+    return decode_attention(q, *kv, scale, num_splits, block_n=block_n, req_ids=req_ids,
+                            row_order=row_order)
+
+
+ROW_ORDER = "row_order"
 
 
 def prepare_attention(batch: ForwardBatch) -> None:
-    """Per-step work before the first layer: measure a cascade plan's shared prefixes."""
-    if batch.cascade is None or not batch.batch_size:
+    """Per-step work before the first layer: a decode batch's launch order (longest request
+    first), or the measure of a cascade plan's shared prefixes."""
+    if batch.cascade is None:
+        if batch.batch_size >= ROW_ORDER_MIN_ROWS and batch.is_decode:
+            batch.attention_state[ROW_ORDER] = longest_first(batch.kv_indptr)
+        return
+    if not batch.batch_size:
         return
     if batch.is_decode:
         measure_shared_prefixes(batch.kv_indptr, batch.kv_indices, batch.cascade)

@@ -5,6 +5,10 @@ to a tensor-core tile) over the s-th slice of request b's slots and writes a par
 and its log-sum-exp; a second kernel merges the slices. Sequence lengths are read on the
 device from `kv_indptr`, so the grid depends only on the batch size and the split count and
 any split count is correct (a slice past the end of a short request is simply empty).
+
+Programs start in the order of a `row_order` when given: longest context first
+(`longest_first`), so the longest requests do not start last and leave most multiprocessors
+idle while they finish (H200, requests of 300-1,800 tokens: 4-13% faster at 32-192 rows).
 """
 
 from __future__ import annotations
@@ -44,6 +48,41 @@ PROGRAMS_PER_SM = 8
 # programs per multiprocessor (16 rows: 3-6 slices best)
 LONG_BLOCK_PROGRAMS_PER_SM = 4
 LONG_BLOCK_WHOLE_ROW_WAVES = 1.5
+# batches from this many rows start their programs longest request first (`longest_first`);
+# below it the order kernel costs about what it saves
+ROW_ORDER_MIN_ROWS = 8
+_ORDER_BLOCK = 64
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _longest_first_kernel(indptr_ptr, order_ptr, num_rows, BLOCK: tl.constexpr):
+    # row i's place is the number of rows that go before it: longer ones, and equally long
+    # ones above it (a stable order)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i_mask = i < num_rows
+    len_i = tl.load(indptr_ptr + i + 1, mask=i_mask, other=0) - tl.load(
+        indptr_ptr + i, mask=i_mask, other=0)
+    place = tl.zeros([BLOCK], dtype=tl.int32)
+    for first in range(0, num_rows, BLOCK):
+        j = first + tl.arange(0, BLOCK)
+        j_mask = j < num_rows
+        len_j = tl.load(indptr_ptr + j + 1, mask=j_mask, other=0) - tl.load(
+            indptr_ptr + j, mask=j_mask, other=0)
+        before = (len_j[None, :] > len_i[:, None]) | (
+            (len_j[None, :] == len_i[:, None]) & (j[None, :] < i[:, None]))
+        place += tl.sum((before & j_mask[None, :]).to(tl.int32), axis=1)
+    tl.store(order_ptr + place, i.to(tl.int32), mask=i_mask)
+
+
+def longest_first(kv_indptr: torch.Tensor) -> torch.Tensor:
+    """The rows of a batch ([B + 1] `kv_indptr`) by context length, longest first (ties in
+    row order): [B] int32, worked out on the device in one launch."""
+    num_rows = kv_indptr.shape[0] - 1
+    order = torch.empty(num_rows, dtype=torch.int32, device=kv_indptr.device)
+    if num_rows > 0:
+        _longest_first_kernel[(triton.cdiv(num_rows, _ORDER_BLOCK),)](
+            kv_indptr, order, num_rows, BLOCK=_ORDER_BLOCK)
+    return order
 
 
 @triton.jit(do_not_specialize=SPLIT_ARGS)
@@ -52,15 +91,17 @@ def _decode_split_kernel(
     stride_qt, stride_qh, stride_k_slot, stride_k_head, stride_v_slot, stride_v_head,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     scale_log2, group_size, head_dim, num_splits,
-    row_group_ptr, group_prefix_ptr, req_ids_ptr,
+    row_group_ptr, group_prefix_ptr, req_ids_ptr, row_order_ptr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr, WRITE_LSE: tl.constexpr,
-    HAS_CASCADE: tl.constexpr, HAS_REQ_IDS: tl.constexpr,
+    HAS_CASCADE: tl.constexpr, HAS_REQ_IDS: tl.constexpr, ROW_ORDER: tl.constexpr,
 ):
     # a row's KV heads are neighbouring programs: they read the same slots' K/V at about the
     # same time (on an H100, 2-5% faster at batch 256 than rows side by side)
     kv_head = tl.program_id(0)
     request = tl.program_id(1)
+    if ROW_ORDER:
+        request = tl.load(row_order_ptr + request)
     split = tl.program_id(2)
     kv_request = request_of(request, req_ids_ptr, HAS_REQ_IDS)
     kv_start = tl.load(kv_indptr_ptr + kv_request)
@@ -178,10 +219,12 @@ def decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     req_ids: torch.Tensor | None = None,
+    row_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q [B, Hq, D] (request b's one token is row b) over its slots; [B, Hq, D].
 
     With `req_ids` ([B] int64), row r attends the slots of request req_ids[r] of `kv_indptr`.
+    With `row_order` ([B] int32, a permutation of the rows), programs start in that order.
     `num_warps`/`num_stages` override Triton's launch defaults (None keeps them)."""
     out = torch.empty_like(q)
     if q.shape[0] == 0:
@@ -190,7 +233,7 @@ def decode_attention(
     partial, lse = (out, None) if num_splits == 1 else split_buffers(q, num_splits)
     decode_slices(q, k_pool_layer, v_pool_layer, kv_indptr, kv_indices, scale, num_splits,
                   partial, lse, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
-                  req_ids=req_ids)
+                  req_ids=req_ids, row_order=row_order)
     if lse is not None:
         merge_splits(partial, lse, out, num_splits)
     return out
@@ -211,11 +254,13 @@ def decode_slices(
     num_warps: int | None = None,
     num_stages: int | None = None,
     req_ids: torch.Tensor | None = None,
+    row_order: torch.Tensor | None = None,
 ) -> None:
     """Launch the split kernel: with `lse`, slice s of each request goes to
     out[b, :, s] ([B, Hq, slices, D] float32) and its log-sum-exp to lse[b, :, s]; without,
     the one slice is the output ([B, Hq, D]). With a `cascade` plan, grouped rows start after
-    their group's shared prefix. With `req_ids`, row r of q is request req_ids[r]."""
+    their group's shared prefix. With `req_ids`, row r of q is request req_ids[r]. With
+    `row_order`, the programs of row row_order[i] start i-th."""
     batch_size, num_q_heads, head_dim = q.shape
     num_kv_heads = k_pool_layer.shape[1]
     group_size = num_q_heads // num_kv_heads
@@ -235,11 +280,12 @@ def decode_slices(
         scale * LOG2E, group_size, head_dim, num_splits,
         cascade[0] if cascade is not None else out, cascade[3] if cascade is not None else out,
         req_ids if req_ids is not None else out,
+        row_order if row_order is not None else out,
         BLOCK_H=max(MIN_DOT_TILE, triton.next_power_of_2(group_size)), BLOCK_N=block_n,
         BLOCK_D=max(MIN_DOT_TILE, triton.next_power_of_2(head_dim)),
         DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOTS=upcast_dots(),
         WRITE_LSE=lse is not None, HAS_CASCADE=cascade is not None,
-        HAS_REQ_IDS=req_ids is not None, **launch,
+        HAS_REQ_IDS=req_ids is not None, ROW_ORDER=row_order is not None, **launch,
     )
 
 
