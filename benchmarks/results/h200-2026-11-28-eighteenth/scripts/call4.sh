@@ -1,0 +1,3 @@
+#!/bin/bash
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=.
+timeout 300 python3 .gpu/attn_probe2.py 2>&1 | tee $OUT/attn_probe2.txt
