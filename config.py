@@ -25,7 +25,19 @@ class ConfigError(ValueError):
     """A flag has a value that cannot be used; the message names the flag."""
 
 
-def _parse_bool(raw: str) -> bool:
+@dataclass(frozen=True)
+class Parser:
+    """Reads a flag's raw text into its value (ValueError when it cannot); `accepts` says
+    what it takes, as the values column of docs/CONFIGURATION.md."""
+
+    read: Callable[[str], Any]
+    accepts: str
+
+    def __call__(self, raw: str) -> Any:
+        return self.read(raw)
+
+
+def _read_bool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -34,17 +46,20 @@ def _parse_bool(raw: str) -> bool:
     raise ValueError(f"expected 0/1/true/false, got {raw!r}")
 
 
-def _choice(*options: str) -> Callable[[str], str]:
+_parse_bool = Parser(_read_bool, "0, 1")
+
+
+def _choice(*options: str) -> Parser:
     def parse(raw: str) -> str:
         value = raw.strip().lower()
         if value not in options:
             raise ValueError(f"expected one of {'|'.join(options)}, got {raw!r}")
         return value
 
-    return parse
+    return Parser(parse, ", ".join(options))
 
 
-def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+def _int_at_least(low: int, high: int | None = None) -> Parser:
     def parse(raw: str) -> int:
         value = int(raw)
         if value < low:
@@ -53,32 +68,35 @@ def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
             raise ValueError(f"must be <= {high}, got {value}")
         return value
 
-    return parse
+    return Parser(parse, f"integer ≥ {low}" if high is None
+                  else f"integer {low}-{high}")
 
 
-def _fraction(raw: str) -> float:
+def _read_fraction(raw: str) -> float:
     value = float(raw)
     if not 0.0 < value <= 1.0:
         raise ValueError(f"must be in (0, 1], got {value}")
     return value
 
 
-def _non_negative_float(raw: str) -> float:
+def _read_non_negative_float(raw: str) -> float:
     value = float(raw)
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"must be a finite number >= 0, got {value}")
     return value
 
 
-def _positive_float(raw: str) -> float:
+def _read_positive_float(raw: str) -> float:
     value = float(raw)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"must be a finite number > 0, got {value}")
     return value
 
 
-def _text(raw: str) -> str:
-    return raw.strip()
+_fraction = Parser(_read_fraction, "number in (0, 1]")
+_non_negative_float = Parser(_read_non_negative_float, "number ≥ 0")
+_positive_float = Parser(_read_positive_float, "number > 0")
+_text = Parser(str.strip, "text")
 
 
 @dataclass(frozen=True)
@@ -87,7 +105,7 @@ class Flag:
 
     env: str
     attr: str
-    parse: Callable[[str], Any]
+    parse: Parser
     default: str
     doc: str
 
@@ -95,7 +113,8 @@ class Flag:
 FLAGS: tuple[Flag, ...] = (
     # Model
     Flag("MODEL_NAME", "model_name", _text, "",
-         "Hugging Face hub id or local folder; empty = the embedded SmolLM2-135M-Instruct."),
+         "Hugging Face hub id, local folder or .gguf file; empty = the embedded "
+         "SmolLM2-135M-Instruct."),
     Flag("MODEL_LOCAL_DIR", "model_local_dir", _text, "",
          "Local Hugging Face format folder or .gguf file; wins over MODEL_NAME."),
     Flag("MODEL_CACHE_DIR", "model_cache_dir", _text, "~/.cache/mini-sglang",
@@ -115,8 +134,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("BACKEND_IMPL", "backend_impl", _choice("auto", "sgl", "hf", "torch", "mlx"), "auto",
          "Runner: sgl/torch = native paged runner, hf = transformers model on the same "
          "paged cache, mlx = mlx-lm (its own engine; `pip install 'mlx[cpu]' mlx-lm` on "
-         "Linux); auto = mlx on Apple Silicon when mlx and mlx-lm import and DEVICE is auto "
-         "or mps, else native when the architecture is supported, else hf."),
+         "Linux); auto = mlx on Apple Silicon when mlx and mlx-lm import, DEVICE is auto "
+         "or mps and LOAD_FORMAT is not dummy, else native when the architecture is "
+         "supported, else hf."),
     Flag("WEIGHT_QUANT", "weight_quant", _choice("auto", "none", "int8", "int4"), "auto",
          "Weight-only quantization of the native runner's matmuls (CPU): int8 per output "
          "channel, int4 in groups of 32 (LM head int8); auto = int8 on CPU unless DTYPE is "
@@ -124,7 +144,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("CPU_KERNEL", "cpu_kernel", _choice("auto", "c", "torch"), "auto",
          "CPU forward of the native runner with int8 weights: c = the whole decoder stack in "
          "one compiled C call per step (built once per host into MODEL_CACHE_DIR/kernels "
-         "with the system C compiler), torch = torch ops; auto = c when it builds, else torch."),
+         "with $CC, else cc, gcc or clang), torch = torch ops; auto = c when it builds (and, "
+         "built without OpenMP, only with one torch thread), else torch."),
     Flag("NUM_THREADS", "num_threads", _int_at_least(0), "0",
          "torch intra-op threads on CPU; 0 = torch's default."),
     Flag("SEED", "seed", _int_at_least(0), "0", "Seed of the engine's default generator."),
@@ -179,7 +200,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("PREFIX_CACHE_TOKEN_BUDGET", "prefix_cache_token_budget", _int_at_least(0), "0",
          "Most unreferenced tokens the radix cache keeps; 0 = no limit but the pool."),
     Flag("PREFILL_CACHE_SIZE", "prefill_cache_size", _int_at_least(0), "4",
-         "Exact-match prefill cache entries (last-position logits of whole prompts); 0 = off."),
+         "Exact-match prefill cache entries (last-position logits of whole prompts); 0 = off "
+         "(also off when PREFIX_CACHE=0)."),
     Flag("PREFILL_CACHE_TOKEN_BUDGET", "prefill_cache_token_budget", _int_at_least(0), "32768",
          "Most prompt tokens covered by the exact-match prefill cache; 0 = entries only."),
     # MLX backend
@@ -211,12 +233,13 @@ FLAGS: tuple[Flag, ...] = (
          "of the model loaded on first use (off: a 400)."),
     Flag("MAX_PENDING_REQUESTS", "max_pending_requests", _int_at_least(0), "0",
          "Most generation requests in flight in the server (429 beyond); 0 = no limit."),
-    # Logging
+    # Engine pool
     Flag("NUM_ENGINES", "num_engines", _int_at_least(0), "0",
          "Engines in the pool; 0 = one per CUDA GPU under ENABLE_MULTI_DEVICE, else 1. On a "
          "CPU several engines share the cores."),
     Flag("ENABLE_MULTI_DEVICE", "enable_multi_device", _parse_bool, "0",
-         "One engine per CUDA GPU (NUM_ENGINES of them when set)."),
+         "One engine per CUDA GPU (NUM_ENGINES of them when set); without CUDA, or with "
+         "DEVICE=cpu/mps, ignored with a warning."),
     Flag("DEVICES", "devices", _text, "",
          "Comma-separated device per engine (e.g. cuda:0,cuda:1); overrides the two above."),
     Flag("ENGINE_PROCESSES", "engine_processes", _choice("auto", "0", "1"), "auto",

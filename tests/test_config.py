@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import FLAGS, ConfigError, cpu_has_native_bf16, load_config, resolve_dtype
+from config import FLAGS, ConfigError, Flag, cpu_has_native_bf16, load_config, resolve_dtype
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "CONFIGURATION.md"
@@ -66,12 +66,20 @@ def test_cpu_auto_dtype_follows_native_bf16_support() -> None:
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
 
 
-def test_every_flag_is_documented_with_its_default() -> None:
-    rows = dict(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \| `([^`]*)` \|", DOCS.read_text(), re.M))
-    wrong = [(flag.env, flag.default, rows.get(flag.env)) for flag in FLAGS
-             if rows.get(flag.env) != flag.default]
-    assert not wrong, f"(flag, default, documented default): {wrong}"
+def test_every_flag_is_documented_with_its_default_and_values() -> None:
+    found = re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \| `([^`]*)` \| ([^|]*) \|",
+                       DOCS.read_text(), re.M)
+    rows = {env: (default, values) for env, default, values in found}
+    wrong = [(flag.env, (flag.default, flag.parse.accepts), rows.get(flag.env))
+             for flag in FLAGS if rows.get(flag.env) != (flag.default, flag.parse.accepts)]
+    assert not wrong, f"(flag, (default, values), documented): {wrong}"
     assert set(rows) == {flag.env for flag in FLAGS}, "a documented flag config.py lacks"
+
+
+@pytest.mark.parametrize("flag", FLAGS, ids=lambda flag: flag.env)
+def test_every_default_is_among_the_documented_values(flag: Flag) -> None:
+    """The values column is what the parser takes: the default passes it."""
+    flag.parse(flag.default)
 
 
 def test_the_default_cpu_kv_pool_fits_the_available_ram(monkeypatch: pytest.MonkeyPatch) -> None:
