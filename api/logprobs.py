@@ -87,16 +87,18 @@ def chat_logprobs(entries: list[TokenLogprob], texts: TokenTexts) -> ChatLogprob
 def completion_logprobs(
     entries: list[TokenLogprob], texts: TokenTexts, start_offset: int
 ) -> CompletionLogprobs:
-    """`choices[].logprobs` of the completions API; offsets count from `start_offset`."""
+    """`choices[].logprobs` of the completions API; offsets count from `start_offset`.
+    Each position's `top_logprobs` holds the sampled token too (up to `logprobs` + 1
+    entries), as OpenAI's legacy API does."""
     out = CompletionLogprobs()
     offset = start_offset
     for entry in entries:
         text, _ = texts.get(entry.token_id)
         out.tokens.append(text)
         out.token_logprobs.append(_finite(entry.logprob))
-        out.top_logprobs.append(
-            {texts.get(token_id)[0]: _finite(logprob) for token_id, logprob in entry.top}
-        )
+        top = {texts.get(token_id)[0]: _finite(logprob) for token_id, logprob in entry.top}
+        top.setdefault(text, _finite(entry.logprob))
+        out.top_logprobs.append(top)
         out.text_offset.append(offset)
         offset += len(text)
     return out

@@ -24,6 +24,7 @@ from api.protocol import (
     CompletionRequest,
     CompletionResponse,
     ContentPart,
+    check_stream_options,
     unsupported_fields,
 )
 from api.serving import SSE_DONE, SSE_MEDIA_TYPE, ServingContext, sse
@@ -40,13 +41,12 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, ctx: ServingContext
 ) -> Response:
     unsupported_fields(body)
+    check_stream_options(body.stream, body.stream_options)
     ctx.check_model(body.model)
     messages = chat_messages(body.messages)
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequestError("top_logprobs requires logprobs: true", "top_logprobs")
-    max_tokens = (
-        body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    )
+    max_tokens = body.output_limit()
     sampling = body.sampling_kwargs() | {
         "n": body.n,
         "logprobs": body.logprobs,
@@ -113,6 +113,9 @@ def chat_messages(
             raise InvalidRequestError("tool messages are not supported", f"{where}.role")
         if message.content is None and message.role != "assistant":
             raise InvalidRequestError(f"{where}.content is required", f"{where}.content")
+        if isinstance(message.content, list) and not message.content:
+            raise InvalidRequestError(f"{where}.content must not be an empty array",
+                                      f"{where}.content")
         entry: dict[str, Any] = {
             "role": "system" if message.role == "developer" else message.role,
             "content": convert(message.content, f"{where}.content"),
@@ -129,16 +132,16 @@ def _message_text(content: str | list[ContentPart] | None, where: str) -> str:
     if isinstance(content, str):
         return content
     texts = []
-    for part in content:
+    for number, part in enumerate(content):
         if part.type in IMAGE_PARTS:
             raise InvalidRequestError("image inputs are not supported by this model", where)
         if part.type in AUDIO_PARTS:
             raise InvalidRequestError("audio inputs are not supported by this model", where)
-        if part.type != "text" or part.text is None:
+        if part.type != "text":
             raise InvalidRequestError(
                 f"content parts of type '{part.type}' are not supported", where
             )
-        texts.append(part.text)
+        texts.append(part.required_text(f"{where}[{number}]"))
     return "\n".join(texts)
 
 
@@ -184,6 +187,7 @@ async def _chat_chunks(
 # ----------------------------------------------------------- completions
 async def completions(body: CompletionRequest, request: Request, ctx: ServingContext) -> Response:
     unsupported_fields(body)
+    check_stream_options(body.stream, body.stream_options)
     ctx.check_model(body.model)
     if body.best_of is not None and body.best_of != body.n:
         raise InvalidRequestError("best_of other than n is not supported", "best_of")

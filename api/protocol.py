@@ -116,6 +116,13 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
+def check_stream_options(stream: bool, options: StreamOptions | None) -> None:
+    """stream_options only with stream: true (as OpenAI answers)."""
+    if options is not None and not stream:
+        raise InvalidRequestError("stream_options is only allowed when stream is true",
+                                  "stream_options")
+
+
 class ImageURL(RequestModel):
     url: str
     detail: str | None = None
@@ -125,6 +132,12 @@ class ContentPart(RequestModel):
     type: str
     text: str | None = None
     image_url: ImageURL | str | None = None
+
+    def required_text(self, field: str) -> str:
+        """A text part's text; a 400 naming `<field>.text` when the part has none."""
+        if self.text is None:
+            raise InvalidRequestError(f"{field}.text is required", f"{field}.text")
+        return self.text
 
 
 class ChatMessage(RequestModel):
@@ -143,6 +156,17 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+
+    def output_limit(self) -> int | None:
+        """max_completion_tokens, else max_tokens (None: the server's default); a value
+        below 1 is refused naming the field the client sent."""
+        for name in ("max_completion_tokens", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None:
+                if value < 1:
+                    raise InvalidRequestError(f"{name} must be at least 1", name)
+                return int(value)
+        return None
 
 
 class CompletionRequest(SamplingFields):

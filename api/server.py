@@ -176,7 +176,7 @@ class ServerState:
     def model_cards(self) -> list[ModelCard]:
         """The LLM's card, then the VLM's when it is loaded."""
         serving = self.ready()
-        cards = [ModelCard(id=serving.model_name, max_model_len=serving.engine.max_context_len)]
+        cards = [ModelCard(id=serving.model_name, max_model_len=serving.max_model_len)]
         if self.vlm is not None:
             cards.append(ModelCard(id=self.vlm.model_name,
                                    max_model_len=self.vlm.service.max_context_len))

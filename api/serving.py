@@ -43,6 +43,12 @@ class ServingContext:
     def model_name(self) -> str:
         return self.engine.model_name
 
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt plus output a request may ask for: the model's context, or the
+        smallest engine's KV cache when that is smaller."""
+        return min(self.engine.max_context_len, self.kv_capacity)
+
     def check_model(self, name: str | None) -> None:
         """A request naming another model is a 404, as OpenAI answers."""
         if name and name != self.model_name:
@@ -68,7 +74,7 @@ class ServingContext:
 
     def default_max_tokens(self, prompt_len: int) -> int:
         """The context left after the prompt, capped at MAX_NEW_TOKENS_DEFAULT."""
-        room = min(self.engine.max_context_len, self.kv_capacity) - prompt_len
+        room = self.max_model_len - prompt_len
         return max(1, min(self.max_new_tokens_default, room))
 
     def open_stream(self) -> GenerationStream:

@@ -201,6 +201,14 @@ class DeltaStream:
         return info
 
     # --------------------------------------------------------------- close
+    def abandon(self) -> None:
+        """Close a stream whose response stopped reading it: a stream that still had
+        sequences running counts as a failed request (`disconnect`)."""
+        if self._remaining and not self._closed:
+            self._fail("disconnect")
+        else:
+            self.close()
+
     def close(self) -> None:
         """Abort whatever still runs; idempotent, safe from any exit path."""
         with self._lock:
@@ -428,7 +436,7 @@ class GenerationResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.stream.close()
+            self.stream.abandon()
 
 
 NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -24,7 +24,13 @@ from PIL import Image
 from api.errors import APIError
 from api.metrics import ServerMetrics
 from api.openai_api import chat_answer, chat_messages
-from api.protocol import ChatCompletionRequest, ChatMessage, ContentPart, unsupported_fields
+from api.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    ContentPart,
+    check_stream_options,
+    unsupported_fields,
+)
 from api.serving import check_in_flight
 from api.stream import VLMStream
 from backend.vlm.images import ImageInputError, ImagePolicy, load_image
@@ -103,6 +109,7 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, vlm: VLMServing
 ) -> Response:
     unsupported_fields(body)
+    check_stream_options(body.stream, body.stream_options)
     _check_supported(body)
     urls: list[tuple[str, str]] = []
     messages = chat_messages(body.messages, lambda content, where: _parts(content, where, urls))
@@ -110,9 +117,7 @@ async def chat_completions(
         raise InvalidRequestError(
             f"at most {vlm.max_images} images per request, got {len(urls)}", "messages")
     images = [await _load(url, where, vlm.policy) for url, where in urls]
-    max_tokens = (
-        body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    )
+    max_tokens = body.output_limit()
     probe_max = 1 if max_tokens is None else max_tokens  # the default is fitted later
     params = SamplingParams(max_new_tokens=probe_max, **body.sampling_kwargs())
     params.validate(max_n=1)
@@ -148,8 +153,8 @@ def _parts(
     parts: list[dict[str, Any]] = []
     for number, part in enumerate(content):
         field = f"{where}[{number}]"
-        if part.type == "text" and part.text is not None:
-            parts.append({"type": "text", "text": part.text})
+        if part.type == "text":
+            parts.append({"type": "text", "text": part.required_text(field)})
         elif part.type == "image_url":
             urls.append((_image_url(part, field), f"{field}.image_url"))
             parts.append({"type": "image"})

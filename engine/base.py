@@ -402,6 +402,9 @@ class EngineBase:
         vocab = self.info.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidRequestError(f"token ids must be in [0, {vocab})", "prompt")
+        if params.stop_token_ids and max(params.stop_token_ids) >= vocab:
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})",
+                                      "stop_token_ids")
 
     def _text_state(self, req: Req) -> tuple[IncrementalDetokenizer, StopChecker]:
         detokenizer = IncrementalDetokenizer(
@@ -501,7 +504,7 @@ class EngineBase:
         reason: str | None = None
         text = ""
         matched = False
-        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_set:
             reason = "stop"
         else:
             text, matched = state.stopper.process(state.detokenizer.add(token))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 1024
 MAX_TOP_K = 2**31 - 1  # top_k past the vocabulary keeps every token
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy (dividing by it would overflow)
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # 1 = off; <1 favours repeats
@@ -73,8 +76,18 @@ class SamplingParams:
             raise InvalidRequestError(f"n must be in [1, {max_n}]", "n")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must not be empty", "stop")
-        if len(self.stop) > 16:
-            raise InvalidRequestError("at most 16 stop strings", "stop")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings", "stop")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequestError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids",
+                                      "stop_token_ids")
+        if any(token < 0 for token in self.stop_token_ids):
+            raise InvalidRequestError("stop_token_ids must not be negative", "stop_token_ids")
+
+    @functools.cached_property
+    def stop_token_set(self) -> frozenset[int]:
+        """`stop_token_ids` for a lookup per sampled token."""
+        return frozenset(self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
 import random
+import re
 import socket
 import threading
 import time
@@ -240,6 +241,25 @@ def test_a_server_stopped_while_loading_stops_its_engines(model_dir: str) -> Non
         time.sleep(0.05)
 
 
+def test_max_model_len_is_what_the_kv_cache_serves(model_dir: str) -> None:
+    """With a KV cache smaller than the model's context, /v1/models reports the cache's
+    size: the longest prompt plus max_tokens that a request may ask for."""
+    env = {"MODEL_LOCAL_DIR": model_dir, "DTYPE": "float32", "KV_CACHE_TOKENS": "160"}
+    config = load_config(env)
+    live = LiveServer(create_app(lambda: Engine(config), config=config)).start()
+    try:
+        live.wait_ready()
+        [card] = httpx.get(live.url + "/v1/models").json()["data"]
+        assert card["max_model_len"] == 160 < live.engine.max_context_len
+        body = {"model": card["id"], "prompt": [1] * 100, "temperature": 0}
+        fits = httpx.post(live.url + "/v1/completions", json={**body, "max_tokens": 60})
+        assert fits.status_code == 200, fits.text
+        past = httpx.post(live.url + "/v1/completions", json={**body, "max_tokens": 61})
+        assert past.status_code == 400 and past.json()["error"]["param"] == "max_tokens"
+    finally:
+        live.stop()
+
+
 def test_health_reports_a_failed_load(tmp_path: Any) -> None:
     missing = str(tmp_path / "no-model-here")
     config = load_config({"MODEL_LOCAL_DIR": missing})
@@ -405,7 +425,16 @@ def test_completions_greedy_logprobs_and_echo(server: LiveServer, client: openai
     assert "".join(choice.logprobs.tokens) == expected.text
     offsets = choice.logprobs.text_offset or []
     assert offsets[0] == 0 and offsets == sorted(offsets)
-    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs or [])
+    tops = choice.logprobs.top_logprobs or []
+    assert all(len(top) <= 3 for top in tops)  # logprobs, plus the sampled token
+    for token, logprob, top in zip(choice.logprobs.tokens, choice.logprobs.token_logprobs or [],
+                                   tops):
+        assert top[token] == logprob
+    sampled_only = client.completions.create(
+        model=model, prompt=prompt, max_tokens=4, temperature=1.0, seed=5, logprobs=0)
+    scored = sampled_only.choices[0].logprobs
+    assert scored is not None and scored.tokens and scored.top_logprobs
+    assert [list(top) for top in scored.top_logprobs] == [[t] for t in scored.tokens]
 
     chunks = list(
         client.completions.create(
@@ -540,6 +569,20 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     ("/v1/chat/completions", {"max_tokens": -5}, 400, "max_tokens"),
     ("/v1/chat/completions", {"max_tokens": 10**15}, 400, "max_tokens"),
     ("/v1/chat/completions", {"max_tokens": "10"}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ("/v1/chat/completions", {"max_completion_tokens": -3, "max_tokens": 5}, 400,
+     "max_completion_tokens"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                   {"type": "text"}]}]},
+        400,
+        "messages[0].content[1].text",
+    ),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": []}]}, 400,
+     "messages[0].content"),
+    ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
     ("/v1/chat/completions", {"n": 17}, 400, "n"),
     ("/v1/chat/completions", {"n": True}, 400, "n"),
     ("/v1/chat/completions", {"temperature": 2.5}, 400, "temperature"),
@@ -565,6 +608,12 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     ("/v1/completions", {"prompt": ["x"] * 65}, 400, "prompt"),  # past MAX_PROMPTS
     ("/v1/completions", {"prompt": "x", "logprobs": 30}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "suffix": "tail"}, 400, "suffix"),
+    ("/v1/completions", {"prompt": "x", "stream": False, "stream_options": {}}, 400,
+     "stream_options"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [5, -7]}, 400, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [10**12]}, 400, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": list(range(1025))}, 400,
+     "stop_token_ids"),
     ("/generate", {"prompt": 5}, 400, "prompt"),
     ("/generate", {"prompt": "x", "mode": "turbo"}, 400, "mode"),
     ("/generate", {"prompt": "x", "max_new_tokens": 0}, 400, "max_tokens"),
@@ -636,9 +685,17 @@ def test_null_fields_mean_absent_and_harmless_extras_are_ignored(
 
 
 # ------------------------------------------------------ abort on disconnect
+def disconnects(url: str) -> float:
+    """minisgl:request_failures_total{reason="disconnect"} (0 before the first)."""
+    found = re.search(r'^minisgl:request_failures_total\{reason="disconnect"\} (\S+)$',
+                      httpx.get(url + "/metrics").text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 def test_disconnect_mid_stream_aborts_and_frees_kv(server: LiveServer) -> None:
     idle_kv = snapshot(server.url)["kv_usage"]
     aborted = snapshot(server.url)["num_aborted"]
+    dropped = disconnects(server.url)
     body = {"prompt": "Go on forever", "max_new_tokens": 480, "temperature": 0, "ignore_eos": True}
     with httpx.Client(base_url=server.url, timeout=30) as session:  # noqa: SIM117
         with session.stream("POST", "/generate", json=body) as response:
@@ -651,6 +708,7 @@ def test_disconnect_mid_stream_aborts_and_frees_kv(server: LiveServer) -> None:
     text = httpx.get(server.url + "/metrics").text
     assert f"minisgl:num_aborted_requests_total {float(aborted + 1)}" in text
     assert "minisgl:num_requests_running 0.0" in text
+    assert disconnects(server.url) == dropped + 1  # a dropped stream is a failed request
 
 
 def test_disconnect_while_waiting_for_a_whole_answer_aborts(server: LiveServer) -> None:

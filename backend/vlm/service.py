@@ -56,7 +56,7 @@ class _Output:
         self.job = job
         params = job.params
         self.eos = frozenset() if params.ignore_eos else runner.eos_token_ids
-        self.stop_ids = frozenset(params.stop_token_ids)
+        self.stop_ids = params.stop_token_set
         self.detokenizer = IncrementalDetokenizer(
             runner.tokenizer, job.prompt.prompt_ids, params.skip_special_tokens
         )
