@@ -150,8 +150,9 @@ class EngineBase:
         """One step of the loop: run the model once and deliver the tokens it produced."""
         raise NotImplementedError
 
-    def _fail_all(self, message: str) -> None:
-        """A step raised: end every live request with `message` as its error."""
+    def _fail_all(self, message: str, status: int = 500) -> None:
+        """A step raised (or the engine stops): end every live request with `message` as
+        its error, mapped to HTTP `status`."""
         raise NotImplementedError
 
     @property
@@ -299,8 +300,11 @@ class EngineBase:
     def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[list[GenerateOutput]]:
-        """Offline batch: every prompt at once; per prompt, its n outputs in index order."""
+        """Offline batch: every prompt at once; per prompt, its n outputs in index order.
+        `params`: one for all prompts, or one per prompt (ValueError otherwise)."""
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
         done = threading.Event()
         outputs: dict[str, dict[int, GenerateOutput]] = {}
         pending = sum(p.n for p in plist)
@@ -432,14 +436,20 @@ class EngineBase:
                     hook()
         except BaseException:  # outside a step (a step's own error is handled in _turn)
             self._stopped.set()  # reads as stopped before its requests hear of it
-            message = "engine error: the engine loop stopped"
-            with contextlib.suppress(Exception):
-                self._fail_all(message)
-            self._fail_inbox(message)
+            self._end_open_work("engine error: the engine loop stopped")
             logger.exception("engine loop on %s stopped", self.device_name)
+        else:  # shut down: whoever still waits on a request hears of it
+            self._end_open_work("engine shut down")
+
+    def _end_open_work(self, message: str) -> None:
+        """The loop has ended: every live or queued request ends with `message` (a 503:
+        the engine is gone), every queued call fails."""
+        with contextlib.suppress(Exception):
+            self._fail_all(message, status=503)
+        self._fail_inbox(message)
 
     def _fail_inbox(self, message: str) -> None:
-        """After the loop died: end the requests and calls still queued for it."""
+        """After the loop ended: end the requests and calls still queued for it."""
         while True:
             try:
                 kind, payload = self._inbox.get_nowait()
@@ -447,7 +457,7 @@ class EngineBase:
                 return
             if kind == "add":
                 for req in payload:
-                    self._finish(req, "abort", "", error=message)
+                    self._finish(req, "abort", "", error=message, error_status=503)
             elif kind == "call":
                 payload[1].put((False, RuntimeError(message)))
 
@@ -544,6 +554,7 @@ class EngineBase:
         token_ids: list[int] | None = None,
         logprobs: list[TokenLogprob] | None = None,
         error: str | None = None,
+        error_status: int = 500,
     ) -> None:
         req.finish_reason = reason
         self.stats.num_finished += 1
@@ -551,7 +562,8 @@ class EngineBase:
         if all(r.finished for r in siblings):
             self._reqs.pop(req.rid, None)
         self._to_sink(req, StreamDelta(
-            req.rid, req.index, text, token_ids or [], logprobs, reason, req.usage(), error))
+            req.rid, req.index, text, token_ids or [], logprobs, reason, req.usage(), error,
+            error_status))
 
 
 def _child_params(params: SamplingParams, index: int) -> SamplingParams:

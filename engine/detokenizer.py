@@ -47,16 +47,26 @@ class IncrementalDetokenizer:
         self._skip_special_tokens = skip_special_tokens
         self._backend = _stream_backend(tokenizer)
         self._decode_ids = _decoder(tokenizer, self._backend)
-        context = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:]) if prompt_ids else []
-        if context and self._decode_ids(context, skip_special_tokens).endswith(
-                _REPLACEMENT_CHAR):
-            context = []  # a prompt ending inside a character: its text would leak out
+        context = self._prompt_context(prompt_ids or [], skip_special_tokens)
         self._ids: list[int] = context
         self._prefix_offset = 0
         self._read_offset = len(context)
         self._prefix_text: str | None = None  # decode of [prefix_offset, read_offset)
         self._text = ""
         self._stream = _decode_stream(context, skip_special_tokens, self._backend)
+
+    def _prompt_context(self, prompt_ids: Sequence[int], skip_special: bool) -> list[int]:
+        """The prompt's last few tokens, less any that begin inside a character (a
+        byte-fallback decoder turns a whole byte run that starts mid-character into U+FFFD,
+        which would read as the prompt ending inside one); none when the prompt does end
+        inside a character (its text would leak out)."""
+        context = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:])
+        while context and self._decode_ids(context, skip_special).startswith(
+                _REPLACEMENT_CHAR):
+            del context[0]
+        if context and self._decode_ids(context, skip_special).endswith(_REPLACEMENT_CHAR):
+            return []
+        return context
 
     @property
     def text(self) -> str:

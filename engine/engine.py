@@ -341,9 +341,9 @@ class Engine(EngineBase):
         sched.remove(req)
         self._finish(req, "abort", "", error="request does not fit in the KV cache")
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, status: int = 500) -> None:
         self._in_flight = None
         for req in self.scheduler.drop_all():
             if not req.finished:
-                self._finish(req, "abort", "", error=message)
+                self._finish(req, "abort", "", error=message, error_status=status)
 

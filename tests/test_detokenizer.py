@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +244,47 @@ def test_a_prompt_ending_inside_a_character_does_not_leak_into_the_text(tokenize
     generated = tokenizer.encode(" Provider of things", add_special_tokens=False)
     detok = IncrementalDetokenizer(tokenizer, prompt + [lead_byte])
     assert "".join(stream(detok, generated)) == tokenizer.decode(generated)
+
+
+@pytest.fixture(scope="module")
+def byte_fallback_tokenizer() -> Any:
+    """A small SentencePiece-style BPE (Llama-2 / Mistral decoders: '▁' for spaces, byte
+    tokens through ByteFallback, the sequence's leading space stripped)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = normalizer
+    trained.train_from_iterator(
+        ["The quick brown fox jumps over the lazy dog."] * 50,
+        trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    vocab = trained.get_vocab()
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    merges: list[tuple[str, str]] = [
+        (m.split(" ")[0], m.split(" ")[1]) if isinstance(m, str) else (m[0], m[1])
+        for m in json.loads(trained.to_str())["model"]["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>",
+                               byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizer
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                   clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize("prompt", ["The lazy dog", "The lazy dog 中文", "The fox 🍵🍵"])
+def test_a_byte_fallback_prompt_keeps_the_space_of_the_continuation(
+    byte_fallback_tokenizer: Any, prompt: str
+) -> None:
+    """The prompt's last tokens may begin inside a character made of byte tokens (their
+    decode then starts with U+FFFD): the context still holds the prompt's end, so the first
+    generated word keeps its space."""
+    tok = byte_fallback_tokenizer
+    prompt_ids = tok.encode(prompt, add_special_tokens=False)
+    generated = tok.encode("jumps", add_special_tokens=False)
+    expected = tok.decode(prompt_ids + generated)[len(tok.decode(prompt_ids)):]
+    assert expected == " jumps"
+    detok = IncrementalDetokenizer(tok, prompt_ids)
+    assert "".join(stream(detok, generated)) == expected

@@ -12,6 +12,7 @@ import asyncio
 import os
 import queue
 import random
+import threading
 import time
 from collections.abc import Iterator
 
@@ -315,6 +316,48 @@ def test_abort_frees_slots(tiny_model_factory, overlap: str) -> None:
         snap = engine.snapshot()
         assert snap["num_running"] == 0 and snap["kv_used_slots"] == 0
         assert snap["num_aborted"] == 1
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("overlap", OVERLAP)
+def test_shutdown_ends_the_open_streams(tiny_model_factory, overlap: str) -> None:
+    """A stream running when the engine shuts down ends with an error (a 503: the engine
+    is gone) instead of waiting for deltas that never come."""
+    engine = make_engine(tiny_model_factory("llama"), OVERLAP_SCHEDULE=overlap)
+    engine.add_turn_hook(lambda: time.sleep(0.01))  # 450 steps outlast the shutdown below
+    seen: queue.SimpleQueue[StreamDelta] = queue.SimpleQueue()
+    started = threading.Event()
+
+    def consume() -> None:
+        for delta in engine.stream([5] * 30, greedy(450)):
+            seen.put(delta)
+            started.set()
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    try:
+        assert started.wait(timeout=30)
+    finally:
+        engine.shutdown()
+    consumer.join(timeout=10)
+    assert not consumer.is_alive(), "the stream still waits after shutdown"
+    deltas = [seen.get() for _ in range(seen.qsize())]
+    last = deltas[-1]
+    assert last.finish_reason == "abort" and last.error == "engine shut down"
+    assert last.error_status == 503
+    assert sum(len(d.token_ids) for d in deltas) < 450
+
+
+def test_generate_needs_one_params_per_prompt(tiny_model_factory) -> None:
+    engine = make_engine(tiny_model_factory("llama"))
+    try:
+        prompts = random_prompts(2, 6, 6, seed=3)
+        with pytest.raises(ValueError, match="2 prompts but 3 sampling params"):
+            engine.generate(prompts, [greedy(2)] * 3)
+        with pytest.raises(ValueError, match="2 prompts but 1 sampling params"):
+            engine.generate(prompts, [greedy(2)])
+        assert [len(outs) for outs in engine.generate(prompts, [greedy(2)] * 2)] == [1, 1]
     finally:
         engine.shutdown()
 

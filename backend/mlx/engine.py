@@ -185,8 +185,9 @@ class MLXEngine(EngineBase):
             cache, tokens = caches[uid]
             self.prompt_cache.put(list(tokens), cache)
 
-    def _fail_all(self, message: str) -> None:
-        """A step raised: end every request and start over with a fresh generator."""
+    def _fail_all(self, message: str, status: int = 500) -> None:
+        """A step raised (or the engine stops): end every request and start over with a
+        fresh generator."""
         failed = list(self._running.values()) + list(self._waiting)
         self._running.clear()
         self._waiting.clear()
@@ -194,4 +195,4 @@ class MLXEngine(EngineBase):
         for req in failed:
             req.state.uid = None
             if not req.finished:
-                self._finish(req, "abort", "", error=message)
+                self._finish(req, "abort", "", error=message, error_status=status)
