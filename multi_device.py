@@ -573,6 +573,9 @@ class EnginePool:
                 if last:
                     slot.requests.pop(rid, None)
                     self._rid_slot.pop(rid, None)
+        if last:  # its place goes back before its consumer hears the end (and may answer)
+            slot.window.record(time.monotonic() - routed.started, routed.tokens)
+            self._release(slot, routed.weight)
         if not routed.failed:
             try:
                 routed.sink(delta)
@@ -581,9 +584,6 @@ class EnginePool:
                 routed.failed = True
                 if not last:
                     slot.engine.abort(rid)
-        if last:
-            slot.window.record(time.monotonic() - routed.started, routed.tokens)
-            self._release(slot, routed.weight)
 
     def abort(self, rid: str) -> None:
         with self._lock:

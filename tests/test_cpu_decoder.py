@@ -81,11 +81,27 @@ def _odd_shaped_llama(folder: Path) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize("arch", [*NATIVE_ARCHS, "llama-odd-shapes"])
+def _wide_mlp_llama(folder: Path) -> str:
+    """An MLP 16,384 wide (Llama-3-8B's is 14,336): the down projection sums that many
+    products per output, past what one int32 holds at full int16 resolution."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=2048, hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=16384,
+                         max_position_embeddings=512)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(str(folder))
+    return str(folder)
+
+
+SHAPED_MODELS = {"llama-odd-shapes": _odd_shaped_llama, "llama-wide-mlp": _wide_mlp_llama}
+
+
+@pytest.mark.parametrize("arch", [*NATIVE_ARCHS, *SHAPED_MODELS])
 def test_compiled_decoder_matches_torch_ops(
     arch: str, tiny_model_factory: Callable[[str], str], tmp_path: Path
 ) -> None:
-    folder = (_odd_shaped_llama(tmp_path / "model") if arch == "llama-odd-shapes"
+    folder = (SHAPED_MODELS[arch](tmp_path / "model") if arch in SHAPED_MODELS
               else tiny_model_factory(arch))
     packed, exact, decoder = _runners(folder, tmp_path / "kernels")
     generator = torch.Generator().manual_seed(1)

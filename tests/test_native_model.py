@@ -356,6 +356,22 @@ def test_mistral_sliding_window_caps_context(tmp_path: Path, caplog) -> None:
     assert "sliding window" in caplog.text
 
 
+@pytest.mark.parametrize(("window_layers", "context"), [(2, 128), (1, 64)])
+def test_a_sliding_window_caps_context_only_where_a_layer_slides(
+    tmp_path: Path, window_layers: int, context: int
+) -> None:
+    """Qwen2 slides only in the layers from `max_window_layers` on: a config whose window
+    layers cover them all has full attention everywhere and its whole context."""
+    config = _save_config(
+        Qwen2Config(**{**COMMON, "max_position_embeddings": 128}, use_sliding_window=True,
+                    sliding_window=64, max_window_layers=window_layers),
+        tmp_path, "Qwen2ForCausalLM")
+    assert config.num_hidden_layers == 2
+    runner = NativeRunner(str(tmp_path), config, dtype=torch.float32, device=CPU,
+                          num_kv_slots=8, load_format="dummy")
+    assert runner.info.max_context_len == context
+
+
 def test_missing_checkpoint_tensor_is_an_error(tiny_model, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 

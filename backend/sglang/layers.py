@@ -107,8 +107,14 @@ def rope_settings(hf_config: PretrainedConfig) -> tuple[float, dict[str, Any] | 
 
 
 def effective_sliding_window(hf_config: PretrainedConfig) -> int | None:
+    """The attention window of a model whose layers slide; None when none does (no window,
+    `use_sliding_window` false, or `layer_types` without a sliding layer: Qwen2 configs
+    whose `max_window_layers` covers every layer)."""
     window = getattr(hf_config, "sliding_window", None)
     if window is None or not getattr(hf_config, "use_sliding_window", True):
+        return None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
         return None
     return int(window)
 

@@ -111,7 +111,8 @@ static inline vf vscale2(vf p, vf n) {
 #endif
 
 /* Integer matmuls: activations quantized per row to int16, int8 weights widened to int16,
- * pairs of products summed into int32 lanes (vpdpwssd with AVX512-VNNI, else vpmaddwd). */
+ * pairs of products summed into int32 lanes (vpdpwssd with AVX512-VNNI, else vpmaddwd); the
+ * lanes are added up in int64 (`ihsum`), so only one lane's sum must stay inside int32. */
 #if defined(__AVX512BW__)
 #define I16_STEP 32
 typedef __m512i vacc;
@@ -127,7 +128,11 @@ static inline vacc dot16(vacc acc, vacc x, vacc w) {
     return _mm512_add_epi32(acc, _mm512_madd_epi16(x, w));
 }
 #endif
-static inline int32_t ihsum(vacc v) { return _mm512_reduce_add_epi32(v); }
+static inline int64_t ihsum(vacc v) {
+    const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v));
+    const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1));
+    return _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi));
+}
 #elif defined(__AVX2__)
 #define I16_STEP 16
 typedef __m256i vacc;
@@ -139,10 +144,12 @@ static inline vacc load_x16(const int16_t *p) { return _mm256_loadu_si256((const
 static inline vacc dot16(vacc acc, vacc x, vacc w) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w));
 }
-static inline int32_t ihsum(vacc v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+static inline int64_t ihsum(vacc v) {
+    const __m256i lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(v));
+    const __m256i hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1));
+    const __m256i s = _mm256_add_epi64(lo, hi);
+    const __m128i t = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    return _mm_cvtsi128_si64(_mm_add_epi64(t, _mm_unpackhi_epi64(t, t)));
 }
 #else
 #define I16_STEP 0 /* float32 matmuls only */
@@ -247,9 +254,10 @@ static inline __attribute__((always_inline)) void tile(
 
 #if I16_STEP
 /* The integer tile: res[r * C + c] = dot(xq row r, w row c) over n_in (a multiple of
- * I16_STEP), exact in int32. */
+ * I16_STEP), exact: each int32 lane sums n_in / (I16_STEP / 2) products, within the bound
+ * that `prepare_input`'s level count keeps. */
 static inline __attribute__((always_inline)) void tile16(
-    int R, int C, const int16_t *xq, int64_t ldx, const int8_t *w, int64_t n_in, int32_t *res) {
+    int R, int C, const int16_t *xq, int64_t ldx, const int8_t *w, int64_t n_in, int64_t *res) {
     vacc acc[4][8];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = izero();
@@ -278,11 +286,13 @@ typedef struct {
 } Input;
 
 /* Quantize x [rows, n_in] to int16 per row (symmetric) when the integer path can take it.
- * The level count keeps any sum of n_in products with int8 weights inside int32. */
+ * The level count keeps one int32 lane's sum (n_in / (I16_STEP / 2) products with int8
+ * weights, down to -128) inside int32: 32767 levels up to n_in = 8192 with AVX-512. */
 static Input prepare_input(const float *x, int64_t rows, int64_t n_in, const Step *s) {
     Input in = {x, NULL, NULL, rows};
     if (I16_STEP == 0 || n_in % (I16_STEP ? I16_STEP : 1) != 0) return in;
-    const float limit = floorf(2147483647.0f / (127.0f * (float)n_in));
+    const float per_lane = (float)(n_in / (I16_STEP ? I16_STEP / 2 : 1));
+    const float limit = floorf(2147483647.0f / (128.0f * per_lane));
     const float levels = limit < 32767.0f ? limit : 32767.0f;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < rows; t++) {
@@ -317,7 +327,7 @@ static void column_block(const Input *in, const QLinear *lin, int64_t c0, int C,
     float res[32];
 #if I16_STEP
     if (in->xq != NULL && C == 8) {
-        int32_t ires[32];
+        int64_t ires[32];
         for (; t + 4 <= T; t += 4) {
             tile16(4, 4, in->xq + t * K, K, w, K, ires);
             tile16(4, 4, in->xq + t * K, K, w + 4 * K, K, ires + 16);
