@@ -209,8 +209,8 @@ FLAGS: tuple[Flag, ...] = (
          "BACKEND_IMPL=mlx: prompt tokens per prefill chunk (decode steps of running "
          "requests run between chunks)."),
     Flag("MLX_MAX_KV_SIZE", "mlx_max_kv_size", _int_at_least(0), "0",
-         "BACKEND_IMPL=mlx: most tokens kept in a sequence's KV cache (a rotating cache that "
-         "keeps the first 4 and the latest tokens); 0 = unbounded."),
+         "BACKEND_IMPL=mlx: most tokens kept in a sequence's KV cache (a rotating cache of "
+         "the latest tokens: attention over a sliding window); 0 = unbounded."),
     Flag("MLX_PROMPT_CACHE_SIZE", "mlx_prompt_cache_size", _int_at_least(0), "4",
          "BACKEND_IMPL=mlx: KV caches of finished sequences kept for reuse (LRU); a prompt "
          "that extends one prefills only the rest. 0 = off."),

@@ -116,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = " ".join(args.prompt) or "Hello mini-sglang"
     load_start = time.perf_counter()
-    engine = create_engine(config)
+    try:
+        engine = create_engine(config)
+    except (RuntimeError, ValueError) as exc:  # the model did not load (ModelLoadError, ...)
+        logger.error("%s", exc)
+        return 1
     logger.info(
         "loaded %s on %s (%s) in %.1f s",
         engine.model_name, engine.device_name, config.resolved_dtype(),

@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import jinja2
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -35,7 +34,7 @@ from backend.vlm.service import VLMBusy, VLMJob, VLMService
 from engine.engine import Prompt
 from engine.mailbox import loop_mailbox
 from engine.request import StreamDelta, TokenLogprob, Usage
-from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.sampling_params import SamplingParams
 from multi_device import EnginePool, EngineSlot, PoolBusy, PoolDown
 
 logger = logging.getLogger(__name__)
@@ -256,7 +255,7 @@ class GenerationStream(DeltaStream):
     ) -> list[tuple[list[int], SamplingParams]]:
         prepared = []
         for prompt in prompts:
-            ids = _tokenize(self._engine, prompt)
+            ids = self._engine.tokenize(prompt)
             params = params_for(ids)
             adapted = self._engine.adapt_max_tokens(params.max_new_tokens, len(ids))
             if adapted != params.max_new_tokens:
@@ -411,14 +410,6 @@ def _retrieve_exception(future: asyncio.Future[Any]) -> None:
     """A submission whose caller was cancelled still ends; its error must not go unread."""
     if not future.cancelled():
         future.exception()
-
-
-def _tokenize(engine: EnginePool, prompt: Prompt) -> list[int]:
-    try:
-        return engine.tokenize(prompt)
-    except jinja2.TemplateError as exc:
-        message = f"the chat template rejected the messages: {exc}"
-        raise InvalidRequestError(message, "messages") from exc
 
 
 class GenerationResponse(StreamingResponse):

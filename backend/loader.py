@@ -99,16 +99,18 @@ def _resolve_local(raw: str, config: Config, flag: str) -> tuple[str, str]:
     path = Path(raw).expanduser()
     if path.is_dir():
         return str(path.resolve()), path.resolve().name
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and path.suffix.lower() == ".gguf":
         return convert_gguf(str(path), config), path.stem
     if path.is_file() and path.name == "config.json":
         return str(path.parent.resolve()), path.parent.resolve().name
+    if not path.exists():
+        raise ModelLoadError(f"{flag}={raw!r} does not exist")
     raise ModelLoadError(f"{flag}={raw!r} is neither a model folder nor a .gguf file")
 
 
 def _resolve_name(raw: str, config: Config) -> tuple[str, str]:
     path = Path(raw).expanduser()
-    if path.exists() or raw.endswith(".gguf") or _looks_like_path(raw):
+    if path.exists() or raw.lower().endswith(".gguf") or _looks_like_path(raw):
         return _resolve_local(raw, config, "MODEL_NAME")
     return _download(raw, config), raw
 
@@ -278,7 +280,11 @@ def _convert_once(gguf: Path, target: Path, trust_remote_code: bool) -> str:
         logger.info("converting %s into %s (once)", gguf, target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            _convert_gguf_into(gguf, staging, trust_remote_code)
+            try:
+                _convert_gguf_into(gguf, staging, trust_remote_code)
+            except Exception as exc:  # a truncated download, or not a GGUF at all
+                raise ModelLoadError(f"cannot convert {gguf} (corrupt or incomplete?): "
+                                     f"{type(exc).__name__}: {exc}") from exc
             (staging / COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf)}))
             _make_readable(staging)
             os.rename(staging, target)

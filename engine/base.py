@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import jinja2
+
 from backend.batch import ModelInfo
 from backend.loader import ModelSource, load_tokenizer, resolve_model
 from config import Config, get_config
@@ -195,9 +197,13 @@ class EngineBase:
                     "this model has no chat template: send text to /v1/completions instead",
                     "messages")
             messages: Any = prompt
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            except jinja2.TemplateError as exc:  # e.g. a template without a system role
+                raise InvalidRequestError(
+                    f"the chat template rejected the messages: {exc}", "messages") from exc
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         raise InvalidRequestError("prompt must be text, chat messages or token ids", "prompt")
 

@@ -349,6 +349,24 @@ def test_shutdown_ends_the_open_streams(tiny_model_factory, overlap: str) -> Non
     assert sum(len(d.token_ids) for d in deltas) < 450
 
 
+def test_a_chat_template_that_refuses_the_messages_is_a_bad_request(tiny_model_factory) -> None:
+    """Templates raise for what they cannot render (Gemma's and Mistral's: a system turn):
+    a 400 naming the messages, for every caller of `tokenize` (API, pool, scripts)."""
+    engine = make_engine(tiny_model_factory("llama"))
+    try:
+        engine.tokenizer.chat_template = (
+            "{% for m in messages %}{% if m['role'] == 'system' %}"
+            "{{ raise_exception('System role not supported') }}{% endif %}"
+            "{{ m['content'] }}{% endfor %}")
+        assert engine.tokenize([{"role": "user", "content": "hi"}])
+        with pytest.raises(InvalidRequestError, match="System role not supported") as caught:
+            engine.tokenize([{"role": "system", "content": "Be brief"},
+                             {"role": "user", "content": "hi"}])
+        assert caught.value.param == "messages"
+    finally:
+        engine.shutdown()
+
+
 def test_generate_needs_one_params_per_prompt(tiny_model_factory) -> None:
     engine = make_engine(tiny_model_factory("llama"))
     try:

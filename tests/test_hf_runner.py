@@ -243,6 +243,21 @@ def test_baseline_ignore_eos_runs_past_a_declared_eos(
     assert stopped == tokens[: tokens.index(eos) + 1]
 
 
+def test_baseline_greedy_ignores_the_models_own_penalties(
+    tmp_path: Path, tiny_model_factory: Callable[[str], str]
+) -> None:
+    """A generation_config.json may ship repetition penalties and n-gram bans (instruct
+    models do): the baseline's greedy is still plain greedy, as the runner's."""
+    folder = tmp_path / "llama-penalties"
+    shutil.copytree(tiny_model_factory("llama"), folder)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"repetition_penalty": 3.0, "no_repeat_ngram_size": 2, "min_new_tokens": 4}))
+    baseline = HFBaseline(_source(str(folder)), dtype=torch.float32, device=CPU)
+    prompt = [50, 51, 52, 50, 51]
+    output = baseline.generate_batch([prompt], max_new_tokens=12)[0]
+    assert output == _greedy_with_runner(_runner(str(folder)), prompt, 12)
+
+
 def test_closing_a_stream_stops_its_generation(tiny_model_factory: Callable[[str], str]) -> None:
     baseline = HFBaseline(_source(tiny_model_factory("qwen3")), dtype=torch.float32, device=CPU)
     before = set(threading.enumerate())

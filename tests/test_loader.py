@@ -182,6 +182,25 @@ def test_gguf_path_is_converted_once_into_the_cache(tiny_gguf: Path, tmp_path: P
     assert second.path != first.path
 
 
+def test_a_truncated_gguf_is_a_load_error_naming_it(tiny_gguf: Path, tmp_path: Path) -> None:
+    """A download cut short fails with the file named and nothing left in the cache; the
+    suffix is matched without regard to case."""
+    cut = tmp_path / "CUT.GGUF"
+    data = tiny_gguf.read_bytes()
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    cache = tmp_path / "cache"
+    with pytest.raises(ModelLoadError, match="CUT.GGUF.*corrupt or incomplete"):
+        resolve_model(_config(model_local_dir=str(cut), model_cache_dir=str(cache)))
+    assert not [p for p in (cache / "converted").iterdir() if p.suffix != ".lock"]
+
+
+def test_a_missing_path_says_so(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nowhere")
+    for flags in ({"model_local_dir": missing}, {"model_name": missing}):
+        with pytest.raises(ModelLoadError, match="does not exist"):
+            resolve_model(_config(**flags))
+
+
 def test_interrupted_conversion_leftovers_are_replaced(tiny_gguf: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     first = resolve_model(_config(model_local_dir=str(tiny_gguf), model_cache_dir=str(cache)))

@@ -124,6 +124,15 @@ def test_smoke_test_refuses_a_request_past_the_context(script_env: dict[str, str
     assert "exceeds" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_smoke_test_reports_a_model_that_does_not_load(
+    script_env: dict[str, str], tmp_path: Path
+) -> None:
+    missing = str(tmp_path / "no-model-here")
+    result = run_script({**script_env, "MODEL_LOCAL_DIR": missing}, "smoke_test.py", "hi")
+    assert result.returncode == 1
+    assert "no-model-here" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_cli_demo_survives_a_refused_turn_and_a_server_that_is_down(
     script_env: dict[str, str]
 ) -> None:

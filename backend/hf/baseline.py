@@ -21,6 +21,22 @@ from engine.sampling_params import GREEDY_BELOW
 logger = logging.getLogger(__name__)
 
 
+# generation-config fields a model's own generation_config.json may set, at their neutral values
+NEUTRAL_GENERATION: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_new_tokens": 0,
+    "min_p": 0.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "length_penalty": 1.0,
+    "renormalize_logits": False,
+}
+
+
 class _Cancelled:
     """A generate stopping criterion that fires once the consumer has gone away."""
 
@@ -155,7 +171,9 @@ class HFBaseline:
         self, max_new_tokens: int, temperature: float, top_p: float, top_k: int, ignore_eos: bool
     ) -> dict[str, Any]:
         """GenerationConfig fields left None are filled from the model's own generation
-        config, so "no EOS" must be an empty list, not None."""
+        config: "no EOS" is an empty list, not None, and the penalties and constraints a
+        model may ship (repetition_penalty, no_repeat_ngram_size, ...) are set neutral, so
+        greedy is plain greedy."""
         from transformers import GenerationConfig
 
         sampling = temperature >= GREEDY_BELOW
@@ -167,5 +185,6 @@ class HFBaseline:
             top_k=(top_k if top_k > 0 else 0) if sampling else None,  # 0: no top-k (None: 50)
             eos_token_id=[] if ignore_eos else self.eos_token_ids,
             pad_token_id=self.pad_token_id,
+            **NEUTRAL_GENERATION,
         )
         return {"generation_config": generation}

@@ -18,7 +18,9 @@ from config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
 
-ROTATING_KEEP = 4  # tokens at the start a rotating cache never drops (as mlx-lm keeps)
+# tokens at the start a rotating cache never drops: none, since mlx-lm's batched rotating
+# cache (BatchRotatingKVCache) merges and extracts sequences without them
+ROTATING_KEEP = 0
 MLX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
@@ -43,8 +45,10 @@ class MLXModel:
             raise ConfigError("LOAD_FORMAT=dummy is not supported with BACKEND_IMPL=mlx")
         self.mx_device = mlx_device(config.device)
         self.device = f"mlx:{'gpu' if self.mx_device == mx.gpu else 'cpu'}"
-        self.stream = mx.new_stream(self.mx_device)
         self.model = _load(source, config)
+        # after the load: a stream made before a failed one outlived the error and aborted
+        # the interpreter at exit
+        self.stream = mx.new_stream(self.mx_device)
         if config.dtype != "auto":
             self.model.set_dtype(MLX_DTYPES[config.dtype])
         self.max_kv_size = config.mlx_max_kv_size or None
@@ -59,7 +63,7 @@ class MLXModel:
 
     def make_cache(self) -> list[Any]:
         """An empty KV cache for one sequence: the model's own, with every full-attention
-        layer's cache rotating over MLX_MAX_KV_SIZE tokens (the first 4 kept) when set."""
+        layer's cache rotating over the latest MLX_MAX_KV_SIZE tokens when set."""
         cache = make_prompt_cache(self.model)
         if self.max_kv_size is None:
             return cache
