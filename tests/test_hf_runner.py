@@ -191,6 +191,51 @@ def test_model_without_attention_interface_is_rejected(tmp_path: Path, arch: str
         _runner(str(tmp_path))
 
 
+def test_a_hybrid_model_with_state_outside_attention_is_rejected(tmp_path: Path) -> None:
+    """Falcon-H1 runs Mamba beside attention in every layer: its attention goes through
+    the pool, but the SSM state would be lost between steps, so the runner refuses it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "falcon_h1", vocab_size=512, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+        max_position_embeddings=512, mamba_d_ssm=128, mamba_n_heads=16, mamba_d_state=16)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # weights of a trained model's scale: the state matters
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0, 0.3)
+    model.save_pretrained(str(tmp_path))
+    with pytest.raises(UnsupportedModelError, match="keeps state outside attention"):
+        _runner(str(tmp_path))
+
+
+@pytest.mark.parametrize(("model_type", "rope"), [
+    ("phi3", {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8}),
+    ("llama", {"rope_type": "dynamic", "factor": 4.0}),
+], ids=["longrope", "dynamic"])
+def test_a_length_dependent_rope_caps_the_context_at_the_original(
+    tmp_path: Path, model_type: str, rope: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """transformers picks longrope's and dynamic NTK's frequencies per forward from the
+    longest position in it: in one packed row a short request would take a long one's. The
+    runner serves such models only below the original length (where nothing switches)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        model_type, vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
+        rope_scaling={**rope, "original_max_position_embeddings": 32}, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)
+    if model_type == "phi3":
+        config.original_max_position_embeddings = 32
+    config.save_pretrained(str(tmp_path))
+    runner = _runner(str(tmp_path), load_format="dummy")
+    assert runner.info.max_context_len == 32
+    assert "switches its frequencies past 32 tokens" in caplog.text
+
+
 def _greedy_with_runner(runner: HFRunner, prompt: list[int], steps: int) -> list[int]:
     slots = list(range(1, len(prompt) + steps + 1))
     logits = runner.forward(build_forward_batch([prompt], [0], [slots[: len(prompt)]], [True], CPU))

@@ -166,6 +166,7 @@ class HFRunner:
             self.device,
         )
         self._check_routes_through_pool()
+        self._check_no_state_outside_the_pool()
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -225,6 +226,40 @@ class HFRunner:
                     raise UnsupportedModelError(f"{name} needs attention {unsupported!r}")
 
 
+    @torch.inference_mode()
+    def _check_no_state_outside_the_pool(self) -> None:
+        """A decode step over the pool must give the last row of a whole prefill: a model
+        that carries other state from step to step (the Mamba or convolution layers of
+        hybrid models), dropped here with `use_cache=False`, gets the prefill right and
+        every later token wrong."""
+        name = type(self.model).__name__
+        count = min(_STATE_PROBE_TOKENS, self.num_kv_slots)
+        tokens = [(7 * i + 3) % self.info.vocab_size for i in range(count)]
+        slots = list(range(1, count + 1))
+        try:
+            whole = self.forward(build_forward_batch([tokens], [0], [slots], [True],
+                                                     self.device))
+            self.forward(build_forward_batch([tokens[:-1]], [0], [slots[:-1]], [False],
+                                             self.device))
+            step = self.forward(build_forward_batch([tokens[-1:]], [count - 1], [slots], [True],
+                                                    self.device))
+        finally:
+            self._clear_padding_slot()
+        scale = float(whole.abs().max()) or 1.0
+        drift = float((whole - step).abs().max()) / scale
+        tolerance = _STATE_PROBE_TOLERANCE.get(self.pool.k[0].dtype, 3e-2)
+        if not drift <= tolerance:
+            raise UnsupportedModelError(
+                f"{name} keeps state outside attention (a decode step differs from the prefill "
+                f"by {drift:.2g} of the logits' scale): the paged runner cannot serve it")
+
+
+# tokens of the start-up probe for state outside the KV pool, and how far (relative to the
+# logits' scale) a decode step may differ from the prefill in each dtype (rounding only)
+_STATE_PROBE_TOKENS = 6
+_STATE_PROBE_TOLERANCE = {torch.float32: 1e-4}
+
+
 def _load_model(
     source: ModelSource,
     dtype: torch.dtype,
@@ -262,6 +297,32 @@ def _load_model(
     return model
 
 
+# rope types whose frequencies transformers picks per forward from the longest position in
+# it: in a batch packed into one row, a short request would get a long one's rotation
+_LENGTH_DEPENDENT_ROPE = ("longrope", "dynamic")
+
+
+def _context_len(text_config: Any) -> int:
+    """The declared context, capped at the original one for a length-dependent rope type:
+    below it the rotation never switches, so every request's output is what it would be
+    alone."""
+    declared = declared_context_len(text_config)
+    rope = (getattr(text_config, "rope_parameters", None)
+            or getattr(text_config, "rope_scaling", None) or {})
+    rope_type = rope.get("rope_type") or rope.get("type")
+    if rope_type not in _LENGTH_DEPENDENT_ROPE:
+        return declared
+    original = (rope.get("original_max_position_embeddings")
+                or getattr(text_config, "original_max_position_embeddings", None) or declared)
+    if int(original) < declared:
+        logger.warning(
+            "rope type %s switches its frequencies past %d tokens, per forward, from the "
+            "longest position of the batch: serving a context of %d tokens (of %d declared) "
+            "so that no request's output depends on the others", rope_type, original,
+            original, declared)
+    return min(declared, int(original))
+
+
 def _model_info(source: ModelSource, model: PreTrainedModel) -> ModelInfo:
     text_config = source.hf_config.get_text_config()
     num_heads = getattr(text_config, "num_attention_heads", None)
@@ -274,7 +335,7 @@ def _model_info(source: ModelSource, model: PreTrainedModel) -> ModelInfo:
     return ModelInfo(
         architecture=architectures[0],
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),
-        max_context_len=declared_context_len(text_config),
+        max_context_len=_context_len(text_config),
         eos_token_ids=eos_token_ids(source),
         num_layers=text_config.num_hidden_layers,
         num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
