@@ -225,7 +225,7 @@ FLAGS: tuple[Flag, ...] = (
          "(streams get a final error chunk, others a 504)."),
     Flag("MAX_REQUEST_BYTES", "max_request_bytes", _int_at_least(0), "8388608",
          "Largest request body in bytes (413 beyond); 0 = no limit."),
-    Flag("MAX_N", "max_n", _int_at_least(1), "16", "Most choices (`n`) per request (at most 16)."),
+    Flag("MAX_N", "max_n", _int_at_least(1, 16), "16", "Most choices (`n`) per request."),
     Flag("MAX_PROMPTS", "max_prompts", _int_at_least(1), "64",
          "Most prompts in one /v1/completions prompt array (400 beyond); each gets `n` choices."),
     Flag("GENERATE_HF_MODE", "generate_hf_mode", _parse_bool, "0",
@@ -238,8 +238,8 @@ FLAGS: tuple[Flag, ...] = (
          "Engines in the pool; 0 = one per CUDA GPU under ENABLE_MULTI_DEVICE, else 1. On a "
          "CPU several engines share the cores."),
     Flag("ENABLE_MULTI_DEVICE", "enable_multi_device", _parse_bool, "0",
-         "One engine per CUDA GPU (NUM_ENGINES of them when set); without CUDA, or with "
-         "DEVICE=cpu/mps, ignored with a warning."),
+         "One engine per CUDA GPU (NUM_ENGINES of them when set); ignored without CUDA or "
+         "with DEVICE=cpu/mps (with a warning when NUM_ENGINES is 0)."),
     Flag("DEVICES", "devices", _text, "",
          "Comma-separated device per engine (e.g. cuda:0,cuda:1); overrides the two above."),
     Flag("ENGINE_PROCESSES", "engine_processes", _choice("auto", "0", "1"), "auto",
@@ -555,8 +555,6 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Confi
 def _validate(config: Config) -> None:
     if config.prefix_cache_max_tokens and config.prefix_cache_max_tokens < 1:
         raise ConfigError("PREFIX_CACHE_MAX_TOKENS must be >= 1 or 0")
-    if config.max_n > 16:
-        raise ConfigError("MAX_N must be <= 16")
     if config.backend_impl == "mlx" and config.device not in ("auto", "cpu", "mps"):
         raise ConfigError("BACKEND_IMPL=mlx runs on CPU or MPS only")
     for name in config.devices.split(","):

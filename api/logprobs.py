@@ -96,8 +96,11 @@ def completion_logprobs(
         text, _ = texts.get(entry.token_id)
         out.tokens.append(text)
         out.token_logprobs.append(_finite(entry.logprob))
-        top = {texts.get(token_id)[0]: _finite(logprob) for token_id, logprob in entry.top}
-        top.setdefault(text, _finite(entry.logprob))
+        # the sampled token first: tokens of the same text (partial UTF-8 bytes all read
+        # U+FFFD) keep the first one's logprob
+        top = {text: _finite(entry.logprob)}
+        for token_id, logprob in entry.top:
+            top.setdefault(texts.get(token_id)[0], _finite(logprob))
         out.top_logprobs.append(top)
         out.text_offset.append(offset)
         offset += len(text)

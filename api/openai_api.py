@@ -55,7 +55,12 @@ async def chat_completions(
     params_for = ctx.params_for(sampling, max_tokens)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     stream = ctx.open_stream()
-    await stream.start([messages], params_for, rid, request.is_disconnected)
+    try:
+        await stream.start([messages], params_for, rid, request.is_disconnected)
+    except InvalidRequestError as exc:  # name the field the client sent
+        if exc.param == "max_tokens" and body.max_completion_tokens is not None:
+            exc.param = "max_completion_tokens"
+        raise
     texts = ctx.texts if body.logprobs else None
     return await chat_answer(body, request, stream, rid, ctx.model_name, texts)
 

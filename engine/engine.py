@@ -107,12 +107,15 @@ class Engine(EngineBase):
         several; the extend kernel's tiles for new tokens longer than their cached prefix,
         then shorter), the same extend with nothing beside it, and with cascade attention
         the first beside two requests decoding as a cascade group (a mixed step with a
-        plan), so those launches compile here and not in the first such step of traffic."""
+        plan), and decode batches large enough to start longest request first (one slice
+        and several), so those launches compile here and not in the first such step of
+        traffic."""
         super().warmup()
         if self.runner.device.type == "cuda":
             for context in (8, WARMUP_LONG_TOKENS):
                 self._warm_prefill_beside_decode(context)
             self._warm_extend_alone(WARMUP_LONG_TOKENS)
+            self._warm_ordered_decode()
             if self.scheduler.cascade_min_prefix and self.scheduler.radix.enabled:
                 self._warm_prefill_beside_decode(
                     max(WARMUP_LONG_TOKENS, self.scheduler.cascade_min_prefix + 8), copies=2)
@@ -134,6 +137,20 @@ class Engine(EngineBase):
                 > self.runner.num_kv_slots // 2):
             return None
         return first, second
+
+    def _warm_ordered_decode(self) -> None:
+        """Decode steps of as many rows as start longest request first (the triton kernel
+        set's launch-order kernel and its ordered split kernel), over short contexts (one
+        slice) and long ones (several); each prompt its own, so no cascade group forms.
+        CUDA graphs compile these at capture; eager decode steps would in traffic."""
+        try:
+            from backend.sglang.kernels.triton.decode_attention import ROW_ORDER_MIN_ROWS
+        except ImportError:  # no triton: no such kernels
+            return
+        params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+        for words in (4, WARMUP_LONG_TOKENS):
+            self.generate([f"{row} " + "word " * words for row in range(ROW_ORDER_MIN_ROWS)],
+                          params)
 
     def _warm_extend_alone(self, context: int) -> None:
         """A prompt extending the cached warm-up prompt of `context` tokens, alone in its

@@ -211,29 +211,37 @@ def test_a_hybrid_model_with_state_outside_attention_is_rejected(tmp_path: Path)
         _runner(str(tmp_path))
 
 
-@pytest.mark.parametrize(("model_type", "rope"), [
-    ("phi3", {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8}),
-    ("llama", {"rope_type": "dynamic", "factor": 4.0}),
-], ids=["longrope", "dynamic"])
-def test_a_length_dependent_rope_caps_the_context_at_the_original(
-    tmp_path: Path, model_type: str, rope: dict[str, Any], caplog: pytest.LogCaptureFixture
+def test_longrope_caps_the_context_at_the_original(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """transformers picks longrope's and dynamic NTK's frequencies per forward from the
-    longest position in it: in one packed row a short request would take a long one's. The
-    runner serves such models only below the original length (where nothing switches)."""
+    """transformers picks longrope's frequencies per forward from the longest position in
+    it, switching at the original context: in one packed row a short request would take a
+    long one's. The runner serves such a model only below that length."""
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(
-        model_type, vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        "phi3", vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
-        rope_scaling={**rope, "original_max_position_embeddings": 32}, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2)
-    if model_type == "phi3":
-        config.original_max_position_embeddings = 32
+        original_max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8,
+                      "long_factor": [4.0] * 8, "original_max_position_embeddings": 32})
     config.save_pretrained(str(tmp_path))
     runner = _runner(str(tmp_path), load_format="dummy")
     assert runner.info.max_context_len == 32
     assert "switches its frequencies past 32 tokens" in caplog.text
+
+
+def test_dynamic_ntk_keeps_the_declared_context(tmp_path: Path) -> None:
+    """Dynamic NTK switches only past the declared context, which is never served."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "llama", vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    config.save_pretrained(str(tmp_path))
+    assert _runner(str(tmp_path), load_format="dummy").info.max_context_len == 512
 
 
 def _greedy_with_runner(runner: HFRunner, prompt: list[int], steps: int) -> list[int]:

@@ -29,9 +29,11 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
+from api.logprobs import TokenTexts, completion_logprobs
 from api.server import ServerSettings, create_app
 from config import load_config
 from engine.engine import Engine
+from engine.request import TokenLogprob
 from engine.sampling_params import SamplingParams
 from multi_device import EnginePool
 
@@ -381,6 +383,19 @@ def test_chat_n2_seed_and_stop(server: LiveServer, client: openai.OpenAI) -> Non
     assert cut.choices[0].finish_reason == "stop"
 
 
+def test_completion_top_logprobs_keep_the_sampled_token_among_equal_texts(
+    smollm2_tokenizer: Any,
+) -> None:
+    """Tokens of partial UTF-8 characters all read U+FFFD: a more likely one of the same
+    text must not hide the sampled token's own logprob."""
+    texts = TokenTexts(smollm2_tokenizer)
+    assert texts.get(111)[0] == texts.get(112)[0]
+    entries = [TokenLogprob(111, -0.1, [(111, -0.1), (112, -2.5)])]
+    out = completion_logprobs(entries, texts, 0)
+    assert out.top_logprobs == [{texts.get(111)[0]: -0.1}]
+    assert out.token_logprobs == [-0.1]
+
+
 def test_chat_logprobs(server: LiveServer, client: openai.OpenAI) -> None:
     answer = client.chat.completions.create(
         model=server.engine.model_name,
@@ -572,6 +587,7 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     ("/v1/chat/completions", {"max_completion_tokens": 0}, 400, "max_completion_tokens"),
     ("/v1/chat/completions", {"max_completion_tokens": -3, "max_tokens": 5}, 400,
      "max_completion_tokens"),
+    ("/v1/chat/completions", {"max_completion_tokens": 10**6}, 400, "max_completion_tokens"),
     (
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},

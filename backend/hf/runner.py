@@ -298,8 +298,10 @@ def _load_model(
 
 
 # rope types whose frequencies transformers picks per forward from the longest position in
-# it: in a batch packed into one row, a short request would get a long one's rotation
-_LENGTH_DEPENDENT_ROPE = ("longrope", "dynamic")
+# it, switching below the declared context: in a batch packed into one row, a short request
+# would get a long one's rotation (dynamic NTK switches only past the declared context,
+# which the runner never serves)
+_LENGTH_DEPENDENT_ROPE = ("longrope",)
 
 
 def _context_len(text_config: Any) -> int:
