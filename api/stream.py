@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -43,6 +43,7 @@ DISCONNECT_POLL_S = 0.5
 
 ParamsFor = Callable[[list[int]], SamplingParams]
 IsDisconnected = Callable[[], Awaitable[bool]]
+T = TypeVar("T")
 
 
 @dataclass
@@ -181,6 +182,21 @@ class DeltaStream:
     def _fail(self, reason: str) -> None:
         self._metrics.failed.labels(reason).inc()
         self.close()
+
+    def fail(self, reason: str) -> None:
+        """End the request before its work started, counted as failed for `reason`."""
+        self._fail(reason)
+
+    async def within_time_limit(self, work: Awaitable[T]) -> T:
+        """`work`, cut at the request's time limit (REQUEST_TIMEOUT_S, from its arrival):
+        past it an APIError 504, as for generation."""
+        if self._deadline is None:
+            return await work
+        try:
+            return await asyncio.wait_for(work, max(self._deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:
+            self._check_deadline(max(time.monotonic(), self._deadline))
+            raise
 
     def usage(self) -> UsageInfo:
         """Usage of the whole response: each prompt counted once, every sequence's tokens."""

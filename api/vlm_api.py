@@ -116,14 +116,20 @@ async def chat_completions(
     if len(urls) > vlm.max_images:
         raise InvalidRequestError(
             f"at most {vlm.max_images} images per request, got {len(urls)}", "messages")
-    images = [await _load(url, where, vlm.policy) for url, where in urls]
     max_tokens = body.output_limit()
     probe_max = 1 if max_tokens is None else max_tokens  # the default is fitted later
     params = SamplingParams(max_new_tokens=probe_max, **body.sampling_kwargs())
     params.validate(max_n=1)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
+    # the in-flight cap and the time limit hold from here: image downloads count too
     stream = vlm.open_stream()
     try:
+        images = []
+        for url, where in urls:
+            if await request.is_disconnected():
+                stream.fail("disconnect")
+                return Response(status_code=499)
+            images.append(await stream.within_time_limit(_load(url, where, vlm.policy)))
         prompt, params = await asyncio.to_thread(
             vlm.service.prepare, messages, images, params, max_tokens)
         stream.start(prompt, params, rid)

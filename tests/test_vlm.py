@@ -12,13 +12,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import asyncio
 import base64
+import contextlib
 import copy
+import gzip
 import io
 import ipaddress
+import json
+import shutil
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, cast
@@ -126,6 +132,9 @@ class ImageHandler(BaseHTTPRequestHandler):
             "/to-localhost": lambda: self._redirect(f"http://localhost:{port}/red.png"),
             "/loop": lambda: self._redirect("/loop"),
             "/text": lambda: self._send(b"<html>not an image</html>", "text/html"),
+            "/gzip": self._gzip_bomb,
+            "/slow.png": self._slow,
+            "/to-bad-port": lambda: self._redirect("http://127.0.0.1:70000/red.png"),
         }
         routes.get(self.path, lambda: self.send_error(404))()
 
@@ -146,6 +155,21 @@ class ImageHandler(BaseHTTPRequestHandler):
                 self.wfile.write(b"\x00" * 16384)
         except OSError:
             pass
+
+    def _slow(self) -> None:
+        time.sleep(3)
+        with contextlib.suppress(OSError):  # the client may have given up
+            self._send(png_bytes())
+
+    def _gzip_bomb(self) -> None:
+        """A few KiB that inflate to 64 MiB, whatever the client asked for."""
+        body = gzip.compress(b"\x00" * 2**26)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def _redirect(self, location: str) -> None:
         self.send_response(302)
@@ -308,6 +332,12 @@ def _bad_inputs(image_host: str) -> dict[str, tuple[str, str]]:
         "oversize http with length": (f"{image_host}/big", "larger than"),
         "oversize http without length": (f"{image_host}/endless", "larger than"),
         "http non-image": (f"{image_host}/text", "not an image"),
+        "compressed body": (f"{image_host}/gzip", "Content-Encoding"),
+        "redirect to a bad port": (f"{image_host}/to-bad-port", "out of range"),
+        "unclosed IPv6 bracket": ("http://[::1/a.png", "not valid"),
+        "bad IDNA host": ("http://xn--/x.png", "not valid"),
+        "port out of range": ("http://1.2.3.4:70000/x.png", "out of range"),
+        "thin image": (data_url(png_bytes(1, 201)), "201"),
         "oversize data": (data_url(os.urandom(OVERSIZE)), "larger than"),
         "non-image data": (data_url(b"hello, not an image at all"), "not an image"),
         "truncated png": (data_url(png_bytes()[:60]), "truncated"),
@@ -476,6 +506,14 @@ def test_decode_checks_pixels_before_decoding() -> None:
         decode_image(png_bytes(101, 100), policy)
 
 
+def test_decode_refuses_extreme_aspect_ratios() -> None:
+    """A processor scales an image's short side up to its input size: a 1x200,000 PNG of a
+    few hundred bytes would become gigabytes."""
+    assert decode_image(png_bytes(1, 200), ImagePolicy()).size == (1, 200)
+    with pytest.raises(ImageInputError, match="200 times"):
+        decode_image(png_bytes(201, 1), ImagePolicy())
+
+
 def test_vlm_backend_mlx_without_mlx_vlm_stops_start_up(tmp_path: Path) -> None:
     if mlx_vlm_available():
         pytest.skip("mlx-vlm is installed here")
@@ -559,3 +597,90 @@ def test_cancelled_job_ends_with_abort(vlm_dir: str) -> None:
         assert deltas[-1].usage is not None and deltas[-1].usage.completion_tokens == 2
     finally:
         service.shutdown()
+
+
+def test_jobs_cancelled_while_waiting_give_their_place_up(vlm_dir: str) -> None:
+    """VLM_QUEUE counts jobs that still wait: one whose client left no longer holds a place."""
+    from backend.vlm.service import VLMBusy, VLMJob, VLMService
+    from engine.request import StreamDelta
+    from engine.sampling_params import SamplingParams
+
+    config = load_config({"VLM_MODEL_LOCAL_DIR": vlm_dir, "VLM_DTYPE": "float32",
+                          "VLM_QUEUE": "1"})
+    service = VLMService(config)
+    release, started = threading.Event(), threading.Event()
+    try:
+        image = Image.open(io.BytesIO(png_bytes()))
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]
+        prompt, params = service.prepare(messages, [image], SamplingParams(temperature=0), 4)
+
+        def blocking_sink(delta: StreamDelta) -> None:  # holds the worker on its first token
+            started.set()
+            release.wait(timeout=30)
+
+        def job(name: str) -> VLMJob:
+            return VLMJob(name, prompt, params, blocking_sink if name == "running" else
+                          (lambda delta: None))
+
+        service.submit(job("running"))
+        assert started.wait(timeout=30)
+        waiting = job("waiting")
+        service.submit(waiting)
+        with pytest.raises(VLMBusy):
+            service.submit(job("one too many"))
+        waiting.cancel()
+        service.submit(job("takes its place"))
+    finally:
+        release.set()
+        service.shutdown()
+
+
+def test_a_checkpoints_own_logit_filters_do_not_change_greedy(
+    vlm_dir: str, tmp_path: Path
+) -> None:
+    """transformers fills a call's unset generation fields from the checkpoint's
+    generation_config.json: n-gram bans and suppressed tokens shipped there must not reach
+    the engine's sampler, which decides over the model's own logits."""
+    from backend.vlm.hf_runner import HFVLMRunner
+
+    config = load_config({"VLM_DTYPE": "float32"})
+    plain = _greedy_tokens(HFVLMRunner(vlm_dir, "plain", config), 12)
+    folder = tmp_path / "filtered"
+    shutil.copytree(vlm_dir, folder)
+    own = json.loads((folder / "generation_config.json").read_text()) if (
+        folder / "generation_config.json").exists() else {}
+    own.update({"no_repeat_ngram_size": 1, "suppress_tokens": [plain[0]],
+                "repetition_penalty": 5.0})
+    (folder / "generation_config.json").write_text(json.dumps(own))
+    assert _greedy_tokens(HFVLMRunner(str(folder), "filtered", config), 12) == plain
+
+
+def test_downloads_count_against_the_caps_and_the_time_limit(
+    llm_dir: str, vlm_dir: str, image_host: str
+) -> None:
+    """A request holds its in-flight place and runs on the time limit from arrival, image
+    downloads included: a second request gets its 429 at once, and a download past
+    REQUEST_TIMEOUT_S ends in a 504, not a late 200."""
+    config = load_config({
+        "MODEL_LOCAL_DIR": llm_dir, "DTYPE": "float32", "VLM_MODEL_LOCAL_DIR": vlm_dir,
+        "VLM_PRIVATE_IMAGE_HOSTS": "127.0.0.1", "REQUEST_TIMEOUT_S": "1",
+        "MAX_PENDING_REQUESTS": "1",
+    })
+    live = LiveServer(create_app(engine_factory(llm_dir), config=config)).start()
+    try:
+        live.wait_ready()
+        vlm_name = httpx.get(live.url + "/v1/models").json()["data"][1]["id"]
+        body = {"model": vlm_name, "messages": image_message(f"{image_host}/slow.png"),
+                "max_tokens": 2}
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(post_chat, live, body)
+            time.sleep(0.3)
+            started = time.monotonic()
+            second = post_chat(live, {**body, "messages": image_message(data_url(png_bytes()))})
+            assert second.status_code == 429, second.text
+            assert time.monotonic() - started < 1.0
+            answer = slow.result(timeout=30)
+        assert answer.status_code == 504, answer.text
+        assert answer.json()["error"]["code"] == "request_timeout"
+    finally:
+        live.stop()

@@ -21,20 +21,42 @@ from engine.sampling_params import GREEDY_BELOW
 logger = logging.getLogger(__name__)
 
 
-# generation-config fields a model's own generation_config.json may set, at their neutral values
+# the logit filters a checkpoint's generation_config.json may switch on, at their neutral
+# values (`clear_logit_filters`)
 NEUTRAL_GENERATION: dict[str, Any] = {
     "repetition_penalty": 1.0,
     "encoder_repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0,
     "encoder_no_repeat_ngram_size": 0,
-    "min_new_tokens": 0,
-    "min_p": 0.0,
+    "min_new_tokens": None,
+    "min_length": 0,
+    "min_p": None,
     "typical_p": 1.0,
     "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0,
     "length_penalty": 1.0,
     "renormalize_logits": False,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "sequence_bias": None,
 }
+
+
+def clear_logit_filters(model: Any) -> None:
+    """Set the model's own generation config's logit filters neutral. transformers fills
+    every field a call's GenerationConfig leaves None from it, so the penalties, n-gram bans
+    and suppressed tokens a checkpoint ships would change greedy (its special tokens, cache
+    settings and the rest stay)."""
+    own = getattr(model, "generation_config", None)
+    if own is None:
+        return
+    for name, value in NEUTRAL_GENERATION.items():
+        if hasattr(own, name):
+            setattr(own, name, value)
 
 
 class _Cancelled:
@@ -80,6 +102,7 @@ class HFBaseline:
                 source.path, dtype=dtype, trust_remote_code=trust_remote_code
             )
         self.model.to(self.device).eval().requires_grad_(False)
+        clear_logit_filters(self.model)
         self.eos_token_ids = list(eos_token_ids(source))
         self.pad_token_id = self.eos_token_ids[0] if self.eos_token_ids else 0
         self._tokenizer: Any = None
@@ -171,9 +194,8 @@ class HFBaseline:
         self, max_new_tokens: int, temperature: float, top_p: float, top_k: int, ignore_eos: bool
     ) -> dict[str, Any]:
         """GenerationConfig fields left None are filled from the model's own generation
-        config: "no EOS" is an empty list, not None, and the penalties and constraints a
-        model may ship (repetition_penalty, no_repeat_ngram_size, ...) are set neutral, so
-        greedy is plain greedy."""
+        config: "no EOS" is an empty list, not None (the model's own logit filters were set
+        neutral at load, `clear_logit_filters`)."""
         from transformers import GenerationConfig
 
         sampling = temperature >= GREEDY_BELOW
@@ -185,6 +207,5 @@ class HFBaseline:
             top_k=(top_k if top_k > 0 else 0) if sampling else None,  # 0: no top-k (None: 50)
             eos_token_id=[] if ignore_eos else self.eos_token_ids,
             pad_token_id=self.pad_token_id,
-            **NEUTRAL_GENERATION,
         )
         return {"generation_config": generation}

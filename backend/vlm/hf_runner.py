@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from backend.hf.baseline import clear_logit_filters
 from backend.loader import ModelSource, eos_token_ids
 from backend.vlm.runner import Messages, OnToken, VLMPrompt, transformers_processor
 from config import Config, resolve_device
@@ -79,6 +80,7 @@ class HFVLMRunner:
             path, dtype=self.dtype, trust_remote_code=remote
         )
         self.model = model.to(self.device).eval()
+        clear_logit_filters(self.model)  # the engine's sampler decides, over raw logits
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         text_config = self.model.config.get_text_config()
         self.max_context_len = int(

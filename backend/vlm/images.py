@@ -93,7 +93,10 @@ async def image_bytes(url: str, policy: ImagePolicy) -> bytes:
     url = url.strip()
     if not url:
         raise ImageInputError("the image URL is empty")
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise ImageInputError(f"the image URL is not valid: {exc}") from None
     if scheme == "data":
         return data_url_bytes(url, policy.max_bytes)
     if scheme in ("http", "https"):
@@ -243,31 +246,44 @@ async def _fetch_once(client: httpx.AsyncClient, url: str, policy: ImagePolicy) 
     """One hop: the image bytes, or the URL a redirect points to."""
     try:
         target = httpx.URL(url)
-    except (httpx.InvalidURL, ValueError) as exc:
+        host = target.host
+        port = target.port or (443 if target.scheme == "https" else 80)
+    except (httpx.InvalidURL, ValueError) as exc:  # UnicodeError (bad IDNA) included
         raise ImageInputError(f"the image URL is not valid: {exc}") from None
-    if target.scheme not in ("http", "https") or not target.host:
+    if target.scheme not in ("http", "https") or not host:
         raise ImageInputError(f"image URLs must be http(s) with a host, got '{url[:100]}'")
-    port = target.port or (443 if target.scheme == "https" else 80)
-    address = await checked_address(target.host, port, policy.may_be_private(target.host))
+    if not 1 <= port <= 65535:
+        raise ImageInputError(f"the image URL's port {port} is out of range")
+    address = await checked_address(host, port, policy.may_be_private(host))
     request = client.build_request(
         "GET",
         _pinned_url(target, address),
+        # no compression: a few hundred gzip bytes can inflate past any cap before it is read
         headers={"Host": target.netloc.decode("ascii"), "User-Agent": _USER_AGENT,
-                 "Accept": "image/*"},
-        extensions={"sni_hostname": target.host},
+                 "Accept": "image/*", "Accept-Encoding": "identity"},
+        extensions={"sni_hostname": host},
     )
     try:
         response = await client.send(request, stream=True)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, OSError, ValueError) as exc:
         raise ImageInputError(f"cannot fetch the image URL: {type(exc).__name__}: {exc}") from None
     try:
         if response.status_code in _REDIRECTS:
             location = response.headers.get("location")
             if not location:
                 raise ImageInputError("the image URL redirected without a Location")
-            return urljoin(url, location)
+            try:
+                return urljoin(url, location)
+            except ValueError as exc:
+                raise ImageInputError(f"the image URL redirected to an invalid URL: {exc}") \
+                    from None
         if response.status_code != 200:
             raise ImageInputError(f"the image URL answered HTTP {response.status_code}")
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ImageInputError(
+                f"the image URL answered with Content-Encoding '{encoding}' (only identity "
+                "is read: compressed bodies could inflate past the size cap)")
         return await _read_capped(response, policy.max_bytes)
     finally:
         await response.aclose()
@@ -279,7 +295,7 @@ async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
         raise _too_large(max_bytes)
     chunks = bytearray()
     try:
-        async for chunk in response.aiter_bytes():
+        async for chunk in response.aiter_raw():  # identity only: raw bytes are the body
             chunks += chunk
             if len(chunks) > max_bytes:
                 raise _too_large(max_bytes)
@@ -293,6 +309,10 @@ def _too_large(max_bytes: int) -> ImageInputError:
 
 
 # ---------------------------------------------------------------------- decode
+# longest side over shortest side beyond which an image is refused (Qwen2-VL's own limit)
+MAX_ASPECT_RATIO = 200
+
+
 def decode_image(data: bytes, policy: ImagePolicy) -> Image.Image:
     """Decode `data` into an RGB image after checking its declared size."""
     if not data:
@@ -305,6 +325,11 @@ def decode_image(data: bytes, policy: ImagePolicy) -> Image.Image:
             width, height = image.size
             if width * height > policy.max_pixels:
                 raise _bomb(width, height, policy.max_pixels)
+            if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
+                raise ImageInputError(
+                    f"the image is {width}x{height}: sides more than {MAX_ASPECT_RATIO} times "
+                    "apart are refused (a processor would scale its short side up to its "
+                    "input size, the long one with it)")
             image.load()
             return image.convert("RGB")
     except ImageInputError:

@@ -140,7 +140,15 @@ class VLMService:
         return prompt, dataclasses.replace(params, max_new_tokens=min(wanted, room))
 
     def submit(self, job: VLMJob) -> None:
-        """Queue `job`; raises VLMBusy when VLM_QUEUE jobs already wait."""
+        """Queue `job`; raises VLMBusy when VLM_QUEUE jobs already wait (jobs cancelled while
+        waiting give their place up first)."""
+        with self._jobs.mutex:  # queue.Queue's own lock: drop what no one waits for
+            waiting = self._jobs.queue
+            kept = [j for j in waiting if j is None or not j.cancelled.is_set()]
+            if len(kept) != len(waiting):
+                waiting.clear()
+                waiting.extend(kept)
+                self._jobs.not_full.notify_all()
         try:
             self._jobs.put_nowait(job)
         except queue.Full:
