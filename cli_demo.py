@@ -104,7 +104,7 @@ class RemoteChat:
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(
-            base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(30.0, read=None)
+            base_url=server_root(url), headers=headers, timeout=httpx.Timeout(30.0, read=None)
         )
         self.model = model or self._first_model()
         self.options: dict[str, Any] = {"max_tokens": max_new_tokens, "temperature": temperature}
@@ -273,6 +273,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--verbose", action="store_true", help="log token counts per turn")
     return parser.parse_args(argv)
+
+
+def server_root(url: str) -> str:
+    """The server's root from --url: an OpenAI client's base URL (ending in /v1) works too."""
+    root = url.rstrip("/")
+    return root[: -len("/v1")] if root.endswith("/v1") else root
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from backend.factory import create_engine
-from config import get_config
+from config import ConfigError, get_config
 from engine.base import EngineBase, Prompt
 from engine.request import StreamDelta, Usage
 from engine.sampling_params import InvalidRequestError, SamplingParams
@@ -102,7 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    config = get_config()
+    try:
+        config = get_config()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     logger.info(
         "loaded %s on %s (%s) in %.1f s",
-        engine.model_name, engine.device_name, config.resolved_dtype(),
+        engine.model_name, engine.device_name, engine.dtype_name,
         time.perf_counter() - load_start,
     )
     try:

@@ -174,6 +174,11 @@ class EngineBase:
         """Where the model runs (health and engine views)."""
         raise NotImplementedError
 
+    @property
+    def dtype_name(self) -> str:
+        """The dtype the model computes in (its weights' float dtype)."""
+        raise NotImplementedError
+
     def snapshot(self) -> dict[str, Any]:
         """Queue lengths, KV usage and counters (for /metrics): the SNAPSHOT_GAUGES keys
         are levels now, every other number a count since start-up (it never goes down)."""

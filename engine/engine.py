@@ -215,6 +215,13 @@ class Engine(EngineBase):
     def device_name(self) -> str:
         return str(self.runner.device)
 
+    @property
+    def dtype_name(self) -> str:
+        model = getattr(self.runner, "model", None)  # the native and transformers runners
+        params = model.parameters() if model is not None else iter(())
+        floats = (p.dtype for p in params if p.is_floating_point())
+        return str(next(floats, "unknown")).removeprefix("torch.")
+
     def flush_cache(self) -> int:
         """Drop every unreferenced prefix from the caches; returns freed slots."""
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import zmq
 
-from config import get_config
+from config import ConfigError, get_config
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,11 @@ def _parse_value(raw: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = get_config()
+    try:  # for the endpoint and token defaults only
+        config = get_config()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(description="Send one command to the ZMQ control plane.")
     parser.add_argument("cmd", help="metrics | health | list_engines | warm | insert_prefix | "
                                     "flush_cache")

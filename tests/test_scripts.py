@@ -133,6 +133,25 @@ def test_smoke_test_reports_a_model_that_does_not_load(
     assert "no-model-here" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("script", [("smoke_test.py", "hi"), ("-m", "ipc.zmq_control", "health")],
+                         ids=["smoke_test", "zmq_control"])
+def test_a_bad_flag_is_one_line_not_a_traceback(
+    script_env: dict[str, str], script: tuple[str, ...]
+) -> None:
+    result = run_script({**script_env, "DTYPE": "float64"}, *script)
+    assert result.returncode == 2
+    assert "DTYPE" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_demo_takes_an_openai_base_url_too() -> None:
+    """--url accepts the server root or the /v1 base URL an OpenAI client is given."""
+    from cli_demo import server_root
+
+    for url in ("http://127.0.0.1:8000", "http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1",
+                "http://127.0.0.1:8000/v1/"):
+        assert server_root(url) == "http://127.0.0.1:8000"
+
+
 def test_cli_demo_survives_a_refused_turn_and_a_server_that_is_down(
     script_env: dict[str, str]
 ) -> None:

@@ -91,6 +91,10 @@ class MLXEngine(EngineBase):
     def device_name(self) -> str:
         return self.runner.device
 
+    @property
+    def dtype_name(self) -> str:
+        return self.runner.dtype.removeprefix("mlx.core.")
+
     def check_params(self, params: SamplingParams) -> None:
         super().check_params(params)
         check_supported(params)
