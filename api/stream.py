@@ -183,20 +183,25 @@ class DeltaStream:
         self._metrics.failed.labels(reason).inc()
         self.close()
 
-    def fail(self, reason: str) -> None:
-        """End the request before its work started, counted as failed for `reason`."""
-        self._fail(reason)
-
-    async def within_time_limit(self, work: Awaitable[T]) -> T:
-        """`work`, cut at the request's time limit (REQUEST_TIMEOUT_S, from its arrival):
-        past it an APIError 504, as for generation."""
-        if self._deadline is None:
-            return await work
+    async def before_start(self, work: Awaitable[T], is_disconnected: IsDisconnected) -> T:
+        """`work` done before the request's generation starts (a download), on the request's
+        clock: cancelled with an APIError 504 past its time limit (REQUEST_TIMEOUT_S, from
+        arrival), or with ClientDisconnected when the client leaves; both count as failed."""
+        task = asyncio.ensure_future(work)
         try:
-            return await asyncio.wait_for(work, max(self._deadline - time.monotonic(), 0.0))
-        except asyncio.TimeoutError:
-            self._check_deadline(max(time.monotonic(), self._deadline))
-            raise
+            while True:
+                now = time.monotonic()
+                self._check_deadline(now)
+                wait = DISCONNECT_POLL_S if self._deadline is None else max(
+                    0.0, min(DISCONNECT_POLL_S, self._deadline - now))
+                done, _ = await asyncio.wait({task}, timeout=wait)
+                if done:
+                    return task.result()
+                if await is_disconnected():
+                    self._fail("disconnect")
+                    raise ClientDisconnected
+        finally:
+            task.cancel()
 
     def usage(self) -> UsageInfo:
         """Usage of the whole response: each prompt counted once, every sequence's tokens."""

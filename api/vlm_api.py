@@ -32,7 +32,7 @@ from api.protocol import (
     unsupported_fields,
 )
 from api.serving import check_in_flight
-from api.stream import VLMStream
+from api.stream import ClientDisconnected, VLMStream
 from backend.vlm.images import ImageInputError, ImagePolicy, load_image
 from backend.vlm.service import VLMService
 from engine.sampling_params import InvalidRequestError, SamplingParams
@@ -124,15 +124,13 @@ async def chat_completions(
     # the in-flight cap and the time limit hold from here: image downloads count too
     stream = vlm.open_stream()
     try:
-        images = []
-        for url, where in urls:
-            if await request.is_disconnected():
-                stream.fail("disconnect")
-                return Response(status_code=499)
-            images.append(await stream.within_time_limit(_load(url, where, vlm.policy)))
+        images = [await stream.before_start(_load(url, where, vlm.policy),
+                                            request.is_disconnected) for url, where in urls]
         prompt, params = await asyncio.to_thread(
             vlm.service.prepare, messages, images, params, max_tokens)
         stream.start(prompt, params, rid)
+    except ClientDisconnected:
+        return Response(status_code=499)
     except BaseException:
         stream.close()
         raise

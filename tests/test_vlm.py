@@ -119,6 +119,9 @@ def vlm_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Any) ->
     return str(folder)
 
 
+SLOW_DOWNLOAD_STARTED = threading.Event()  # ImageHandler's /slow.png was asked for
+
+
 class ImageHandler(BaseHTTPRequestHandler):
     """Test images over HTTP: a PNG, oversize bodies with and without Content-Length, a
     redirect to another loopback host name, a redirect loop and a non-image."""
@@ -157,6 +160,7 @@ class ImageHandler(BaseHTTPRequestHandler):
             pass
 
     def _slow(self) -> None:
+        SLOW_DOWNLOAD_STARTED.set()
         time.sleep(3)
         with contextlib.suppress(OSError):  # the client may have given up
             self._send(png_bytes())
@@ -629,7 +633,9 @@ def test_jobs_cancelled_while_waiting_give_their_place_up(vlm_dir: str) -> None:
         with pytest.raises(VLMBusy):
             service.submit(job("one too many"))
         waiting.cancel()
-        service.submit(job("takes its place"))
+        last = job("takes its place")
+        service.submit(last)
+        last.cancel()
     finally:
         release.set()
         service.shutdown()
@@ -650,7 +656,7 @@ def test_a_checkpoints_own_logit_filters_do_not_change_greedy(
     own = json.loads((folder / "generation_config.json").read_text()) if (
         folder / "generation_config.json").exists() else {}
     own.update({"no_repeat_ngram_size": 1, "suppress_tokens": [plain[0]],
-                "repetition_penalty": 5.0})
+                "repetition_penalty": 5.0, "guidance_scale": 3.0})
     (folder / "generation_config.json").write_text(json.dumps(own))
     assert _greedy_tokens(HFVLMRunner(str(folder), "filtered", config), 12) == plain
 
@@ -672,15 +678,47 @@ def test_downloads_count_against_the_caps_and_the_time_limit(
         vlm_name = httpx.get(live.url + "/v1/models").json()["data"][1]["id"]
         body = {"model": vlm_name, "messages": image_message(f"{image_host}/slow.png"),
                 "max_tokens": 2}
+        SLOW_DOWNLOAD_STARTED.clear()
         with ThreadPoolExecutor(1) as pool:
             slow = pool.submit(post_chat, live, body)
-            time.sleep(0.3)
-            started = time.monotonic()
+            assert SLOW_DOWNLOAD_STARTED.wait(timeout=30)  # it holds its place from here
             second = post_chat(live, {**body, "messages": image_message(data_url(png_bytes()))})
             assert second.status_code == 429, second.text
-            assert time.monotonic() - started < 1.0
             answer = slow.result(timeout=30)
         assert answer.status_code == 504, answer.text
         assert answer.json()["error"]["code"] == "request_timeout"
     finally:
         live.stop()
+
+
+def test_shutdown_ends_the_waiting_jobs_with_a_503(vlm_dir: str) -> None:
+    from backend.vlm.service import VLMJob, VLMService
+    from engine.request import StreamDelta
+    from engine.sampling_params import SamplingParams
+
+    service = VLMService(load_config({"VLM_MODEL_LOCAL_DIR": vlm_dir, "VLM_DTYPE": "float32",
+                                      "VLM_QUEUE": "1"}))
+    release, started = threading.Event(), threading.Event()
+    image = Image.open(io.BytesIO(png_bytes()))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]
+    prompt, params = service.prepare(messages, [image], SamplingParams(temperature=0), 4)
+
+    def blocking_sink(delta: StreamDelta) -> None:
+        started.set()
+        release.wait(timeout=30)
+
+    heard: list[StreamDelta] = []
+    service.submit(VLMJob("running", prompt, params, blocking_sink))
+    assert started.wait(timeout=30)
+    service.submit(VLMJob("waiting", prompt, params, heard.append))
+    stopper = threading.Thread(target=service.shutdown)
+    stopper.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not heard and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [(d.finish_reason, d.error_status) for d in heard] == [("abort", 503)]
+    finally:
+        release.set()
+        stopper.join(timeout=10)
+    assert not service._thread.is_alive()

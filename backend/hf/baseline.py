@@ -43,6 +43,10 @@ NEUTRAL_GENERATION: dict[str, Any] = {
     "forced_eos_token_id": None,
     "exponential_decay_length_penalty": None,
     "sequence_bias": None,
+    "guidance_scale": None,
+    "watermarking_config": None,
+    "top_h": None,
+    "stop_strings": None,
 }
 
 

@@ -15,8 +15,10 @@ message naming the reason (the server's 400). The rules, all from `ImagePolicy`:
   The byte cap is checked against Content-Length up front and again as bytes arrive; the
   whole download, redirects included, has `timeout_s`. No proxy from the environment is used.
 - `file://` URLs and bare paths only with `allow_files`, size-capped as well.
+  Bodies are asked for and read uncompressed only (a compressed one is refused).
 - Decoding: the pixel count (width x height, read from the header) must not exceed
-  `max_pixels` before any pixel is decoded; truncated or non-image data is refused.
+  `max_pixels` before any pixel is decoded, sides more than MAX_ASPECT_RATIO times apart are
+  refused, and truncated or non-image data is refused.
 """
 
 from __future__ import annotations
@@ -247,7 +249,8 @@ async def _fetch_once(client: httpx.AsyncClient, url: str, policy: ImagePolicy) 
     try:
         target = httpx.URL(url)
         host = target.host
-        port = target.port or (443 if target.scheme == "https" else 80)
+        port = target.port if target.port is not None else (
+            443 if target.scheme == "https" else 80)
     except (httpx.InvalidURL, ValueError) as exc:  # UnicodeError (bad IDNA) included
         raise ImageInputError(f"the image URL is not valid: {exc}") from None
     if target.scheme not in ("http", "https") or not host:

@@ -12,7 +12,6 @@ are the engine's own helpers), ending with a delta that carries `finish_reason` 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import queue
@@ -157,8 +156,19 @@ class VLMService:
                 "retry later") from None
 
     def shutdown(self) -> None:
-        with contextlib.suppress(queue.Full):  # a full queue: the daemon thread just stays
-            self._jobs.put_nowait(None)
+        """End the waiting jobs (a 503 to whoever still waits on one) and stop the worker
+        once its running job ends: the stop sign needs no room in the queue."""
+        with self._jobs.mutex:
+            waiting = [job for job in self._jobs.queue if job is not None]
+            self._jobs.queue.clear()
+            self._jobs.queue.append(None)
+            self._jobs.not_empty.notify()
+        for job in waiting:
+            if not job.cancelled.is_set():
+                job.cancel()
+                job.sink(StreamDelta(job.rid, 0, "", [], finish_reason="abort",
+                                     error="the vision-language service shut down",
+                                     error_status=503))
         self._thread.join(timeout=5)
 
     def _work(self) -> None:
