@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from api.errors import APIError, ClientDisconnected
 from api.stream import DISCONNECT_POLL_S
@@ -39,16 +39,16 @@ class ImageGenerationRequest(BaseModel):
 
     prompt: str
     model: str | None = None
-    n: int = 1
+    n: StrictInt | None = None  # null: 1 (OpenAI's fields are nullable)
     size: str | None = None
     aspect: str | None = None
-    response_format: str = "b64_json"
+    response_format: str | None = None  # null: b64_json
     quality: str | None = None  # accepted for OpenAI compatibility, ignored
     style: str | None = None
     user: str | None = None
     moderation: str | None = None
     output_format: str | None = None  # png only
-    output_compression: int | None = None  # (for jpeg/webp; png has none)
+    output_compression: StrictInt | None = None  # (for jpeg/webp; png has none)
     background: str | None = None  # auto / opaque
     seed: int | None = Field(default=None)
     steps: int | None = None
@@ -102,8 +102,27 @@ def json_response(build: Callable[[], dict[str, Any]]) -> Awaitable[Response]:
     return asyncio.to_thread(encode)
 
 
+# the values OpenAI's images API takes for the fields this server accepts and ignores
+IGNORED_CHOICES = {
+    "quality": ("auto", "low", "medium", "high", "standard", "hd"),
+    "style": ("vivid", "natural"),
+    "moderation": ("auto", "low"),
+}
+
+
+def _check_ignored_fields(body: ImageGenerationRequest) -> None:
+    for name, choices in IGNORED_CHOICES.items():
+        value = getattr(body, name)
+        if value is not None and value not in choices:
+            raise ImageRequestError(f"{name} must be one of {', '.join(choices)}", name)
+    if body.output_compression is not None and not 0 <= body.output_compression <= 100:
+        raise ImageRequestError("output_compression must be in [0, 100] (a png answer "
+                                "ignores it)", "output_compression")
+
+
 def image_request(body: ImageGenerationRequest, max_images: int) -> ImageRequest:
-    if body.response_format != "b64_json":
+    _check_ignored_fields(body)
+    if body.response_format not in (None, "b64_json"):
         raise ImageRequestError("response_format must be b64_json (no files are kept for "
                                 "url answers)", "response_format")
     if body.output_format not in (None, "png"):
@@ -112,7 +131,8 @@ def image_request(body: ImageGenerationRequest, max_images: int) -> ImageRequest
         raise ImageRequestError("background must be auto or opaque (no transparency)",
                                 "background")
     width, height = parse_size(None if body.size == "auto" else body.size, body.aspect)
-    request = ImageRequest(prompt=body.prompt, n=body.n, width=width, height=height,
+    request = ImageRequest(prompt=body.prompt, n=1 if body.n is None else body.n,
+                           width=width, height=height,
                            steps=body.steps, guidance_scale=body.guidance_scale,
                            negative_prompt=body.negative_prompt, seed=body.seed)
     validate(request, max_images)

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictInt
 
 from api.errors import APIError
 from api.images_api import IsDisconnected, json_response, run_job
@@ -39,10 +39,10 @@ class VideoGenerationRequest(BaseModel):
     prompt: str
     model: str | None = None
     image_url: str | None = None
-    num_frames: int = DEFAULT_FRAMES
-    fps: int = DEFAULT_FPS
+    num_frames: StrictInt | None = None  # null: DEFAULT_FRAMES
+    fps: StrictInt | None = None  # null: DEFAULT_FPS
     size: str | None = None
-    response_format: str = "b64_mp4"
+    response_format: str | None = None  # null: b64_mp4
     seed: int | None = None
     steps: int | None = None
     guidance_scale: float | None = None
@@ -50,13 +50,16 @@ class VideoGenerationRequest(BaseModel):
 
 
 def _video_request(body: VideoGenerationRequest, policy: ImagePolicy) -> VideoRequest:
-    if body.response_format not in VIDEO_FORMATS:
+    if body.response_format is not None and body.response_format not in VIDEO_FORMATS:
         raise ImageRequestError(f"response_format must be one of {', '.join(VIDEO_FORMATS)}",
                                 "response_format")
     width, height = parse_size(body.size, None) if body.size else DEFAULT_VIDEO_SIZE
     image = image_from_data_url(body.image_url, policy) if body.image_url is not None else None
-    request = VideoRequest(prompt=body.prompt, image=image, num_frames=body.num_frames,
-                           fps=body.fps, width=width, height=height, steps=body.steps,
+    request = VideoRequest(prompt=body.prompt, image=image,
+                           num_frames=DEFAULT_FRAMES if body.num_frames is None
+                           else body.num_frames,
+                           fps=DEFAULT_FPS if body.fps is None else body.fps,
+                           width=width, height=height, steps=body.steps,
                            guidance_scale=body.guidance_scale,
                            negative_prompt=body.negative_prompt, seed=body.seed)
     validate_video(request)
@@ -88,7 +91,7 @@ async def generate(
                            is_disconnected, timeout_s)
 
     def answer() -> dict[str, Any]:
-        if body.response_format == "b64_mp4":
+        if body.response_format in (None, "b64_mp4"):
             item: dict[str, Any] = {
                 "b64_mp4": base64.b64encode(mp4_bytes(frames, request.fps)).decode()}
         else:

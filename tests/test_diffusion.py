@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -182,6 +183,12 @@ def test_a_seed_gives_the_same_pixels(live: LiveServer) -> None:
     ({"steps": 0}, 400, "steps"),
     ({"guidance_scale": -1}, 400, "guidance_scale"),
     ({"response_format": "url"}, 400, "response_format"),
+    ({"n": True}, 400, "n"),
+    ({"n": "2"}, 400, "n"),
+    ({"quality": "bogus"}, 400, "quality"),
+    ({"style": "bogus"}, 400, "style"),
+    ({"moderation": "bogus"}, 400, "moderation"),
+    ({"output_compression": 500}, 400, "output_compression"),
     ({"prompt": "  "}, 400, "prompt"),
     ({"model": "other-model"}, 404, "model"),
     ({"image_path": "/etc/passwd"}, 400, None),
@@ -194,6 +201,14 @@ def test_bad_image_requests(live: LiveServer, body: dict[str, Any], status: int,
     assert error["message"]
     if param is not None:
         assert error["param"] == param
+
+
+def test_openai_nulls_mean_the_defaults(live: LiveServer) -> None:
+    """OpenAI's optional fields are nullable: a client may send null for what it leaves unset."""
+    response = _post(live.url, size="32x32", steps=1, n=None, response_format=None,
+                     quality="auto", style="natural", output_compression=80)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"]) == 1
 
 
 def test_the_queue_answers_429_and_llm_streams_go_on(live: LiveServer) -> None:
@@ -367,6 +382,36 @@ def test_bad_video_requests(live: LiveServer, body: dict[str, Any], param: str) 
     response = _video(live.url, **body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_video_nulls_mean_the_defaults(live: LiveServer) -> None:
+    response = _video(live.url, num_frames=5, fps=None, response_format=None)
+    assert response.status_code == 200, response.text
+    assert "b64_mp4" in response.json()["data"][0]
+
+
+def test_a_job_cancelled_while_waiting_lets_its_request_go() -> None:
+    """The queue keeps a cancelled job's shell until the worker reaches it: the request it
+    carried (a decoded first frame can be tens of MiB) is freed at once."""
+    import gc
+    import weakref
+
+    from backend.diffusion.service import DiffusionJob
+
+    class Payload:
+        pass
+
+    payload = Payload()
+    alive = weakref.ref(payload)
+
+    def run(stop: threading.Event, held: Payload = payload) -> Payload:
+        return held
+
+    job = DiffusionJob(run=run)
+    del payload, run
+    job.cancel()
+    gc.collect()
+    assert job.future.cancelled() and alive() is None
 
 
 def test_image_benchmark_runs_on_dummy_weights(z_image_dir: str, tmp_path: Path) -> None:

@@ -31,6 +31,10 @@ class DiffusionBusy(Exception):
     """The job queue is full."""
 
 
+def _cancelled_run(stop: threading.Event) -> None:
+    """What a job cancelled while waiting runs: nothing (the worker skips it anyway)."""
+
+
 @dataclass
 class DiffusionJob:
     """A queued job: its result's future, and the event that stops it between steps."""
@@ -40,9 +44,13 @@ class DiffusionJob:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
-        """Drop the job if it still waits; stop it at its next denoising step if it runs."""
+        """Drop the job if it still waits (its request freed at once: the shell left in the
+        queue holds nothing); stop it at its next denoising step if it runs."""
         self.stop.set()
-        self.future.cancel()
+        if self.future.cancel():
+            self.run = _cancelled_run
+
+
 
 
 @dataclass(frozen=True)
