@@ -20,8 +20,8 @@ from typing import Any
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from api.errors import APIError, ClientDisconnected
-from api.stream import DISCONNECT_POLL_S
+from api.errors import APIError
+from api.stream import DeadlinePassed, wait_polling
 from backend.diffusion.images import (
     ImageRequest,
     ImageRequestError,
@@ -70,17 +70,11 @@ async def run_job(submit: Callable[[], DiffusionJob], what: str,
     # a job cancelled while it runs still ends (JobCancelled) after its awaiter has gone
     result.add_done_callback(lambda done: done.cancelled() or done.exception())
     try:
-        while True:
-            wait = DISCONNECT_POLL_S if deadline is None else max(
-                0.0, min(DISCONNECT_POLL_S, deadline - time.monotonic()))
-            done, _ = await asyncio.wait({result}, timeout=wait)
-            if done:
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                raise APIError(504, f"the {what} job ran past the server's time limit and "
-                               "was cancelled", code="request_timeout")
-            if await is_disconnected():
-                raise ClientDisconnected
+        await wait_polling(result, deadline, is_disconnected)
+    except DeadlinePassed:
+        job.cancel()
+        raise APIError(504, f"the {what} job ran past the server's time limit and was "
+                       "cancelled", code="request_timeout") from None
     except BaseException:
         job.cancel()
         raise

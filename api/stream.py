@@ -46,6 +46,27 @@ IsDisconnected = Callable[[], Awaitable[bool]]
 T = TypeVar("T")
 
 
+class DeadlinePassed(Exception):
+    """`wait_polling`'s deadline came before the awaited work was done."""
+
+
+async def wait_polling(waited: asyncio.Future[Any], deadline: float | None,
+                       is_disconnected: IsDisconnected | None) -> None:
+    """Wait until `waited` is done, checking every DISCONNECT_POLL_S whether the client has
+    gone (ClientDisconnected) and whether `deadline` (time.monotonic; None: none) has passed
+    (DeadlinePassed). Cancels nothing: what giving up means is the caller's."""
+    while True:
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise DeadlinePassed
+        limit = math.inf if deadline is None else deadline
+        done, _ = await asyncio.wait({waited}, timeout=min(DISCONNECT_POLL_S, limit - now))
+        if done:
+            return
+        if is_disconnected is not None and await is_disconnected():
+            raise ClientDisconnected
+
+
 @dataclass
 class ChoiceResult:
     """Everything one output sequence produced (non-streaming answers)."""
@@ -183,23 +204,27 @@ class DeltaStream:
         self._metrics.failed.labels(reason).inc()
         self.close()
 
+    async def _wait_polling(self, waited: asyncio.Future[Any],
+                            is_disconnected: IsDisconnected | None) -> None:
+        """`wait_polling` on this request's clock: past its time limit (REQUEST_TIMEOUT_S,
+        from arrival) an APIError 504, a client gone ClientDisconnected; both count as
+        failed."""
+        try:
+            await wait_polling(waited, self._deadline, is_disconnected)
+        except DeadlinePassed:
+            self._check_deadline(time.monotonic())  # the 504
+            raise
+        except ClientDisconnected:
+            self._fail("disconnect")
+            raise
+
     async def before_start(self, work: Awaitable[T], is_disconnected: IsDisconnected) -> T:
         """`work` done before the request's generation starts (a download), on the request's
-        clock: cancelled with an APIError 504 past its time limit (REQUEST_TIMEOUT_S, from
-        arrival), or with ClientDisconnected when the client leaves; both count as failed."""
+        clock (`_wait_polling`), cancelled when the request gives up on it."""
         task = asyncio.ensure_future(work)
         try:
-            while True:
-                now = time.monotonic()
-                self._check_deadline(now)
-                wait = DISCONNECT_POLL_S if self._deadline is None else max(
-                    0.0, min(DISCONNECT_POLL_S, self._deadline - now))
-                done, _ = await asyncio.wait({task}, timeout=wait)
-                if done:
-                    return task.result()
-                if await is_disconnected():
-                    self._fail("disconnect")
-                    raise ClientDisconnected
+            await self._wait_polling(task, is_disconnected)
+            return task.result()
         finally:
             task.cancel()
 
@@ -305,17 +330,9 @@ class GenerationStream(DeltaStream):
         """The pool's admission, given up (leaving its queue) once the client is gone or the
         request's time limit passes."""
         admission = asyncio.ensure_future(self._engine.admit(ids, weight))
-        try:
-            while True:
-                now = time.monotonic()
-                self._check_deadline(now)  # its time limit counts the wait for room too
-                wait = min(DISCONNECT_POLL_S, (self._deadline or math.inf) - now)
-                done, _ = await asyncio.wait({admission}, timeout=wait)
-                if done:
-                    return admission.result()
-                if is_disconnected is not None and await is_disconnected():
-                    self._fail("disconnect")
-                    raise ClientDisconnected
+        try:  # its time limit counts the wait for room too
+            await self._wait_polling(admission, is_disconnected)
+            return admission.result()
         except BaseException:  # the client left, or this task was cancelled
             if not admission.done():
                 admission.cancel()  # the pool drops the waiter (and any place it was given)
