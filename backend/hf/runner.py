@@ -225,7 +225,6 @@ class HFRunner:
                 if kwargs.get(unsupported) is not None:
                     raise UnsupportedModelError(f"{name} needs attention {unsupported!r}")
 
-
     @torch.inference_mode()
     def _check_no_state_outside_the_pool(self) -> None:
         """A decode step over the pool must give the last row of a whole prefill: a model

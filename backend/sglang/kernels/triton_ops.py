@@ -53,6 +53,7 @@ __all__ = [
 
 MAX_HEAD_DIM = 256
 CASCADE_ATTENTION = True  # cascade plans of one-token requests are used (backend/cascade.py)
+ROW_ORDER = "row_order"  # ForwardBatch.attention_state: a decode batch's launch order
 
 
 def _check_shapes(
@@ -160,9 +161,6 @@ def _one_token_attention(
     num_splits = choose_num_splits(rows, num_kv_heads, batch.max_single_seq_len, q.device)
     return decode_attention(q, *kv, scale, num_splits, block_n=block_n, req_ids=req_ids,
                             row_order=row_order)
-
-
-ROW_ORDER = "row_order"
 
 
 def prepare_attention(batch: ForwardBatch) -> None:
